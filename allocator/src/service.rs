@@ -1,0 +1,378 @@
+//! The `vipam.v1.Allocator` gRPC service: proto ⇄ domain conversions, the
+//! bearer token check, error codes and per-RPC metrics. The only module that
+//! builds `tonic::Status`.
+
+use std::{net::IpAddr, sync::Arc, time::Instant};
+
+use tonic::{Request, Response, Status};
+use vipam::v1::{
+    self as pb,
+    allocator_server::{Allocator, AllocatorServer},
+};
+
+use crate::{
+    ipam::{self, AllocateArgs, Error, Handle, ListArgs, ReleaseArgs},
+    metrics::Metrics,
+    pool::Family,
+};
+
+/// Maps an allocation error to the gRPC status a client can act on.
+pub fn status(e: Error) -> Status {
+    let message = e.to_string();
+    match e {
+        Error::Invalid { .. } => Status::invalid_argument(message),
+        Error::UnknownPool { .. } | Error::NotFound { .. } => Status::not_found(message),
+        Error::Exhausted { .. } => Status::resource_exhausted(message),
+        Error::Held { .. } => Status::already_exists(message),
+        Error::OwnerHoldsOther { .. }
+        | Error::Excluded { .. }
+        | Error::NotInPool { .. }
+        | Error::ExplicitOnly { .. }
+        | Error::NoFamily { .. }
+        | Error::HeldByOther { .. } => Status::failed_precondition(message),
+        Error::Unavailable => Status::unavailable(message),
+        Error::Store(_) => Status::internal(message),
+    }
+}
+
+/// A bearer token that mutating calls must carry.
+#[derive(Clone)]
+pub struct Token(Arc<str>);
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Token(<redacted>)")
+    }
+}
+
+impl Token {
+    /// A token; surrounding white space is not part of it.
+    pub fn new(token: &str) -> Option<Token> {
+        let t = token.trim();
+        (!t.is_empty()).then(|| Token(t.into()))
+    }
+
+    /// Compares in time independent of where the inputs differ.
+    fn matches(&self, given: &[u8]) -> bool {
+        let want = self.0.as_bytes();
+        let mut diff = want.len() ^ given.len();
+        for (i, w) in want.iter().enumerate() {
+            diff |= usize::from(w ^ given.get(i).copied().unwrap_or(0));
+        }
+        diff == 0
+    }
+}
+
+/// The gRPC service over the allocator.
+#[derive(Clone)]
+pub struct Service {
+    ipam: Handle,
+    token: Option<Token>,
+    metrics: Arc<Metrics>,
+}
+
+impl Service {
+    /// A service over `ipam`; with a token, mutating calls need it.
+    pub fn new(ipam: Handle, token: Option<Token>, metrics: Arc<Metrics>) -> Self {
+        Service {
+            ipam,
+            token,
+            metrics,
+        }
+    }
+
+    /// The tonic server for this service, with message size limits.
+    pub fn into_server(self, max_message_bytes: usize) -> AllocatorServer<Service> {
+        AllocatorServer::new(self)
+            .max_decoding_message_size(max_message_bytes)
+            .max_encoding_message_size(max_message_bytes)
+    }
+
+    fn authorize<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        let Some(token) = &self.token else {
+            return Ok(());
+        };
+        let given = request
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+            .ok_or_else(|| {
+                Status::unauthenticated("this call needs an authorization: Bearer <token> header")
+            })?;
+        if token.matches(given) {
+            Ok(())
+        } else {
+            Err(Status::unauthenticated("the bearer token is not valid"))
+        }
+    }
+
+    async fn observe<T>(
+        &self,
+        method: &'static str,
+        call: impl Future<Output = Result<T, Status>>,
+    ) -> Result<Response<T>, Status> {
+        let start = Instant::now();
+        let result = call.await;
+        let code = result
+            .as_ref()
+            .map_or_else(Status::code, |_| tonic::Code::Ok);
+        self.metrics
+            .observe(method, code, start.elapsed().as_secs_f64());
+        if let Err(s) = &result {
+            tracing::debug!(method, code = ?s.code(), message = s.message(), "request failed");
+        }
+        result.map(Response::new)
+    }
+
+    /// Runs a blocking store read off the async workers.
+    async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Handle) -> ipam::Result<T> + Send + 'static,
+    ) -> Result<T, Status> {
+        let ipam = self.ipam.clone();
+        tokio::task::spawn_blocking(move || f(&ipam))
+            .await
+            .map_err(|e| Status::internal(format!("read task failed: {e}")))?
+            .map_err(status)
+    }
+}
+
+fn optional(s: &str) -> Option<&str> {
+    (!s.is_empty()).then_some(s)
+}
+
+fn allocate_args(request: pb::AllocateRequest) -> Result<AllocateArgs, Error> {
+    let pb::AllocateRequest {
+        pool,
+        owner,
+        address,
+        labels,
+        family,
+    } = request;
+    let family = match pb::Family::try_from(family) {
+        Ok(pb::Family::Unspecified) => None,
+        Ok(pb::Family::Ipv4) => Some(Family::V4),
+        Ok(pb::Family::Ipv6) => Some(Family::V6),
+        Err(_) => {
+            return Err(Error::Invalid {
+                field: "family",
+                value: family.to_string(),
+                why: "not a known family".into(),
+            });
+        }
+    };
+    Ok(AllocateArgs {
+        pool: optional(&pool)
+            .map(|p| ipam::parse_pool("pool", p))
+            .transpose()?,
+        owner: ipam::parse_owner("owner", &owner)?,
+        address: optional(&address)
+            .map(|a| ipam::parse_address("address", a))
+            .transpose()?,
+        labels: ipam::parse_labels(labels)?,
+        family,
+    })
+}
+
+fn release_args(request: pb::ReleaseRequest) -> Result<ReleaseArgs, Error> {
+    let pb::ReleaseRequest { owner, address } = request;
+    Ok(ReleaseArgs {
+        owner: optional(&owner)
+            .map(|o| ipam::parse_owner("owner", o))
+            .transpose()?,
+        address: optional(&address)
+            .map(|a| ipam::parse_address("address", a))
+            .transpose()?,
+    })
+}
+
+const PAGE_TOKEN_PREFIX: &str = "after:";
+
+fn list_args(request: pb::ListRequest) -> Result<ListArgs, Error> {
+    let pb::ListRequest {
+        pool,
+        owner_prefix,
+        page_size,
+        page_token,
+    } = request;
+    let page_size = match page_size {
+        0 => ipam::DEFAULT_PAGE_SIZE,
+        n if n < 0 || n as usize > ipam::MAX_PAGE_SIZE => {
+            return Err(Error::Invalid {
+                field: "page_size",
+                value: n.to_string(),
+                why: format!(
+                    "must be 0 (for {}) to {}",
+                    ipam::DEFAULT_PAGE_SIZE,
+                    ipam::MAX_PAGE_SIZE
+                ),
+            });
+        }
+        n => n as usize,
+    };
+    let after = match optional(&page_token) {
+        None => None,
+        Some(t) => {
+            let bad = || Error::Invalid {
+                field: "page_token",
+                value: t.to_string(),
+                why: "not a token returned by List".into(),
+            };
+            let addr = t.strip_prefix(PAGE_TOKEN_PREFIX).ok_or_else(bad)?;
+            Some(addr.parse::<IpAddr>().map_err(|_| bad())?)
+        }
+    };
+    Ok(ListArgs {
+        pool: optional(&pool)
+            .map(|p| ipam::parse_pool("pool", p))
+            .transpose()?,
+        owner_prefix,
+        page_size,
+        after,
+    })
+}
+
+fn timestamp(unix_nanos: u64) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: (unix_nanos / 1_000_000_000) as i64,
+        nanos: (unix_nanos % 1_000_000_000) as i32,
+    }
+}
+
+fn to_proto(a: ipam::Allocation) -> pb::Allocation {
+    let ipam::Allocation {
+        address,
+        pool,
+        record,
+    } = a;
+    let crate::store::Record {
+        owner,
+        labels,
+        created_unix_nanos,
+        revision,
+    } = record;
+    pb::Allocation {
+        address: address.to_string(),
+        pool: pool.unwrap_or_default(),
+        owner,
+        labels: labels.into_iter().collect(),
+        created_at: Some(timestamp(created_unix_nanos)),
+        revision,
+    }
+}
+
+#[tonic::async_trait]
+impl Allocator for Service {
+    async fn allocate(
+        &self,
+        request: Request<pb::AllocateRequest>,
+    ) -> Result<Response<pb::Allocation>, Status> {
+        self.observe("Allocate", async {
+            self.authorize(&request)?;
+            let args = allocate_args(request.into_inner()).map_err(status)?;
+            let allocation = self.ipam.allocate(args).await.map_err(status)?;
+            Ok(to_proto(allocation))
+        })
+        .await
+    }
+
+    async fn release(
+        &self,
+        request: Request<pb::ReleaseRequest>,
+    ) -> Result<Response<pb::ReleaseResponse>, Status> {
+        self.observe("Release", async {
+            self.authorize(&request)?;
+            let args = release_args(request.into_inner()).map_err(status)?;
+            let released = self.ipam.release(args).await.map_err(status)?;
+            Ok(pb::ReleaseResponse {
+                released: released.is_some(),
+                allocation: released.map(to_proto),
+            })
+        })
+        .await
+    }
+
+    async fn get(
+        &self,
+        request: Request<pb::GetRequest>,
+    ) -> Result<Response<pb::Allocation>, Status> {
+        self.observe("Get", async {
+            let pb::GetRequest { owner, address } = request.into_inner();
+            let allocation = match (optional(&owner), optional(&address)) {
+                (Some(owner), None) => {
+                    let owner = ipam::parse_owner("owner", owner).map_err(status)?;
+                    self.read(move |h| h.get_by_owner(&owner)).await?
+                }
+                (None, Some(address)) => {
+                    let ip = ipam::parse_address("address", address).map_err(status)?;
+                    self.read(move |h| h.get_by_address(ip)).await?
+                }
+                _ => {
+                    return Err(Status::invalid_argument(format!(
+                        "give exactly one of owner ({owner:?}) and address ({address:?})"
+                    )));
+                }
+            };
+            Ok(to_proto(allocation))
+        })
+        .await
+    }
+
+    async fn list(
+        &self,
+        request: Request<pb::ListRequest>,
+    ) -> Result<Response<pb::ListResponse>, Status> {
+        self.observe("List", async {
+            let args = list_args(request.into_inner()).map_err(status)?;
+            let page = self.read(move |h| h.list(&args)).await?;
+            Ok(pb::ListResponse {
+                allocations: page.allocations.into_iter().map(to_proto).collect(),
+                next_page_token: page
+                    .next_after
+                    .map(|a| format!("{PAGE_TOKEN_PREFIX}{a}"))
+                    .unwrap_or_default(),
+            })
+        })
+        .await
+    }
+
+    async fn list_pools(
+        &self,
+        request: Request<pb::ListPoolsRequest>,
+    ) -> Result<Response<pb::ListPoolsResponse>, Status> {
+        self.observe("ListPools", async {
+            let pb::ListPoolsRequest {} = request.into_inner();
+            let report = self.read(|h| h.pools_report()).await?;
+            let pools = self.ipam.pools();
+            let mut out: Vec<pb::Pool> = report
+                .pools
+                .iter()
+                .map(|r| {
+                    let pool = pools.at(r.index);
+                    pb::Pool {
+                        name: pool.name().to_string(),
+                        ranges: pool.elements().iter().map(ToString::to_string).collect(),
+                        reserved: pool.reserved().iter().map(ToString::to_string).collect(),
+                        explicit_only: pool.explicit_only(),
+                        all_addresses: pool.all_addresses(),
+                        is_default: r.index == pools.default_index(),
+                        size: r.size.to_string(),
+                        allocated: r.allocated,
+                        free: r.free.to_string(),
+                    }
+                })
+                .collect();
+            out.sort_by(|a, b| {
+                b.is_default
+                    .cmp(&a.is_default)
+                    .then_with(|| a.name.cmp(&b.name))
+            });
+            Ok(pb::ListPoolsResponse {
+                pools: out,
+                outside_count: report.outside_count,
+                outside: report.outside.into_iter().map(to_proto).collect(),
+            })
+        })
+        .await
+    }
+}

@@ -1,0 +1,1 @@
+//! Helpers to run the real vipam binaries in tests.
