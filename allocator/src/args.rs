@@ -20,7 +20,7 @@ pub const KEEPALIVED_POOL: &str = "default";
 /// vipam-allocator hands out IP addresses from named pools over gRPC and
 /// keeps them in an embedded database.
 #[derive(Debug, Parser)]
-#[command(name = "vipam-allocator", version, about, long_about = None)]
+#[command(name = "vipam-allocator", version)]
 pub struct Args {
     /// Address to serve gRPC (HTTP/2 without TLS) and /healthz, /readyz,
     /// /metrics (HTTP/1.1) on.
@@ -194,7 +194,8 @@ impl Args {
             .map_err(|e| ConfigError(format!("--log {:?}: {e}", self.log)))?;
         let builder = tracing_subscriber::fmt()
             .with_env_filter(filter)
-            .with_writer(std::io::stderr);
+            .with_writer(std::io::stderr)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
         // Another subscriber may already be set (tests run several servers).
         let _ = match self.log_format.as_str() {
             "json" => builder.json().try_init(),

