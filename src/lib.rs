@@ -1,6 +1,8 @@
 //! The public API of the vipam address allocator: the Rust code generated from
 //! `proto/vipam/v1/allocator.proto` and the file descriptor set that the
-//! allocator serves through gRPC reflection.
+//! allocator serves through gRPC reflection, and a typed [`client::Client`].
+
+pub mod client;
 
 /// Generated messages, client and server of package `vipam.v1`.
 pub mod v1 {

@@ -1,0 +1,312 @@
+//! A typed client of the allocator: connects lazily (the allocator may start
+//! after its client), adds the bearer token, and retries calls that failed
+//! with `UNAVAILABLE` with exponential backoff. Every call it retries is safe
+//! to repeat: Allocate is idempotent per owner and Release of what is gone
+//! is not an error.
+
+use std::time::Duration;
+
+use tonic::{
+    Code, Request, Status,
+    metadata::MetadataValue,
+    service::{Interceptor, interceptor::InterceptedService},
+    transport::{Channel, Endpoint},
+};
+
+use crate::v1::{
+    AllocateRequest, Allocation, GetRequest, ListPoolsRequest, ListPoolsResponse, ListRequest,
+    ListResponse, ReleaseRequest, ReleaseResponse, allocator_client::AllocatorClient,
+};
+
+/// Errors building a [`Client`].
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The endpoint is not a valid URI.
+    #[error("invalid allocator endpoint {endpoint:?}: {source}")]
+    Endpoint {
+        /// The endpoint given.
+        endpoint: String,
+        /// Why it is invalid.
+        source: tonic::transport::Error,
+    },
+    /// The token cannot be sent as a header value.
+    #[error("invalid bearer token: it must be printable ASCII")]
+    Token,
+}
+
+/// How calls that fail with `UNAVAILABLE` are retried.
+#[derive(Clone, Debug)]
+pub struct Backoff {
+    /// Wait before the first retry.
+    pub initial: Duration,
+    /// Longest wait between retries.
+    pub max: Duration,
+    /// Give up once this much time has passed since the first attempt.
+    pub max_elapsed: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff {
+            initial: Duration::from_millis(50),
+            max: Duration::from_secs(2),
+            max_elapsed: Duration::from_secs(30),
+        }
+    }
+}
+
+impl Backoff {
+    /// Never retry.
+    pub fn none() -> Self {
+        Backoff {
+            initial: Duration::ZERO,
+            max: Duration::ZERO,
+            max_elapsed: Duration::ZERO,
+        }
+    }
+}
+
+/// Adds `authorization: Bearer <token>` to every request.
+#[derive(Clone)]
+pub struct BearerToken(Option<MetadataValue<tonic::metadata::Ascii>>);
+
+impl Interceptor for BearerToken {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// Builds a [`Client`].
+#[derive(Clone, Debug)]
+pub struct ClientBuilder {
+    endpoint: String,
+    token: Option<String>,
+    connect_timeout: Duration,
+    request_timeout: Duration,
+    backoff: Backoff,
+}
+
+impl ClientBuilder {
+    /// Sends this bearer token with every call (needed for Allocate and
+    /// Release when the allocator has `--token-file`).
+    pub fn token(mut self, token: impl Into<String>) -> Self {
+        self.token = Some(token.into());
+        self
+    }
+
+    /// Longest time to establish a connection (default 5 s).
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// Longest time for one attempt of a call (default 10 s).
+    pub fn request_timeout(mut self, timeout: Duration) -> Self {
+        self.request_timeout = timeout;
+        self
+    }
+
+    /// How `UNAVAILABLE` is retried (default: 50 ms doubling to 2 s, for 30 s).
+    pub fn backoff(mut self, backoff: Backoff) -> Self {
+        self.backoff = backoff;
+        self
+    }
+
+    /// The client. It connects on first use, so the allocator need not be up.
+    pub fn build(self) -> Result<Client, ClientError> {
+        let ClientBuilder {
+            endpoint,
+            token,
+            connect_timeout,
+            request_timeout,
+            backoff,
+        } = self;
+        let channel = Endpoint::from_shared(endpoint.clone())
+            .map_err(|source| ClientError::Endpoint { endpoint, source })?
+            .connect_timeout(connect_timeout)
+            .timeout(request_timeout)
+            .tcp_nodelay(true)
+            .connect_lazy();
+        let token = token
+            .map(|t| {
+                format!("Bearer {}", t.trim()).parse::<MetadataValue<tonic::metadata::Ascii>>()
+            })
+            .transpose()
+            .map_err(|_| ClientError::Token)?;
+        Ok(Client {
+            inner: AllocatorClient::with_interceptor(channel, BearerToken(token)),
+            backoff,
+        })
+    }
+}
+
+/// A client of `vipam.v1.Allocator`.
+///
+/// ```no_run
+/// # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+/// use vipam::{client::Client, v1::AllocateRequest};
+///
+/// let client = Client::builder("http://127.0.0.1:50051").token("s3cret").build()?;
+/// let allocation = client
+///     .allocate(AllocateRequest { owner: "my-tool/vm-42".into(), ..Default::default() })
+///     .await?;
+/// println!("{} holds {}", allocation.owner, allocation.address);
+/// client.release_owner("my-tool/vm-42").await?;
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct Client {
+    inner: AllocatorClient<InterceptedService<Channel, BearerToken>>,
+    backoff: Backoff,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("backoff", &self.backoff)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Client {
+    /// A builder for a client of the allocator at `endpoint`, such as
+    /// `http://127.0.0.1:50051`.
+    pub fn builder(endpoint: impl Into<String>) -> ClientBuilder {
+        ClientBuilder {
+            endpoint: endpoint.into(),
+            token: None,
+            connect_timeout: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(10),
+            backoff: Backoff::default(),
+        }
+    }
+
+    /// The generated client underneath, for calls this type does not wrap.
+    pub fn raw(&self) -> AllocatorClient<InterceptedService<Channel, BearerToken>> {
+        self.inner.clone()
+    }
+
+    async fn retry<T, F, Fut>(&self, mut call: F) -> Result<T, Status>
+    where
+        F: FnMut(AllocatorClient<InterceptedService<Channel, BearerToken>>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, Status>>,
+    {
+        let start = tokio::time::Instant::now();
+        let mut wait = self.backoff.initial;
+        loop {
+            match call(self.inner.clone()).await {
+                Ok(response) => return Ok(response.into_inner()),
+                Err(status)
+                    if status.code() == Code::Unavailable
+                        && start.elapsed() + wait < self.backoff.max_elapsed =>
+                {
+                    tracing::debug!(
+                        message = status.message(),
+                        ?wait,
+                        "allocator unavailable; retrying"
+                    );
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2)
+                        .min(self.backoff.max)
+                        .max(Duration::from_millis(1));
+                }
+                Err(status) => return Err(status),
+            }
+        }
+    }
+
+    /// Allocates (idempotent per owner).
+    pub async fn allocate(&self, request: AllocateRequest) -> Result<Allocation, Status> {
+        self.retry(|mut c| {
+            let request = request.clone();
+            async move { c.allocate(request).await }
+        })
+        .await
+    }
+
+    /// Releases by owner, address or both.
+    pub async fn release(&self, request: ReleaseRequest) -> Result<ReleaseResponse, Status> {
+        self.retry(|mut c| {
+            let request = request.clone();
+            async move { c.release(request).await }
+        })
+        .await
+    }
+
+    /// Releases whatever `owner` holds; `Ok(None)` when it held nothing.
+    pub async fn release_owner(&self, owner: &str) -> Result<Option<Allocation>, Status> {
+        let response = self
+            .release(ReleaseRequest {
+                owner: owner.to_string(),
+                ..Default::default()
+            })
+            .await?;
+        Ok(response.allocation.filter(|_| response.released))
+    }
+
+    /// The allocation of an owner; `Ok(None)` when it holds nothing.
+    pub async fn get_owner(&self, owner: &str) -> Result<Option<Allocation>, Status> {
+        let request = GetRequest {
+            owner: owner.to_string(),
+            ..Default::default()
+        };
+        match self
+            .retry(|mut c| {
+                let request = request.clone();
+                async move { c.get(request).await }
+            })
+            .await
+        {
+            Ok(a) => Ok(Some(a)),
+            Err(s) if s.code() == Code::NotFound => Ok(None),
+            Err(s) => Err(s),
+        }
+    }
+
+    /// One page of allocations.
+    pub async fn list(&self, request: ListRequest) -> Result<ListResponse, Status> {
+        self.retry(|mut c| {
+            let request = request.clone();
+            async move { c.list(request).await }
+        })
+        .await
+    }
+
+    /// Every allocation of `pool` (empty: all) whose owner starts with
+    /// `owner_prefix`, by address, following every page.
+    pub async fn list_all(
+        &self,
+        pool: &str,
+        owner_prefix: &str,
+    ) -> Result<Vec<Allocation>, Status> {
+        let mut out = Vec::new();
+        let mut page_token = String::new();
+        loop {
+            let page = self
+                .list(ListRequest {
+                    pool: pool.to_string(),
+                    owner_prefix: owner_prefix.to_string(),
+                    page_size: 1000,
+                    page_token,
+                })
+                .await?;
+            out.extend(page.allocations);
+            if page.next_page_token.is_empty() {
+                return Ok(out);
+            }
+            page_token = page.next_page_token;
+        }
+    }
+
+    /// Every pool and the allocations outside them.
+    pub async fn list_pools(&self) -> Result<ListPoolsResponse, Status> {
+        self.retry(|mut c| async move { c.list_pools(ListPoolsRequest {}).await })
+            .await
+    }
+}
