@@ -1,0 +1,443 @@
+//! What a Service asks of vipam, as a pure function of the Service and the
+//! syncer's settings: whether it is managed, which address or pool it asks
+//! for, its keepalived forward method, and what is wrong with its
+//! annotations.
+
+use std::{fmt, net::IpAddr, str::FromStr};
+
+use k8s_openapi::api::core::v1::Service;
+
+/// The forward-method annotation of keepalived-cloud-provider.
+pub const FORWARD_METHOD_ANNOTATION: &str = "k8s.co/keepalived-forward-method";
+/// The annotation naming the pool to allocate from.
+pub const POOL_ANNOTATION: &str = "vipam.io/pool";
+/// The annotation naming a requested address.
+pub const ADDRESS_ANNOTATION: &str = "vipam.io/load-balancer-ips";
+/// The finalizer held while a Service has an address.
+pub const FINALIZER: &str = "service.kubernetes.io/load-balancer-cleanup";
+/// Prefix of every owner the syncer creates in the allocator. Other tools
+/// must not use it.
+pub const OWNER_PREFIX: &str = "service:";
+/// Label keys recorded with each allocation.
+pub const LABEL_NAMESPACE: &str = "namespace";
+/// See [`LABEL_NAMESPACE`].
+pub const LABEL_NAME: &str = "name";
+/// See [`LABEL_NAMESPACE`].
+pub const LABEL_UID: &str = "uid";
+
+/// How kube-keepalived-vip forwards traffic to a Service.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ForwardMethod {
+    /// Masquerading.
+    Nat,
+    /// Direct routing.
+    Dr,
+    /// The haproxy-based proxy mode.
+    Proxy,
+}
+
+impl fmt::Display for ForwardMethod {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ForwardMethod::Nat => "NAT",
+            ForwardMethod::Dr => "DR",
+            ForwardMethod::Proxy => "PROXY",
+        })
+    }
+}
+
+impl FromStr for ForwardMethod {
+    type Err = String;
+
+    /// Parses NAT, DR or PROXY, in any case, around white space.
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim().to_ascii_uppercase().as_str() {
+            "NAT" => Ok(ForwardMethod::Nat),
+            "DR" => Ok(ForwardMethod::Dr),
+            "PROXY" => Ok(ForwardMethod::Proxy),
+            _ => Err(format!("{s:?} is not a forward method (NAT, DR or PROXY)")),
+        }
+    }
+}
+
+/// The syncer settings that decide what a Service gets.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Settings {
+    /// With a class, only Services of that `spec.loadBalancerClass`; without,
+    /// only Services without a class.
+    pub load_balancer_class: Option<String>,
+    /// Forward method of Services without the annotation; `None` writes no
+    /// suffix.
+    pub default_forward_method: Option<ForwardMethod>,
+}
+
+/// An annotation or field with a value that cannot be used.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    /// The annotation or field.
+    pub field: &'static str,
+    /// Its value.
+    pub value: String,
+    /// What is wrong and what vipam does instead.
+    pub why: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {:?}: {}", self.field, self.value, self.why)
+    }
+}
+
+/// What the Service asks the allocator for.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Request {
+    /// A specific address (annotation, else `spec.loadBalancerIP`).
+    pub address: Option<IpAddr>,
+    /// A pool by name; `None` means the allocator's default.
+    pub pool: Option<String>,
+}
+
+/// Everything vipam derives from a Service.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Desired {
+    /// Whether vipam handles the Service at all.
+    pub managed: bool,
+    /// What to allocate; `Err` when an annotation that decides the address is
+    /// invalid (then nothing is allocated, rather than a wrong address).
+    pub request: Result<Request, Problem>,
+    /// The forward method to write in the ConfigMap.
+    pub forward_method: Option<ForwardMethod>,
+    /// Problems that do not block allocation (an invalid forward method
+    /// falls back to the default).
+    pub warnings: Vec<Problem>,
+}
+
+fn annotation<'a>(svc: &'a Service, key: &str) -> Option<&'a str> {
+    svc.metadata
+        .annotations
+        .as_ref()?
+        .get(key)
+        .map(String::as_str)
+}
+
+/// Whether the Service is a LoadBalancer of the class this syncer serves.
+pub fn is_managed(svc: &Service, settings: &Settings) -> bool {
+    let Some(spec) = &svc.spec else {
+        return false;
+    };
+    if spec.type_.as_deref() != Some("LoadBalancer") {
+        return false;
+    }
+    spec.load_balancer_class.as_deref() == settings.load_balancer_class.as_deref()
+}
+
+/// Whether `name` is a pool name the allocator accepts (a DNS label).
+fn valid_pool_name(name: &str) -> bool {
+    let b = name.as_bytes();
+    !b.is_empty()
+        && b.len() <= 63
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        && b[0] != b'-'
+        && b[b.len() - 1] != b'-'
+}
+
+fn requested_address(svc: &Service) -> Result<Option<IpAddr>, Problem> {
+    if let Some(value) = annotation(svc, ADDRESS_ANNOTATION) {
+        let trimmed = value.trim();
+        if trimmed.contains(',') {
+            return Err(Problem {
+                field: ADDRESS_ANNOTATION,
+                value: value.to_string(),
+                why: "only one address per Service is supported; nothing is allocated".to_string(),
+            });
+        }
+        return trimmed.parse().map(Some).map_err(|_| Problem {
+            field: ADDRESS_ANNOTATION,
+            value: value.to_string(),
+            why: "not an IP address; nothing is allocated".to_string(),
+        });
+    }
+    match svc
+        .spec
+        .as_ref()
+        .and_then(|s| s.load_balancer_ip.as_deref())
+        .map(str::trim)
+    {
+        None | Some("") => Ok(None),
+        Some(value) => value.parse().map(Some).map_err(|_| Problem {
+            field: "spec.loadBalancerIP",
+            value: value.to_string(),
+            why: "not an IP address; nothing is allocated".to_string(),
+        }),
+    }
+}
+
+fn requested_pool(svc: &Service) -> Result<Option<String>, Problem> {
+    match annotation(svc, POOL_ANNOTATION).map(str::trim) {
+        None | Some("") => Ok(None),
+        Some(name) if valid_pool_name(name) => Ok(Some(name.to_string())),
+        Some(name) => Err(Problem {
+            field: POOL_ANNOTATION,
+            value: name.to_string(),
+            why: "not a pool name (lowercase letters, digits and '-'); nothing is allocated"
+                .to_string(),
+        }),
+    }
+}
+
+/// What vipam derives from the Service.
+pub fn desired(svc: &Service, settings: &Settings) -> Desired {
+    let managed = is_managed(svc, settings);
+    let request = requested_address(svc).and_then(|address| {
+        Ok(Request {
+            address,
+            pool: requested_pool(svc)?,
+        })
+    });
+    let mut warnings = Vec::new();
+    let forward_method = match annotation(svc, FORWARD_METHOD_ANNOTATION) {
+        None => settings.default_forward_method,
+        Some(value) => match value.parse() {
+            Ok(method) => Some(method),
+            Err(why) => {
+                let fallback = settings
+                    .default_forward_method
+                    .map_or("no forward method".to_string(), |m| {
+                        format!("the default {m}")
+                    });
+                warnings.push(Problem {
+                    field: FORWARD_METHOD_ANNOTATION,
+                    value: value.to_string(),
+                    why: format!("{why}; using {fallback}"),
+                });
+                settings.default_forward_method
+            }
+        },
+    };
+    Desired {
+        managed,
+        request,
+        forward_method,
+        warnings,
+    }
+}
+
+/// The allocator owner of a Service.
+pub fn owner(namespace: &str, name: &str) -> String {
+    format!("{OWNER_PREFIX}{namespace}/{name}")
+}
+
+/// The namespace and name of a syncer-made owner.
+pub fn parse_owner(owner: &str) -> Option<(&str, &str)> {
+    owner.strip_prefix(OWNER_PREFIX)?.split_once('/')
+}
+
+/// The first ingress IP of the Service's status, if it is an IP.
+pub fn status_ip(svc: &Service) -> Option<IpAddr> {
+    svc.status
+        .as_ref()?
+        .load_balancer
+        .as_ref()?
+        .ingress
+        .as_ref()?
+        .first()?
+        .ip
+        .as_deref()?
+        .parse()
+        .ok()
+}
+
+/// Whether the Service carries the vipam finalizer.
+pub fn has_finalizer(svc: &Service) -> bool {
+    svc.metadata
+        .finalizers
+        .as_ref()
+        .is_some_and(|f| f.iter().any(|x| x == FINALIZER))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::{
+        LoadBalancerIngress, LoadBalancerStatus, ServiceSpec, ServiceStatus,
+    };
+    use std::collections::BTreeMap;
+
+    fn mk_service(annotations: &[(&str, &str)]) -> Service {
+        let mut svc = Service::default();
+        svc.metadata.name = Some("web".into());
+        svc.metadata.namespace = Some("shop".into());
+        svc.metadata.annotations = Some(
+            annotations
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect::<BTreeMap<_, _>>(),
+        );
+        svc.spec = Some(ServiceSpec {
+            type_: Some("LoadBalancer".into()),
+            ..Default::default()
+        });
+        svc
+    }
+
+    #[test]
+    fn only_load_balancers_of_the_configured_class_are_managed() {
+        let mut svc = mk_service(&[]);
+        let none = Settings::default();
+        let class = Settings {
+            load_balancer_class: Some("vipam.io/keepalived".into()),
+            ..Default::default()
+        };
+        assert!(is_managed(&svc, &none));
+        assert!(!is_managed(&svc, &class));
+        svc.spec.as_mut().expect("spec").load_balancer_class = Some("vipam.io/keepalived".into());
+        assert!(!is_managed(&svc, &none));
+        assert!(is_managed(&svc, &class));
+        svc.spec.as_mut().expect("spec").load_balancer_class = Some("other".into());
+        assert!(!is_managed(&svc, &class));
+        svc.spec.as_mut().expect("spec").type_ = Some("ClusterIP".into());
+        svc.spec.as_mut().expect("spec").load_balancer_class = None;
+        assert!(!is_managed(&svc, &none));
+    }
+
+    #[test]
+    fn forward_method_is_case_insensitive_and_defaults() {
+        let settings = Settings {
+            default_forward_method: Some(ForwardMethod::Dr),
+            ..Default::default()
+        };
+        assert_eq!(
+            desired(
+                &mk_service(&[(FORWARD_METHOD_ANNOTATION, "nat")]),
+                &settings
+            )
+            .forward_method,
+            Some(ForwardMethod::Nat)
+        );
+        assert_eq!(
+            desired(
+                &mk_service(&[(FORWARD_METHOD_ANNOTATION, " Proxy ")]),
+                &settings
+            )
+            .forward_method,
+            Some(ForwardMethod::Proxy)
+        );
+        assert_eq!(
+            desired(&mk_service(&[]), &settings).forward_method,
+            Some(ForwardMethod::Dr)
+        );
+        assert_eq!(
+            desired(&mk_service(&[]), &Settings::default()).forward_method,
+            None
+        );
+    }
+
+    #[test]
+    fn an_invalid_forward_method_warns_and_uses_the_default() {
+        let settings = Settings {
+            default_forward_method: Some(ForwardMethod::Nat),
+            ..Default::default()
+        };
+        let d = desired(
+            &mk_service(&[(FORWARD_METHOD_ANNOTATION, "TUN")]),
+            &settings,
+        );
+        assert_eq!(d.forward_method, Some(ForwardMethod::Nat));
+        assert_eq!(d.warnings.len(), 1);
+        assert!(
+            d.warnings[0].to_string().contains("\"TUN\"")
+                && d.warnings[0].to_string().contains("default NAT"),
+            "{}",
+            d.warnings[0]
+        );
+        assert!(
+            d.request.is_ok(),
+            "a bad forward method does not block allocation"
+        );
+    }
+
+    #[test]
+    fn the_address_annotation_wins_over_load_balancer_ip() {
+        let mut svc = mk_service(&[(ADDRESS_ANNOTATION, "10.0.0.7")]);
+        svc.spec.as_mut().expect("spec").load_balancer_ip = Some("10.0.0.8".into());
+        assert_eq!(
+            desired(&svc, &Settings::default())
+                .request
+                .expect("request")
+                .address,
+            Some("10.0.0.7".parse().expect("ip"))
+        );
+        let mut svc = mk_service(&[]);
+        svc.spec.as_mut().expect("spec").load_balancer_ip = Some("10.0.0.8".into());
+        assert_eq!(
+            desired(&svc, &Settings::default())
+                .request
+                .expect("request")
+                .address,
+            Some("10.0.0.8".parse().expect("ip"))
+        );
+    }
+
+    #[test]
+    fn invalid_address_or_pool_blocks_allocation_naming_the_value() {
+        for (key, value) in [
+            (ADDRESS_ANNOTATION, "10.0.0.300"),
+            (ADDRESS_ANNOTATION, "10.0.0.1,10.0.0.2"),
+            (POOL_ANNOTATION, "Not_A_Pool"),
+        ] {
+            let problem = desired(&mk_service(&[(key, value)]), &Settings::default())
+                .request
+                .expect_err(value);
+            assert_eq!(problem.field, key);
+            assert_eq!(problem.value, value);
+        }
+        let mut svc = mk_service(&[]);
+        svc.spec.as_mut().expect("spec").load_balancer_ip = Some("not-an-ip".into());
+        assert_eq!(
+            desired(&svc, &Settings::default())
+                .request
+                .expect_err("bad ip")
+                .field,
+            "spec.loadBalancerIP"
+        );
+    }
+
+    #[test]
+    fn pool_annotation_selects_a_pool() {
+        let d = desired(
+            &mk_service(&[(POOL_ANNOTATION, "dmz")]),
+            &Settings::default(),
+        );
+        assert_eq!(
+            d.request,
+            Ok(Request {
+                address: None,
+                pool: Some("dmz".into())
+            })
+        );
+    }
+
+    #[test]
+    fn owners_round_trip() {
+        assert_eq!(owner("shop", "web"), "service:shop/web");
+        assert_eq!(parse_owner("service:shop/web"), Some(("shop", "web")));
+        assert_eq!(parse_owner("tool/x"), None);
+    }
+
+    #[test]
+    fn status_ip_reads_the_first_ingress() {
+        let mut svc = mk_service(&[]);
+        assert_eq!(status_ip(&svc), None);
+        svc.status = Some(ServiceStatus {
+            load_balancer: Some(LoadBalancerStatus {
+                ingress: Some(vec![LoadBalancerIngress {
+                    ip: Some("10.0.0.9".into()),
+                    ..Default::default()
+                }]),
+            }),
+            ..Default::default()
+        });
+        assert_eq!(status_ip(&svc), Some("10.0.0.9".parse().expect("ip")));
+    }
+}

@@ -1,0 +1,285 @@
+//! The keepalived ConfigMap, rendered as a whole from the managed Services,
+//! and the ConfigMap left by the Go keepalived-cloud-provider, read for
+//! adoption. Pure functions.
+//!
+//! Format, as kube-keepalived-vip reads it: key = the IPv4 VIP; value =
+//! `<namespace>/<service>` or `<namespace>/<service>:<NAT|DR|PROXY>`.
+//! ConfigMap keys cannot hold `:`, so IPv6 VIPs are left out and reported.
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr},
+};
+
+use serde::Deserialize;
+
+use crate::desired::ForwardMethod;
+
+/// The annotation in which keepalived-cloud-provider kept its state.
+pub const LEGACY_ANNOTATION: &str = "k8s.co/cloud-provider-config";
+/// The most bytes a Kubernetes object may take.
+pub const MAX_OBJECT_BYTES: usize = 1_048_576;
+
+/// A Service's entry in the ConfigMap.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Entry {
+    /// Namespace of the Service.
+    pub namespace: String,
+    /// Name of the Service.
+    pub name: String,
+    /// Forward method; `None` writes no suffix.
+    pub forward_method: Option<ForwardMethod>,
+}
+
+impl Entry {
+    /// The ConfigMap value of the entry.
+    pub fn value(&self) -> String {
+        match self.forward_method {
+            None => format!("{}/{}", self.namespace, self.name),
+            Some(m) => format!("{}/{}:{m}", self.namespace, self.name),
+        }
+    }
+}
+
+/// The rendered ConfigMap data and what could not be written into it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Rendered {
+    /// The data: IPv4 address → entry value.
+    pub data: BTreeMap<String, String>,
+    /// IPv6 addresses, which a ConfigMap key cannot hold, with their Service.
+    pub ipv6: Vec<(IpAddr, String)>,
+}
+
+/// Renders the ConfigMap data from every managed Service's address.
+pub fn render(entries: &BTreeMap<IpAddr, Entry>) -> Rendered {
+    let mut out = Rendered::default();
+    for (ip, entry) in entries {
+        match ip {
+            IpAddr::V4(v4) => {
+                out.data.insert(v4.to_string(), entry.value());
+            }
+            IpAddr::V6(_) => out
+                .ipv6
+                .push((*ip, format!("{}/{}", entry.namespace, entry.name))),
+        }
+    }
+    out
+}
+
+/// Bytes the ConfigMap object takes with this data, as JSON (how the API
+/// server counts its limit), given the rest of the object's metadata size.
+pub fn object_bytes(data: &BTreeMap<String, String>, metadata_bytes: usize) -> usize {
+    // {"apiVersion":"v1","kind":"ConfigMap","metadata":{...},"data":{...}}
+    let envelope = 64 + metadata_bytes;
+    envelope
+        + data
+            .iter()
+            .map(|(k, v)| k.len() + v.len() + 6)
+            .sum::<usize>()
+}
+
+/// An address the previous provider (or an earlier ConfigMap) assigned.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Legacy {
+    /// The Service's uid, when recorded.
+    pub uid: Option<String>,
+    /// Namespace and name, when recorded.
+    pub service: Option<(String, String)>,
+    /// The address.
+    pub ip: IpAddr,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct LegacyConfig {
+    #[serde(default)]
+    services: Vec<LegacyService>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct LegacyService {
+    #[serde(default)]
+    uid: Option<String>,
+    ip: String,
+    #[serde(default)]
+    service_namespace: Option<String>,
+    #[serde(default)]
+    service_name: Option<String>,
+}
+
+/// Reads the `k8s.co/cloud-provider-config` annotation: JSON
+/// `{"services":[{"uid","ip","serviceNamespace","serviceName","forwardMethod"}]}`,
+/// older entries only `{uid, ip}`. Entries with an unparsable IP are returned
+/// as errors beside the good ones.
+pub fn parse_legacy_annotation(json: &str) -> Result<(Vec<Legacy>, Vec<String>), String> {
+    let config: LegacyConfig = serde_json::from_str(json)
+        .map_err(|e| format!("{LEGACY_ANNOTATION} is not valid JSON: {e}"))?;
+    let mut good = Vec::new();
+    let mut bad = Vec::new();
+    for s in config.services {
+        match s.ip.trim().parse() {
+            Ok(ip) => good.push(Legacy {
+                uid: s.uid.filter(|u| !u.is_empty()),
+                service: s
+                    .service_namespace
+                    .zip(s.service_name)
+                    .filter(|(ns, n)| !ns.is_empty() && !n.is_empty()),
+                ip,
+            }),
+            Err(_) => bad.push(format!(
+                "{LEGACY_ANNOTATION}: entry with ip {:?} is not an IP address",
+                s.ip
+            )),
+        }
+    }
+    Ok((good, bad))
+}
+
+/// Reads ConfigMap data in the kube-keepalived-vip format (written by vipam
+/// or by the Go provider) as addresses per Service. Keys that are not IPv4
+/// addresses and values that are not `<namespace>/<name>[:METHOD]` are
+/// returned as errors.
+pub fn parse_data(data: &BTreeMap<String, String>) -> (Vec<Legacy>, Vec<String>) {
+    let mut good = Vec::new();
+    let mut bad = Vec::new();
+    for (key, value) in data {
+        let Ok(ip) = key.parse::<Ipv4Addr>() else {
+            bad.push(format!("key {key:?} is not an IPv4 address"));
+            continue;
+        };
+        let service = value.split(':').next().unwrap_or_default();
+        match service.split_once('/') {
+            Some((ns, name)) if !ns.is_empty() && !name.is_empty() => good.push(Legacy {
+                uid: None,
+                service: Some((ns.to_string(), name.to_string())),
+                ip: IpAddr::V4(ip),
+            }),
+            _ => bad.push(format!(
+                "value {value:?} of {key} is not <namespace>/<service>"
+            )),
+        }
+    }
+    (good, bad)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mk_entry(ns: &str, name: &str, m: Option<ForwardMethod>) -> Entry {
+        Entry {
+            namespace: ns.into(),
+            name: name.into(),
+            forward_method: m,
+        }
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().expect("test ip")
+    }
+
+    #[test]
+    fn render_writes_the_keepalived_format() {
+        let entries = BTreeMap::from([
+            (
+                ip("10.0.0.2"),
+                mk_entry("shop", "web", Some(ForwardMethod::Dr)),
+            ),
+            (ip("10.0.0.1"), mk_entry("default", "db", None)),
+        ]);
+        let r = render(&entries);
+        assert_eq!(
+            r.data,
+            BTreeMap::from([
+                ("10.0.0.1".to_string(), "default/db".to_string()),
+                ("10.0.0.2".to_string(), "shop/web:DR".to_string())
+            ])
+        );
+        assert!(r.ipv6.is_empty());
+    }
+
+    #[test]
+    fn ipv6_addresses_are_left_out_and_reported() {
+        let entries = BTreeMap::from([
+            (ip("fd00::5"), mk_entry("shop", "v6", None)),
+            (ip("10.0.0.1"), mk_entry("shop", "v4", None)),
+        ]);
+        let r = render(&entries);
+        assert_eq!(r.data.len(), 1);
+        assert_eq!(r.ipv6, vec![(ip("fd00::5"), "shop/v6".to_string())]);
+        assert!(r.data.keys().all(|k| {
+            k.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-._".contains(c))
+        }));
+    }
+
+    #[test]
+    fn rendering_is_a_function_of_the_entries_alone() {
+        let a = BTreeMap::from([
+            (ip("10.0.0.1"), mk_entry("a", "b", None)),
+            (ip("10.0.0.3"), mk_entry("c", "d", None)),
+        ]);
+        let mut b = BTreeMap::new();
+        b.insert(ip("10.0.0.3"), mk_entry("c", "d", None));
+        b.insert(ip("10.0.0.1"), mk_entry("a", "b", None));
+        assert_eq!(render(&a), render(&b));
+    }
+
+    #[test]
+    fn object_size_grows_with_the_data() {
+        let small = BTreeMap::from([("10.0.0.1".to_string(), "a/b".to_string())]);
+        let big: BTreeMap<String, String> = (0..70_000u32)
+            .map(|i| {
+                (
+                    Ipv4Addr::from(i + 1).to_string(),
+                    format!("namespace/service-{i}:PROXY"),
+                )
+            })
+            .collect();
+        assert!(object_bytes(&small, 200) < 1000);
+        assert!(object_bytes(&big, 200) > MAX_OBJECT_BYTES);
+    }
+
+    #[test]
+    fn legacy_annotation_in_both_formats_is_read() {
+        let json = r#"{"services":[
+            {"uid":"u1","ip":"10.210.38.65","serviceNamespace":"shop","serviceName":"web","forwardMethod":"NAT"},
+            {"uid":"u2","ip":"10.210.38.66"},
+            {"uid":"u3","ip":"bogus"}
+        ]}"#;
+        let (good, bad) = parse_legacy_annotation(json).expect("parse");
+        assert_eq!(
+            good,
+            vec![
+                Legacy {
+                    uid: Some("u1".into()),
+                    service: Some(("shop".into(), "web".into())),
+                    ip: ip("10.210.38.65")
+                },
+                Legacy {
+                    uid: Some("u2".into()),
+                    service: None,
+                    ip: ip("10.210.38.66")
+                },
+            ]
+        );
+        assert_eq!(bad.len(), 1);
+        assert!(bad[0].contains("bogus"));
+        assert!(parse_legacy_annotation("not json").is_err());
+    }
+
+    #[test]
+    fn existing_data_is_read_back_per_service() {
+        let data = BTreeMap::from([
+            ("10.0.0.1".to_string(), "shop/web:NAT".to_string()),
+            ("10.0.0.2".to_string(), "default/db".to_string()),
+            ("junk".to_string(), "x/y".to_string()),
+            ("10.0.0.3".to_string(), "nonsense".to_string()),
+        ]);
+        let (good, bad) = parse_data(&data);
+        assert_eq!(good.len(), 2);
+        assert_eq!(good[0].service, Some(("shop".into(), "web".into())));
+        assert_eq!(bad.len(), 2);
+    }
+}
