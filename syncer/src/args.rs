@@ -64,9 +64,9 @@ pub struct Args {
 
     /// Forward method (NAT, DR or PROXY) of Services without the
     /// k8s.co/keepalived-forward-method annotation. Without it, their
-    /// ConfigMap entries carry no method.
+    /// ConfigMap entries carry no method; empty is the same as unset.
     #[arg(long, env = "KEEPALIVED_DEFAULT_FORWARD_METHOD", value_name = "METHOD", value_parser = parse_method)]
-    pub default_forward_method: Option<ForwardMethod>,
+    pub default_forward_method: Option<DefaultMethod>,
 
     /// Only handle Services of this spec.loadBalancerClass. Without it, only
     /// Services without a class.
@@ -122,8 +122,15 @@ pub struct Args {
     pub log_format: String,
 }
 
-fn parse_method(s: &str) -> Result<ForwardMethod, String> {
-    s.parse()
+/// The default forward method; empty (as manifests often set it) means none.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DefaultMethod(pub Option<ForwardMethod>);
+
+fn parse_method(s: &str) -> Result<DefaultMethod, String> {
+    if s.trim().is_empty() {
+        return Ok(DefaultMethod(None));
+    }
+    s.parse().map(|m| DefaultMethod(Some(m)))
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -269,7 +276,7 @@ impl Args {
         let (retrigger, retriggered) = futures::channel::mpsc::unbounded();
         let settings = Settings {
             load_balancer_class,
-            default_forward_method,
+            default_forward_method: default_forward_method.and_then(|d| d.0),
         };
         let ctx = Arc::new(Context::new(
             client.clone(),
