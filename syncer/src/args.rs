@@ -120,6 +120,11 @@ pub struct Args {
     /// Log format.
     #[arg(long, env = "VIPAM_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
+
+    /// Check the settings (flags, environment, token file) and exit without
+    /// connecting to anything.
+    #[arg(long, env = "VIPAM_CHECK")]
+    pub check: bool,
 }
 
 /// The default forward method; empty (as manifests often set it) means none.
@@ -154,6 +159,16 @@ fn parse_seconds(s: &str) -> Result<Duration, String> {
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 pub struct ConfigError(pub String);
+
+/// Whether `name` is a DNS-1123 label, as namespaces and these objects' names are.
+fn valid_object_name(name: &str) -> bool {
+    let b = name.as_bytes();
+    !b.is_empty()
+        && b.len() <= 253
+        && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-' || *c == b'.')
+        && b[0].is_ascii_alphanumeric()
+        && b[b.len() - 1].is_ascii_alphanumeric()
+}
 
 fn host_name() -> String {
     std::env::var("HOSTNAME")
@@ -198,7 +213,17 @@ impl Args {
             configmap_coalesce,
             log: _,
             log_format: _,
+            check,
         } = self;
+        for (flag, value) in [
+            ("--keepalived-namespace", &keepalived_namespace),
+            ("--keepalived-config-map", &keepalived_config_map),
+            ("--lease-name", &lease_name),
+        ] {
+            if !valid_object_name(value) {
+                return Err(ConfigError(format!("{flag} {value:?}: not a valid Kubernetes object name")).into());
+            }
+        }
         let identity = identity.unwrap_or_else(host_name);
         let lease_namespace = lease_namespace.unwrap_or_else(|| keepalived_namespace.clone());
         let mut builder = vipam::client::Client::builder(allocator.clone());
@@ -218,6 +243,10 @@ impl Args {
         let allocator_client = builder
             .build()
             .map_err(|e| ConfigError(format!("--allocator: {e}")))?;
+        if check {
+            println!("vipam-syncer: the settings are valid");
+            return Ok(());
+        }
 
         let metrics = Arc::new(Metrics::new());
         let listener = tokio::net::TcpListener::bind(listen)
