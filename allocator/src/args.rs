@@ -9,10 +9,14 @@ use clap::Parser;
 use crate::{
     ipam::{self, Ipam},
     pool::{self, Element, PoolDef, Pools},
-    server::{self, Settings},
+    server::{self, Listener, Settings},
     service::Token,
     store::Store,
+    watch::{DEFAULT_PROGRESS_INTERVAL, WatchSettings},
 };
+
+/// How long to wait for the writer to stop after the servers have.
+const WRITER_STOP_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Name of the pool made from `KEEPALIVED_SERVICE_CIDR`.
 pub const KEEPALIVED_POOL: &str = "default";
@@ -31,6 +35,19 @@ pub struct Args {
         value_name = "ADDR:PORT"
     )]
     pub listen: SocketAddr,
+
+    /// A second address serving the same gRPC and HTTP endpoints, where
+    /// Allocate and Release always need the bearer token of --token-file
+    /// (required with it). With it, --listen serves them without the token
+    /// and must be a loopback address.
+    #[arg(long, env = "VIPAM_LISTEN_AUTHENTICATED", value_name = "ADDR:PORT")]
+    pub listen_authenticated: Option<SocketAddr>,
+
+    /// An address serving only /healthz, /readyz and /metrics over HTTP/1.1
+    /// (no gRPC): for probes and scrapes on the pod address while gRPC stays
+    /// on loopback.
+    #[arg(long, env = "VIPAM_HTTP_LISTEN", value_name = "ADDR:PORT")]
+    pub http_listen: Option<SocketAddr>,
 
     /// Directory of the allocation database; created if missing. Only one
     /// allocator may use it at a time.
@@ -101,6 +118,20 @@ pub struct Args {
     #[arg(long, env = "VIPAM_MAX_MESSAGE_BYTES", default_value_t = 8 << 20, value_name = "BYTES", value_parser = clap::value_parser!(u32).range(1024..))]
     pub max_message_bytes: u32,
 
+    /// Revisions of change history kept for Watch: a watcher can resume
+    /// from any of the last N revisions.
+    #[arg(long, env = "VIPAM_WATCH_HISTORY", default_value_t = crate::store::DEFAULT_HISTORY, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub watch_history: u64,
+
+    /// Most events queued for one watcher; a watcher that falls further
+    /// behind is cut off and reconnects from its last revision.
+    #[arg(long, env = "VIPAM_WATCH_BUFFER", default_value_t = crate::watch::DEFAULT_BUFFER as u64, value_name = "EVENTS", value_parser = clap::value_parser!(u64).range(1..=1 << 24))]
+    pub watch_buffer: u64,
+
+    /// Most Watch streams open at once.
+    #[arg(long, env = "VIPAM_MAX_WATCHERS", default_value_t = crate::watch::DEFAULT_MAX_WATCHERS as u64, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=1 << 20))]
+    pub max_watchers: u64,
+
     /// Page cache of the database, in bytes.
     #[arg(long, env = "VIPAM_CACHE_BYTES", default_value_t = 64 << 20, value_name = "BYTES", value_parser = clap::value_parser!(u64).range(1 << 20..))]
     pub cache_bytes: u64,
@@ -116,6 +147,11 @@ pub struct Args {
     /// Log format.
     #[arg(long, env = "VIPAM_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
+
+    /// Check the settings (pools, token file, listeners) and exit without
+    /// opening the database or binding.
+    #[arg(long, env = "VIPAM_CHECK")]
+    pub check: bool,
 }
 
 fn parse_pool_def(s: &str) -> Result<PoolDef, String> {
@@ -189,6 +225,40 @@ impl Args {
         })
     }
 
+    /// The listeners: --listen, and --listen-authenticated when given.
+    pub fn listeners(&self, token: Option<Token>) -> Result<Vec<Listener>, ConfigError> {
+        let Some(authenticated) = self.listen_authenticated else {
+            return Ok(vec![Listener {
+                addr: self.listen,
+                flag: "--listen",
+                token,
+            }]);
+        };
+        let Some(token) = token else {
+            return Err(ConfigError(format!(
+                "--listen-authenticated {authenticated} needs --token-file (VIPAM_TOKEN_FILE): mutating calls on it always need the token"
+            )));
+        };
+        if !self.listen.ip().is_loopback() {
+            return Err(ConfigError(format!(
+                "--listen {} is not a loopback address: with --listen-authenticated, --listen serves Allocate and Release without the token, so it must be 127.0.0.1 or ::1",
+                self.listen
+            )));
+        }
+        Ok(vec![
+            Listener {
+                addr: self.listen,
+                flag: "--listen",
+                token: None,
+            },
+            Listener {
+                addr: authenticated,
+                flag: "--listen-authenticated",
+                token: Some(token),
+            },
+        ])
+    }
+
     fn init_logging(&self) -> Result<(), ConfigError> {
         let filter = tracing_subscriber::EnvFilter::try_new(&self.log)
             .map_err(|e| ConfigError(format!("--log {:?}: {e}", self.log)))?;
@@ -209,8 +279,11 @@ impl Args {
         self.init_logging()?;
         let pools = Arc::new(self.pools()?);
         let token = self.token()?;
+        let listeners = self.listeners(token.clone())?;
         let Self {
-            listen,
+            listen: _,
+            listen_authenticated: _,
+            http_listen,
             data_dir,
             pools: _,
             default_pool: _,
@@ -222,23 +295,58 @@ impl Args {
             request_timeout,
             max_concurrent_requests,
             max_message_bytes,
+            watch_history,
+            watch_buffer,
+            max_watchers,
             cache_bytes,
             shutdown_grace,
             log: _,
             log_format: _,
+            check,
         } = self;
+        if check {
+            for pool in pools.iter() {
+                let ranges: Vec<String> = pool.elements().iter().map(ToString::to_string).collect();
+                println!(
+                    "pool {}: {} ({} addresses)",
+                    pool.name(),
+                    ranges.join(","),
+                    pool.size()
+                );
+            }
+            println!("vipam-allocator: the settings are valid");
+            return Ok(());
+        }
 
         std::fs::create_dir_all(&data_dir)
             .map_err(|e| ConfigError(format!("--data-dir {}: {e}", data_dir.display())))?;
-        let store = Store::open(&data_dir, cache_bytes).map_err(|e| {
-            ConfigError(format!(
-                "--data-dir {}: cannot open the database (is another allocator using it?): {e}",
-                data_dir.display()
-            ))
-        })?;
+        let store = Store::open(&data_dir, cache_bytes)
+            .map_err(|e| {
+                ConfigError(format!(
+                    "--data-dir {}: cannot open the database (is another allocator using it?): {e}",
+                    data_dir.display()
+                ))
+            })?
+            .with_history(watch_history);
+        let trimmed = store
+            .trim_history()
+            .context("trimming the change history")?;
+        if trimmed > 0 {
+            store.flush().context("trimming the change history")?;
+            tracing::info!(
+                trimmed,
+                watch_history,
+                "dropped change history older than --watch-history"
+            );
+        }
         let ipam = Ipam::load(store.clone(), pools.clone()).context("loading allocations")?;
+        let watch = WatchSettings {
+            buffer: usize::try_from(watch_buffer).unwrap_or(usize::MAX),
+            max_watchers: usize::try_from(max_watchers).unwrap_or(usize::MAX),
+            progress_interval: DEFAULT_PROGRESS_INTERVAL,
+        };
         let (handle, writer) =
-            ipam::start(ipam, store, 4096).context("starting the store writer")?;
+            ipam::start_with(ipam, store, 4096, watch).context("starting the store writer")?;
         let report = handle.pools_report()?;
         for r in &report.pools {
             let pool = pools.at(r.index);
@@ -257,8 +365,24 @@ impl Args {
             max_concurrent_requests: max_concurrent_requests as usize,
             token,
         };
-        let bound = server::bind(listen, handle.clone(), settings).await?;
-        tracing::info!(listen = %bound.local_addr()?, data_dir = %data_dir.display(), "serving");
+        let mut bound = server::bind_all(listeners, handle.clone(), settings).await?;
+        if let Some(addr) = http_listen {
+            bound = bound.with_http_listener(addr).await?;
+            if let Some(addr) = bound.http_addr() {
+                tracing::info!(http_listen = %addr?, "serving /healthz, /readyz, /metrics");
+            }
+        }
+        match bound.local_addrs()?.as_slice() {
+            [listen, authenticated] => tracing::info!(
+                listen = %listen,
+                listen_authenticated = %authenticated,
+                data_dir = %data_dir.display(),
+                "serving"
+            ),
+            _ => {
+                tracing::info!(listen = %bound.local_addr()?, data_dir = %data_dir.display(), "serving");
+            }
+        }
         drop(handle);
 
         let mut writer = tokio::spawn(writer.wait());
@@ -273,7 +397,18 @@ impl Args {
         // Every request handler is gone: the writer flushes and stops.
         let result = match writer_stopped {
             Some(result) => result,
-            None => writer.await,
+            // Connections that outlived the grace period still hold the
+            // writer's queue open; it answers only after its flush, so every
+            // acknowledged write is on disk and the process may go.
+            None => match tokio::time::timeout(WRITER_STOP_TIMEOUT, writer).await {
+                Ok(result) => result,
+                Err(_) => {
+                    tracing::warn!(
+                        "connections are still open after the grace period; stopping anyway (every acknowledged write is on disk)"
+                    );
+                    return Ok(());
+                }
+            },
         };
         result
             .context("store writer")?

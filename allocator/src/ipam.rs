@@ -1,7 +1,8 @@
 //! The allocation rules (idempotency per owner, explicit addresses, lowest
 //! free first) and the single writer that applies them: every Allocate and
 //! Release goes through one thread that writes to the store and makes each
-//! batch durable with one flush before any of its requests is answered.
+//! batch durable with one flush before any of its requests is answered,
+//! after publishing the batch's changes to watchers ([`crate::watch`]).
 //! Reads go to the store directly.
 
 use std::{
@@ -19,7 +20,8 @@ use tokio::sync::{mpsc, oneshot};
 use crate::{
     intervals::IntervalSet,
     pool::{Exclusion, Family, Pools, to_int, valid_name},
-    store::{Record, Store, StoreError},
+    store::{ChangeKind, Record, Store, StoreError},
+    watch::{Event, Hub, WatchSettings},
 };
 
 /// Longest owner, in bytes.
@@ -137,6 +139,45 @@ pub enum Error {
     /// The writer has stopped (shutdown, or a failed store).
     #[error("the allocator is shutting down or its store has failed; retry later")]
     Unavailable,
+    /// A watch asked to resume from a revision whose following changes the
+    /// change log no longer holds.
+    #[error(
+        "since_revision {since} is older than the kept change history, which allows resuming from revision {oldest} on; watch again with since_revision=0"
+    )]
+    HistoryTrimmed {
+        /// The revision asked for.
+        since: u64,
+        /// The oldest revision a watch can resume from.
+        oldest: u64,
+    },
+    /// A watch asked to resume from a revision this allocator never reached.
+    #[error(
+        "since_revision {since} is ahead of the allocator's revision {current}: its store was replaced or reset; watch again with since_revision=0"
+    )]
+    RevisionAhead {
+        /// The revision asked for.
+        since: u64,
+        /// The allocator's revision.
+        current: u64,
+    },
+    /// A watcher fell too far behind and was cut off.
+    #[error("watcher too slow; reconnect with since_revision={resume}")]
+    WatcherTooSlow {
+        /// The revision to reconnect with.
+        resume: u64,
+    },
+    /// A watch ended because the allocator is shutting down.
+    #[error("the allocator is shutting down; reconnect with since_revision={resume}")]
+    WatchInterrupted {
+        /// The revision to reconnect with.
+        resume: u64,
+    },
+    /// Every watcher slot is taken.
+    #[error("too many watchers (at most {max}); retry later")]
+    TooManyWatchers {
+        /// The limit.
+        max: usize,
+    },
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -569,7 +610,7 @@ impl Ipam {
             });
         }
         self.revision += 1;
-        if let Err(e) = self.store.delete(ip, &record.owner, self.revision) {
+        if let Err(e) = self.store.delete(ip, &record, self.revision) {
             self.revision -= 1;
             return Err(e.into());
         }
@@ -578,6 +619,21 @@ impl Ipam {
         self.stats.count(&self.pools, ip, -1);
         self.stats.revision.store(self.revision, Ordering::Relaxed);
         Ok(Some(self.allocation(ip, record)))
+    }
+
+    /// The changes after revision `after` up to `last`, from the change log.
+    fn events_between(&self, after: u64, last: u64) -> Result<Vec<Event>> {
+        self.store
+            .changes(after, last)
+            .map(|change| {
+                let change = change?;
+                Ok(Event {
+                    revision: change.revision,
+                    kind: change.kind,
+                    allocation: self.allocation(change.address, change.record),
+                })
+            })
+            .collect()
     }
 
     /// Makes every write so far durable.
@@ -591,6 +647,9 @@ impl Ipam {
 enum Command {
     Allocate(AllocateArgs, oneshot::Sender<Result<Allocation>>),
     Release(ReleaseArgs, oneshot::Sender<Result<Option<Allocation>>>),
+    /// Answered with the store revision once every write applied before it
+    /// is durable and published.
+    Barrier(oneshot::Sender<u64>),
 }
 
 /// Answers a request once its batch is durable.
@@ -600,30 +659,39 @@ enum Reply {
         oneshot::Sender<Result<Option<Allocation>>>,
         Result<Option<Allocation>>,
     ),
+    Barrier(oneshot::Sender<u64>),
 }
 
 impl Reply {
-    fn fail(self) -> Self {
+    fn fail(self) -> Option<Self> {
         match self {
-            Reply::Allocate(tx, Ok(_)) => Reply::Allocate(tx, Err(Error::Unavailable)),
-            Reply::Release(tx, Ok(_)) => Reply::Release(tx, Err(Error::Unavailable)),
-            other => other,
+            Reply::Allocate(tx, Ok(_)) => Some(Reply::Allocate(tx, Err(Error::Unavailable))),
+            Reply::Release(tx, Ok(_)) => Some(Reply::Release(tx, Err(Error::Unavailable))),
+            // A dropped barrier answers UNAVAILABLE.
+            Reply::Barrier(_) => None,
+            other => Some(other),
         }
     }
 
-    fn send(self) {
+    fn send(self, revision: u64) {
         // A requester that has gone away (timeout, cancelled) needs no answer.
         match self {
             Reply::Allocate(tx, r) => drop(tx.send(r)),
             Reply::Release(tx, r) => drop(tx.send(r)),
+            Reply::Barrier(tx) => drop(tx.send(revision)),
         }
     }
 }
 
 /// Runs the writer until every [`Handle`] is dropped (then it flushes and
 /// returns `Ok`) or a flush fails (then it returns the error and every later
-/// write is answered `UNAVAILABLE`).
-fn run_writer(mut ipam: Ipam, mut rx: mpsc::Receiver<Command>) -> Result<(), StoreError> {
+/// write is answered `UNAVAILABLE`). After each durable batch it publishes
+/// the batch's changes to watchers, then answers its requests.
+fn run_writer(
+    mut ipam: Ipam,
+    mut rx: mpsc::Receiver<Command>,
+    hub: &Hub,
+) -> Result<(), StoreError> {
     let stats = ipam.stats();
     let mut batch = Vec::with_capacity(MAX_BATCH);
     let result = loop {
@@ -637,6 +705,10 @@ fn run_writer(mut ipam: Ipam, mut rx: mpsc::Receiver<Command>) -> Result<(), Sto
                 Err(_) => break,
             }
         }
+        let published = ipam.revision;
+        // Events are built only while someone watches; a watcher that
+        // subscribes during the batch gets them from the change log.
+        let mut events = hub.is_watched().then(Vec::new);
         let mut dirty = false;
         let replies: Vec<Reply> = batch
             .drain(..)
@@ -644,15 +716,32 @@ fn run_writer(mut ipam: Ipam, mut rx: mpsc::Receiver<Command>) -> Result<(), Sto
                 Command::Allocate(args, tx) => {
                     let result = ipam.allocate(args).map(|(a, wrote)| {
                         dirty |= wrote;
+                        if wrote && let Some(events) = &mut events {
+                            events.push(Event {
+                                revision: a.record.revision,
+                                kind: ChangeKind::Allocated,
+                                allocation: a.clone(),
+                            });
+                        }
                         a
                     });
                     Reply::Allocate(tx, result)
                 }
                 Command::Release(args, tx) => {
                     let result = ipam.release(args);
-                    dirty |= matches!(result, Ok(Some(_)));
+                    if let Ok(Some(a)) = &result {
+                        dirty = true;
+                        if let Some(events) = &mut events {
+                            events.push(Event {
+                                revision: ipam.revision,
+                                kind: ChangeKind::Released,
+                                allocation: a.clone(),
+                            });
+                        }
+                    }
                     Reply::Release(tx, result)
                 }
+                Command::Barrier(tx) => Reply::Barrier(tx),
             })
             .collect();
         stats
@@ -662,16 +751,28 @@ fn run_writer(mut ipam: Ipam, mut rx: mpsc::Receiver<Command>) -> Result<(), Sto
         // idempotent answer may report a write made earlier in this batch.
         let flushed = if dirty { ipam.flush() } else { Ok(()) };
         match flushed {
-            Ok(()) => replies.into_iter().for_each(Reply::send),
+            Ok(()) => {
+                if dirty {
+                    hub.publish(ipam.revision, events, || {
+                        ipam.events_between(published, ipam.revision)
+                    });
+                }
+                let revision = ipam.revision;
+                replies.into_iter().for_each(|r| r.send(revision));
+            }
             Err(e) => {
                 tracing::error!(error = %e, "store flush failed; refusing further writes");
-                replies.into_iter().map(Reply::fail).for_each(Reply::send);
+                replies
+                    .into_iter()
+                    .filter_map(Reply::fail)
+                    .for_each(|r| r.send(0));
                 break Err(e);
             }
         }
     };
     stats.writer_alive.store(false, Ordering::Relaxed);
     rx.close();
+    hub.close();
     result
 }
 
@@ -695,19 +796,33 @@ pub struct Handle {
     store: Store,
     pools: Arc<Pools>,
     stats: Arc<Stats>,
+    hub: Arc<Hub>,
 }
 
 /// Starts the writer thread over `ipam`, with room for `queue` waiting
-/// requests.
+/// requests and the default watch limits.
 pub fn start(ipam: Ipam, store: Store, queue: usize) -> std::io::Result<(Handle, Writer)> {
+    start_with(ipam, store, queue, WatchSettings::default())
+}
+
+/// Starts the writer thread over `ipam`, with room for `queue` waiting
+/// requests and the given watch limits.
+pub fn start_with(
+    ipam: Ipam,
+    store: Store,
+    queue: usize,
+    watch: WatchSettings,
+) -> std::io::Result<(Handle, Writer)> {
     let (tx, rx) = mpsc::channel(queue.max(1));
     let (done_tx, done) = oneshot::channel();
     let pools = ipam.pools.clone();
     let stats = ipam.stats();
+    let hub = Hub::new(ipam.revision, watch);
+    let writer_hub = hub.clone();
     std::thread::Builder::new()
         .name("vipam-writer".into())
         .spawn(move || {
-            let result = run_writer(ipam, rx);
+            let result = run_writer(ipam, rx, &writer_hub);
             drop(done_tx.send(result));
         })?;
     Ok((
@@ -716,6 +831,7 @@ pub fn start(ipam: Ipam, store: Store, queue: usize) -> std::io::Result<(Handle,
             store,
             pools,
             stats,
+            hub,
         },
         Writer { done },
     ))
@@ -730,6 +846,31 @@ impl Handle {
     /// Shared counters.
     pub fn stats(&self) -> &Stats {
         &self.stats
+    }
+
+    /// Where watchers subscribe.
+    pub fn hub(&self) -> &Arc<Hub> {
+        &self.hub
+    }
+
+    pub(crate) fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Ends every watch stream (on shutdown, before draining requests).
+    pub fn close_watchers(&self) {
+        self.hub.close();
+    }
+
+    /// The store revision once every write applied so far is durable and
+    /// published to watchers.
+    pub async fn barrier(&self) -> Result<u64> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Barrier(tx))
+            .await
+            .map_err(|_| Error::Unavailable)?;
+        rx.await.map_err(|_| Error::Unavailable)
     }
 
     /// Whether the writer still takes requests.
@@ -757,7 +898,7 @@ impl Handle {
         rx.await.map_err(|_| Error::Unavailable)?
     }
 
-    fn allocation(&self, address: IpAddr, record: Record) -> Allocation {
+    pub(crate) fn allocation(&self, address: IpAddr, record: Record) -> Allocation {
         let pool = self
             .pools
             .containing(address)

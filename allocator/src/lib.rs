@@ -5,6 +5,7 @@
 //! arithmetic, no I/O), [`store`] (the only module that touches sled),
 //! [`ipam`] (the allocation rules and the single writer), [`service`] (the
 //! only module that builds `tonic::Status`), [`server`] and [`args`] (wiring).
+//! [`watch`] streams the writer's durable changes to watchers.
 
 pub mod args;
 pub mod intervals;
@@ -14,3 +15,4 @@ pub mod pool;
 pub mod server;
 pub mod service;
 pub mod store;
+pub mod watch;

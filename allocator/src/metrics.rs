@@ -1,5 +1,5 @@
-//! Prometheus metrics: RPCs by method and code, RPC latency, and the pool and
-//! store figures, read from the allocator at each scrape.
+//! Prometheus metrics: RPCs by method and code, RPC latency, and the pool,
+//! store and watch figures, read from the allocator at each scrape.
 
 use std::sync::atomic::Ordering;
 
@@ -195,6 +195,21 @@ impl Collector for AllocatorCollector {
             MetricType::Gauge,
         )?;
         ConstGauge::new(stats.revision.load(Ordering::Relaxed) as i64).encode(gauge)?;
+        let hub = self.ipam.hub();
+        let gauge = encoder.encode_descriptor(
+            "vipam_watchers",
+            "Watch streams open",
+            None,
+            MetricType::Gauge,
+        )?;
+        ConstGauge::new(hub.active() as i64).encode(gauge)?;
+        let counter = encoder.encode_descriptor(
+            "vipam_watch_cutoffs",
+            "Watchers cut off for falling too far behind",
+            None,
+            MetricType::Counter,
+        )?;
+        ConstCounter::new(hub.cutoffs()).encode(counter)?;
         Ok(())
     }
 }

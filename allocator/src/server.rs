@@ -1,8 +1,9 @@
-//! The server on one port: gRPC (the allocator, `grpc.health.v1`, reflection
-//! v1 and v1alpha) over HTTP/2 without TLS, and `/healthz`, `/readyz`,
-//! `/metrics` over HTTP/1.1. Limits message size, time per request and
-//! requests in flight; on shutdown it stops accepting and drains what is in
-//! flight.
+//! The server: gRPC (the allocator, `grpc.health.v1`, reflection v1 and
+//! v1alpha) over HTTP/2 without TLS, and `/healthz`, `/readyz`, `/metrics`
+//! over HTTP/1.1, on one or more listeners that differ only in whether
+//! mutating calls need the bearer token. Limits message size, time per
+//! request and requests in flight (shared by all listeners); on shutdown it
+//! ends watch streams, stops accepting and drains what is in flight.
 
 use std::{
     net::SocketAddr,
@@ -30,13 +31,29 @@ use crate::{
 pub struct Settings {
     /// Largest gRPC message, in bytes, either way.
     pub max_message_bytes: usize,
-    /// Longest time one request may take.
+    /// Longest time one request may take (until its response starts: a
+    /// Watch stream lasts as long as the client wants).
     pub request_timeout: Duration,
     /// Most requests handled at once; more wait.
     pub max_concurrent_requests: usize,
-    /// Bearer token for mutating calls.
+    /// Bearer token for mutating calls on the listener of [`bind`].
     pub token: Option<Token>,
 }
+
+/// One address to serve on.
+#[derive(Clone, Debug)]
+pub struct Listener {
+    /// The address to bind.
+    pub addr: SocketAddr,
+    /// The flag that set it, named when binding fails.
+    pub flag: &'static str,
+    /// The token mutating calls on it need; `None` when they need none.
+    pub token: Option<Token>,
+}
+
+/// How often an idle HTTP/2 connection is pinged, so that the watch streams
+/// of a client that vanished end.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 
 #[derive(Clone)]
 struct HttpState {
@@ -79,18 +96,34 @@ async fn metrics_page(State(s): State<HttpState>) -> axum::response::Response {
 
 /// A bound, not yet serving, server.
 pub struct Bound {
-    listener: TcpListener,
-    routes: Routes,
+    listeners: Vec<(TcpListener, Routes)>,
+    http: axum::Router,
+    http_listener: Option<TcpListener>,
+    ipam: Handle,
     settings: Settings,
     health: tonic_health::server::HealthReporter,
     shutting_down: Arc<AtomicBool>,
 }
 
-/// Builds the services and binds `addr`.
+/// Builds the services and binds `addr`; mutating calls need
+/// `settings.token` when it is set.
 pub async fn bind(addr: SocketAddr, ipam: Handle, settings: Settings) -> anyhow::Result<Bound> {
+    let listener = Listener {
+        addr,
+        flag: "--listen",
+        token: settings.token.clone(),
+    };
+    bind_all(vec![listener], ipam, settings).await
+}
+
+/// Builds the services and binds every listener; all serve the same
+/// allocator, health, reflection and HTTP endpoints.
+pub async fn bind_all(
+    listeners: Vec<Listener>,
+    ipam: Handle,
+    settings: Settings,
+) -> anyhow::Result<Bound> {
     let metrics = Arc::new(Metrics::new(ipam.clone()));
-    let service = Service::new(ipam.clone(), settings.token.clone(), metrics.clone())
-        .into_server(settings.max_message_bytes);
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<AllocatorServer<Service>>().await;
     let reflection = || {
@@ -104,22 +137,30 @@ pub async fn bind(addr: SocketAddr, ipam: Handle, settings: Settings) -> anyhow:
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_page))
         .with_state(HttpState {
-            ipam,
-            metrics,
+            ipam: ipam.clone(),
+            metrics: metrics.clone(),
             shutting_down: shutting_down.clone(),
         });
-    let routes = Routes::new(service)
-        .add_service(health_service)
-        .add_service(reflection().build_v1()?)
-        .add_service(reflection().build_v1alpha()?)
-        .into_axum_router()
-        .merge(http);
-    let listener = TcpListener::bind(addr)
-        .await
-        .map_err(|e| anyhow::anyhow!("--listen {addr}: cannot bind: {e}"))?;
+    let mut bound = Vec::with_capacity(listeners.len());
+    for Listener { addr, flag, token } in listeners {
+        let service = Service::new(ipam.clone(), token, metrics.clone())
+            .into_server(settings.max_message_bytes);
+        let routes = Routes::new(service)
+            .add_service(health_service.clone())
+            .add_service(reflection().build_v1()?)
+            .add_service(reflection().build_v1alpha()?)
+            .into_axum_router()
+            .merge(http.clone());
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|e| anyhow::anyhow!("{flag} {addr}: cannot bind: {e}"))?;
+        bound.push((listener, Routes::from(routes)));
+    }
     Ok(Bound {
-        listener,
-        routes: Routes::from(routes),
+        listeners: bound,
+        http,
+        http_listener: None,
+        ipam,
         settings,
         health,
         shutting_down,
@@ -127,47 +168,109 @@ pub async fn bind(addr: SocketAddr, ipam: Handle, settings: Settings) -> anyhow:
 }
 
 impl Bound {
-    /// The address actually bound (useful with port 0).
+    /// The address actually bound by the first listener (useful with port 0).
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        self.listener.local_addr()
+        match self.listeners.first() {
+            Some((listener, _)) => listener.local_addr(),
+            None => Err(std::io::Error::other("no listener")),
+        }
     }
 
-    /// Serves until `shutdown` completes, then stops accepting and drains
-    /// requests in flight for at most `grace`.
+    /// Also serves `/healthz`, `/readyz` and `/metrics` (HTTP/1.1 only, no
+    /// gRPC) on `addr`: for probes and scrapes on the pod address while gRPC
+    /// stays on loopback.
+    pub async fn with_http_listener(mut self, addr: SocketAddr) -> anyhow::Result<Bound> {
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|e| anyhow::anyhow!("--http-listen {addr}: cannot bind: {e}"))?;
+        self.http_listener = Some(listener);
+        Ok(self)
+    }
+
+    /// The address of the HTTP-only listener, if any.
+    pub fn http_addr(&self) -> Option<std::io::Result<SocketAddr>> {
+        self.http_listener.as_ref().map(TcpListener::local_addr)
+    }
+
+    /// The addresses actually bound, in the order the listeners were given.
+    pub fn local_addrs(&self) -> std::io::Result<Vec<SocketAddr>> {
+        self.listeners.iter().map(|(l, _)| l.local_addr()).collect()
+    }
+
+    /// Serves until `shutdown` completes, then ends watch streams, stops
+    /// accepting and drains requests in flight for at most `grace`.
     pub async fn serve(
         self,
         shutdown: impl Future<Output = ()>,
         grace: Duration,
     ) -> anyhow::Result<()> {
         let Bound {
-            listener,
-            routes,
+            listeners,
+            http,
+            http_listener,
+            ipam,
             settings,
             health,
             shutting_down,
         } = self;
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let server = Server::builder()
-            .accept_http1(true)
-            .timeout(settings.request_timeout)
-            .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
-                settings.max_concurrent_requests.max(1),
-            ))
-            .add_routes(routes)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
-                drop(stop_rx.await);
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        // One limit for all listeners.
+        let limit =
+            tower::limit::GlobalConcurrencyLimitLayer::new(settings.max_concurrent_requests.max(1));
+        let mut servers = tokio::task::JoinSet::new();
+        for (listener, routes) in listeners {
+            let mut stop = stop_rx.clone();
+            let server = Server::builder()
+                .accept_http1(true)
+                .timeout(settings.request_timeout)
+                .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+                .layer(limit.clone())
+                .add_routes(routes)
+                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+                    drop(stop.wait_for(|stop| *stop).await);
+                });
+            servers.spawn(async move { server.await.map_err(anyhow::Error::from) });
+        }
+        if let Some(listener) = http_listener {
+            let mut stop = stop_rx.clone();
+            servers.spawn(async move {
+                axum::serve(listener, http)
+                    .with_graceful_shutdown(async move {
+                        drop(stop.wait_for(|stop| *stop).await);
+                    })
+                    .await
+                    .map_err(anyhow::Error::from)
             });
-        tokio::pin!(server);
+        }
         tokio::select! {
-            result = &mut server => return result.map_err(Into::into),
+            ended = servers.join_next() => {
+                return match ended {
+                    Some(Ok(Ok(()))) | None => Err(anyhow::anyhow!("a listener stopped serving")),
+                    Some(Ok(Err(e))) => Err(e),
+                    Some(Err(e)) => Err(anyhow::anyhow!("a listener failed: {e}")),
+                };
+            }
             () = shutdown => {}
         }
         tracing::info!(grace = ?grace, "shutting down: no new connections, draining requests in flight");
         shutting_down.store(true, Ordering::Relaxed);
         health.set_not_serving::<AllocatorServer<Service>>().await;
-        let _ = stop_tx.send(());
-        match tokio::time::timeout(grace, &mut server).await {
-            Ok(result) => result.map_err(Into::into),
+        // Watch streams never end by themselves: end them, each telling its
+        // client the revision to reconnect with.
+        ipam.close_watchers();
+        drop(ipam);
+        let _ = stop_tx.send(true);
+        let drain = async {
+            while let Some(ended) = servers.join_next().await {
+                match ended {
+                    Ok(result) => result?,
+                    Err(e) => anyhow::bail!("a listener failed: {e}"),
+                }
+            }
+            Ok(())
+        };
+        match tokio::time::timeout(grace, drain).await {
+            Ok(result) => result,
             Err(_) => {
                 tracing::warn!("shutdown grace period over; closing remaining connections");
                 Ok(())

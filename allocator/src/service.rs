@@ -2,8 +2,9 @@
 //! bearer token check, error codes and per-RPC metrics. The only module that
 //! builds `tonic::Status`.
 
-use std::{net::IpAddr, sync::Arc, time::Instant};
+use std::{net::IpAddr, pin::Pin, sync::Arc, time::Instant};
 
+use tokio_stream::{Stream, StreamExt, wrappers::ReceiverStream};
 use tonic::{Request, Response, Status};
 use vipam::v1::{
     self as pb,
@@ -14,6 +15,8 @@ use crate::{
     ipam::{self, AllocateArgs, Error, Handle, ListArgs, ReleaseArgs},
     metrics::Metrics,
     pool::Family,
+    store::ChangeKind,
+    watch::{WatchArgs, WatchItem},
 };
 
 /// Maps an allocation error to the gRPC status a client can act on.
@@ -30,7 +33,11 @@ pub fn status(e: Error) -> Status {
         | Error::ExplicitOnly { .. }
         | Error::NoFamily { .. }
         | Error::HeldByOther { .. } => Status::failed_precondition(message),
-        Error::Unavailable => Status::unavailable(message),
+        Error::Unavailable | Error::WatchInterrupted { .. } | Error::TooManyWatchers { .. } => {
+            Status::unavailable(message)
+        }
+        Error::HistoryTrimmed { .. } | Error::RevisionAhead { .. } => Status::out_of_range(message),
+        Error::WatcherTooSlow { .. } => Status::resource_exhausted(message),
         Error::Store(_) => Status::internal(message),
     }
 }
@@ -232,6 +239,46 @@ fn list_args(request: pb::ListRequest) -> Result<ListArgs, Error> {
     })
 }
 
+fn watch_args(request: pb::WatchRequest) -> Result<WatchArgs, Error> {
+    let pb::WatchRequest {
+        pool,
+        owner_prefix,
+        since_revision,
+    } = request;
+    Ok(WatchArgs {
+        pool: optional(&pool)
+            .map(|p| ipam::parse_pool("pool", p))
+            .transpose()?,
+        owner_prefix,
+        since: since_revision,
+    })
+}
+
+fn watch_event(item: WatchItem) -> pb::WatchEvent {
+    let (kind, revision, allocation) = match item {
+        WatchItem::Snapshot(a) => (pb::WatchEventType::Snapshot, 0, Some(a)),
+        WatchItem::SnapshotComplete { revision } => {
+            (pb::WatchEventType::SnapshotComplete, revision, None)
+        }
+        WatchItem::Event(e) => {
+            let kind = match e.kind {
+                ChangeKind::Allocated => pb::WatchEventType::Allocated,
+                ChangeKind::Released => pb::WatchEventType::Released,
+            };
+            (kind, e.revision, Some(e.allocation))
+        }
+        WatchItem::Progress { revision } => (pb::WatchEventType::Progress, revision, None),
+    };
+    pb::WatchEvent {
+        r#type: kind as i32,
+        revision,
+        allocation: allocation.map(to_proto),
+    }
+}
+
+/// The stream of a Watch call.
+pub type WatchEvents = Pin<Box<dyn Stream<Item = Result<pb::WatchEvent, Status>> + Send>>;
+
 fn timestamp(unix_nanos: u64) -> prost_types::Timestamp {
     prost_types::Timestamp {
         seconds: (unix_nanos / 1_000_000_000) as i64,
@@ -332,6 +379,22 @@ impl Allocator for Service {
                     .map(|a| format!("{PAGE_TOKEN_PREFIX}{a}"))
                     .unwrap_or_default(),
             })
+        })
+        .await
+    }
+
+    type WatchStream = WatchEvents;
+
+    async fn watch(
+        &self,
+        request: Request<pb::WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        self.observe("Watch", async {
+            let args = watch_args(request.into_inner()).map_err(status)?;
+            let items = self.ipam.watch(args).await.map_err(status)?;
+            let events =
+                ReceiverStream::new(items).map(|item| item.map(watch_event).map_err(status));
+            Ok(Box::pin(events) as WatchEvents)
         })
         .await
     }

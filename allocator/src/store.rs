@@ -4,7 +4,14 @@
 //!
 //! Keys: `a` + family tag + big-endian address bytes (so keys sort by
 //! address, IPv4 before IPv6) → JSON [`Record`]; `o` + owner → address key;
-//! `m/revision` → big-endian u64.
+//! `m/revision` → big-endian u64; `r` + big-endian revision → the [`Change`]
+//! of that revision (the change log Watch replays), kind byte + address key
+//! + JSON record.
+//!
+//! Every write puts its change-log entry in the same atomic batch as the
+//! allocation, and removes the entry that falls out of the kept history, so
+//! the log always holds exactly the last `history` revisions (fewer on a
+//! young store) without gaps.
 
 use std::{collections::BTreeMap, net::IpAddr, path::Path};
 
@@ -14,9 +21,15 @@ use crate::pool::{Family, from_int};
 
 const ALLOC: u8 = b'a';
 const OWNER: u8 = b'o';
+const CHANGE: u8 = b'r';
 const REVISION_KEY: &[u8] = b"m/revision";
 const TAG_V4: u8 = 4;
 const TAG_V6: u8 = 6;
+const KIND_ALLOCATED: u8 = b'+';
+const KIND_RELEASED: u8 = b'-';
+
+/// Revisions of change history kept when none is configured.
+pub const DEFAULT_HISTORY: u64 = 100_000;
 
 /// What the store keeps of an allocation.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -30,6 +43,28 @@ pub struct Record {
     pub created_unix_nanos: u64,
     /// Store revision of the write that created the allocation.
     pub revision: u64,
+}
+
+/// What a write did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChangeKind {
+    /// An allocation was created.
+    Allocated,
+    /// An allocation was removed.
+    Released,
+}
+
+/// One entry of the change log: what the write of `revision` did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Change {
+    /// The revision of the write.
+    pub revision: u64,
+    /// Allocated or released.
+    pub kind: ChangeKind,
+    /// The address.
+    pub address: IpAddr,
+    /// The allocation created, or the one removed as it was.
+    pub record: Record,
 }
 
 /// Store failures.
@@ -55,6 +90,7 @@ pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 #[derive(Clone)]
 pub struct Store {
     db: sled::Db,
+    history: u64,
 }
 
 /// Encodes the key of an allocation.
@@ -101,6 +137,63 @@ fn owner_key(owner: &str) -> Vec<u8> {
     key
 }
 
+fn change_key(revision: u64) -> [u8; 9] {
+    let mut key = [CHANGE; 9];
+    key[1..].copy_from_slice(&revision.to_be_bytes());
+    key
+}
+
+fn change_value(kind: ChangeKind, address_key: &[u8], record_json: &[u8]) -> Vec<u8> {
+    let mut value = Vec::with_capacity(1 + address_key.len() + record_json.len());
+    value.push(match kind {
+        ChangeKind::Allocated => KIND_ALLOCATED,
+        ChangeKind::Released => KIND_RELEASED,
+    });
+    value.extend_from_slice(address_key);
+    value.extend_from_slice(record_json);
+    value
+}
+
+fn decode_change(key: &[u8], value: &[u8]) -> Result<Change> {
+    let corrupt = |why: &str| StoreError::Corrupt {
+        key: key.escape_ascii().to_string(),
+        why: why.to_string(),
+    };
+    let revision = match key {
+        [CHANGE, rest @ ..] => <[u8; 8]>::try_from(rest)
+            .map(u64::from_be_bytes)
+            .map_err(|_| corrupt("change key of the wrong length"))?,
+        _ => return Err(corrupt("not a change key")),
+    };
+    let (kind, rest) = match value {
+        [KIND_ALLOCATED, rest @ ..] => (ChangeKind::Allocated, rest),
+        [KIND_RELEASED, rest @ ..] => (ChangeKind::Released, rest),
+        _ => return Err(corrupt("unknown change kind")),
+    };
+    let address_len = match rest {
+        [ALLOC, TAG_V4, ..] => 6,
+        [ALLOC, TAG_V6, ..] => 18,
+        _ => return Err(corrupt("change without an address")),
+    };
+    if rest.len() < address_len {
+        return Err(corrupt("change with a truncated address"));
+    }
+    let (address, record) = rest.split_at(address_len);
+    Ok(Change {
+        revision,
+        kind,
+        address: decode_alloc_key(address)?,
+        record: decode_record(key, record)?,
+    })
+}
+
+fn encode_record(key: &[u8], record: &Record) -> Result<Vec<u8>> {
+    serde_json::to_vec(record).map_err(|e| StoreError::Corrupt {
+        key: key.escape_ascii().to_string(),
+        why: e.to_string(),
+    })
+}
+
 fn decode_record(key: &[u8], value: &[u8]) -> Result<Record> {
     serde_json::from_slice(value).map_err(|e| StoreError::Corrupt {
         key: key.escape_ascii().to_string(),
@@ -123,7 +216,62 @@ impl Store {
             // writes; a background flusher would only add concurrent flushes.
             .flush_every_ms(None)
             .open()?;
-        Ok(Store { db })
+        Ok(Store {
+            db,
+            history: DEFAULT_HISTORY,
+        })
+    }
+
+    /// Keeps the change log of the last `revisions` writes (at least 1) from
+    /// now on. Entries already older than that go with
+    /// [`Store::trim_history`].
+    pub fn with_history(mut self, revisions: u64) -> Store {
+        self.history = revisions.max(1);
+        self
+    }
+
+    /// Revisions of change history this store keeps.
+    pub fn history(&self) -> u64 {
+        self.history
+    }
+
+    /// Removes change-log entries older than the kept history (after the
+    /// history was shortened). Returns how many it removed. Not durable until
+    /// [`Store::flush`].
+    pub fn trim_history(&self) -> Result<u64> {
+        let revision = self.revision()?;
+        let Some(last_dropped) = revision.checked_sub(self.history) else {
+            return Ok(0);
+        };
+        let mut removed = 0;
+        loop {
+            // Bounded batches: a much shortened history must not build one
+            // huge batch in memory.
+            let mut batch = sled::Batch::default();
+            let mut n = 0;
+            for key in self
+                .db
+                .range(change_key(0)..=change_key(last_dropped))
+                .keys()
+                .take(10_000)
+            {
+                batch.remove(key?);
+                n += 1;
+            }
+            if n == 0 {
+                return Ok(removed);
+            }
+            self.db.apply_batch(batch)?;
+            removed += n;
+        }
+    }
+
+    fn trim_one(&self, batch: &mut sled::Batch, revision: u64) {
+        if let Some(old) = revision.checked_sub(self.history)
+            && old > 0
+        {
+            batch.remove(&change_key(old));
+        }
     }
 
     /// The allocation at `ip`.
@@ -143,15 +291,18 @@ impl Store {
             .transpose()
     }
 
-    /// Records an allocation and its owner index and sets the store revision
-    /// to `record.revision`, atomically. Not durable until [`Store::flush`].
+    /// Records an allocation, its owner index and its change-log entry, and
+    /// sets the store revision to `record.revision`, atomically. Not durable
+    /// until [`Store::flush`].
     pub fn put(&self, ip: IpAddr, record: &Record) -> Result<()> {
         let key = alloc_key(ip);
-        let value = serde_json::to_vec(record).map_err(|e| StoreError::Corrupt {
-            key: key.escape_ascii().to_string(),
-            why: e.to_string(),
-        })?;
+        let value = encode_record(&key, record)?;
         let mut batch = sled::Batch::default();
+        batch.insert(
+            &change_key(record.revision),
+            change_value(ChangeKind::Allocated, &key, &value),
+        );
+        self.trim_one(&mut batch, record.revision);
         batch.insert(owner_key(&record.owner), key.clone());
         batch.insert(key, value);
         batch.insert(REVISION_KEY, &record.revision.to_be_bytes());
@@ -159,15 +310,56 @@ impl Store {
         Ok(())
     }
 
-    /// Removes the allocation at `ip` held by `owner` and sets the store
-    /// revision, atomically. Not durable until [`Store::flush`].
-    pub fn delete(&self, ip: IpAddr, owner: &str, revision: u64) -> Result<()> {
+    /// Removes the allocation `record` at `ip` and its owner index, records
+    /// the release in the change log and sets the store revision to
+    /// `revision`, atomically. Not durable until [`Store::flush`].
+    pub fn delete(&self, ip: IpAddr, record: &Record, revision: u64) -> Result<()> {
+        let key = alloc_key(ip);
+        let value = encode_record(&key, record)?;
         let mut batch = sled::Batch::default();
-        batch.remove(alloc_key(ip));
-        batch.remove(owner_key(owner));
+        batch.insert(
+            &change_key(revision),
+            change_value(ChangeKind::Released, &key, &value),
+        );
+        self.trim_one(&mut batch, revision);
+        batch.remove(key);
+        batch.remove(owner_key(&record.owner));
         batch.insert(REVISION_KEY, &revision.to_be_bytes());
         self.db.apply_batch(batch)?;
         Ok(())
+    }
+
+    /// The oldest revision whose change the log still holds, `None` when it
+    /// holds none.
+    pub fn first_change(&self) -> Result<Option<u64>> {
+        match self.db.scan_prefix([CHANGE]).keys().next() {
+            None => Ok(None),
+            Some(key) => {
+                let key = key?;
+                <[u8; 8]>::try_from(&key[1..])
+                    .map(u64::from_be_bytes)
+                    .map(Some)
+                    .map_err(|_| StoreError::Corrupt {
+                        key: key.escape_ascii().to_string(),
+                        why: "change key of the wrong length".to_string(),
+                    })
+            }
+        }
+    }
+
+    /// The changes after revision `after` up to `last` (inclusive), by
+    /// revision. Gaps mean the log no longer holds those revisions.
+    pub fn changes(&self, after: u64, last: u64) -> impl Iterator<Item = Result<Change>> + use<> {
+        let first = after.saturating_add(1);
+        // sled refuses a range that ends before it starts.
+        (first <= last)
+            .then(|| self.db.range(change_key(first)..=change_key(last)))
+            .into_iter()
+            .flatten()
+            .map(|entry| {
+                let (k, v) = entry?;
+                decode_change(&k, &v)
+            })
     }
 
     /// The revision of the last write (0 for a new store).
@@ -292,7 +484,9 @@ mod tests {
         store
             .put(ip("10.0.0.1"), &mk_record("svc-a", 1))
             .expect("put");
-        store.delete(ip("10.0.0.1"), "svc-a", 2).expect("delete");
+        store
+            .delete(ip("10.0.0.1"), &mk_record("svc-a", 1), 2)
+            .expect("delete");
         assert_eq!(store.get(ip("10.0.0.1")).expect("get"), None);
         assert_eq!(store.owner_address("svc-a").expect("owner"), None);
         assert_eq!(store.revision().expect("rev"), 2);
@@ -356,7 +550,9 @@ mod tests {
             store
                 .put(ip("fd00::2"), &mk_record("svc-b", 2))
                 .expect("put");
-            store.delete(ip("10.0.0.1"), "svc-a", 3).expect("delete");
+            store
+                .delete(ip("10.0.0.1"), &mk_record("svc-a", 1), 3)
+                .expect("delete");
             store.flush().expect("flush");
         }
         let store = Store::open(dir.path(), 8 << 20).expect("reopen");
@@ -393,6 +589,154 @@ mod tests {
             store
                 .addresses()
                 .any(|r| matches!(r, Err(StoreError::Corrupt { .. })))
+        );
+    }
+
+    fn revisions(store: &Store, after: u64, last: u64) -> Vec<(u64, ChangeKind, IpAddr)> {
+        store
+            .changes(after, last)
+            .map(|c| {
+                let c = c.expect("change");
+                (c.revision, c.kind, c.address)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn every_write_is_in_the_change_log_in_revision_order() {
+        let (_dir, store) = mk_store();
+        store
+            .put(ip("10.0.0.1"), &mk_record("svc-a", 1))
+            .expect("put");
+        store
+            .put(ip("fd00::2"), &mk_record("svc-b", 2))
+            .expect("put");
+        store
+            .delete(ip("10.0.0.1"), &mk_record("svc-a", 1), 3)
+            .expect("delete");
+        let all: Vec<Change> = store.changes(0, 3).map(|c| c.expect("change")).collect();
+        assert_eq!(
+            all,
+            vec![
+                Change {
+                    revision: 1,
+                    kind: ChangeKind::Allocated,
+                    address: ip("10.0.0.1"),
+                    record: mk_record("svc-a", 1),
+                },
+                Change {
+                    revision: 2,
+                    kind: ChangeKind::Allocated,
+                    address: ip("fd00::2"),
+                    record: mk_record("svc-b", 2),
+                },
+                Change {
+                    revision: 3,
+                    kind: ChangeKind::Released,
+                    address: ip("10.0.0.1"),
+                    record: mk_record("svc-a", 1),
+                },
+            ]
+        );
+        assert_eq!(
+            revisions(&store, 1, 2),
+            vec![(2, ChangeKind::Allocated, ip("fd00::2"))]
+        );
+        assert!(revisions(&store, 3, 3).is_empty(), "nothing after the last");
+        assert!(revisions(&store, 3, 1).is_empty(), "an empty range");
+        assert_eq!(store.first_change().expect("first"), Some(1));
+    }
+
+    #[test]
+    fn the_change_log_survives_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let store = Store::open(dir.path(), 8 << 20).expect("open");
+            store
+                .put(ip("10.0.0.1"), &mk_record("svc-a", 1))
+                .expect("put");
+            store
+                .delete(ip("10.0.0.1"), &mk_record("svc-a", 1), 2)
+                .expect("delete");
+            store.flush().expect("flush");
+        }
+        let store = Store::open(dir.path(), 8 << 20).expect("reopen");
+        assert_eq!(
+            revisions(&store, 0, u64::MAX),
+            vec![
+                (1, ChangeKind::Allocated, ip("10.0.0.1")),
+                (2, ChangeKind::Released, ip("10.0.0.1")),
+            ]
+        );
+    }
+
+    #[test]
+    fn the_change_log_keeps_exactly_the_last_history_revisions() {
+        let (_dir, store) = mk_store();
+        let store = store.with_history(3);
+        assert_eq!(store.first_change().expect("first"), None);
+        for r in 1..=10u64 {
+            let addr = IpAddr::from([10, 0, 0, r as u8]);
+            store
+                .put(addr, &mk_record(&format!("o{r}"), r))
+                .expect("put");
+        }
+        assert_eq!(store.first_change().expect("first"), Some(8));
+        let kept: Vec<u64> = revisions(&store, 0, 10).iter().map(|c| c.0).collect();
+        assert_eq!(kept, vec![8, 9, 10]);
+        store
+            .delete(IpAddr::from([10, 0, 0, 1]), &mk_record("o1", 1), 11)
+            .expect("delete");
+        let kept: Vec<u64> = revisions(&store, 0, 11).iter().map(|c| c.0).collect();
+        assert_eq!(kept, vec![9, 10, 11], "a release trims too");
+    }
+
+    #[test]
+    fn a_shortened_history_is_trimmed_after_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let store = Store::open(dir.path(), 8 << 20).expect("open");
+            for r in 1..=20u64 {
+                let addr = IpAddr::from([10, 0, 0, r as u8]);
+                store
+                    .put(addr, &mk_record(&format!("o{r}"), r))
+                    .expect("put");
+            }
+            store.flush().expect("flush");
+        }
+        let store = Store::open(dir.path(), 8 << 20)
+            .expect("reopen")
+            .with_history(5);
+        assert_eq!(store.first_change().expect("first"), Some(1));
+        assert_eq!(store.trim_history().expect("trim"), 15);
+        assert_eq!(store.first_change().expect("first"), Some(16));
+        assert_eq!(store.trim_history().expect("trim again"), 0);
+        store
+            .put(ip("10.0.1.1"), &mk_record("o21", 21))
+            .expect("put");
+        let kept: Vec<u64> = revisions(&store, 0, 21).iter().map(|c| c.0).collect();
+        assert_eq!(kept, vec![17, 18, 19, 20, 21]);
+        // The allocations themselves are untouched.
+        assert_eq!(store.addresses().count(), 21);
+    }
+
+    #[test]
+    fn an_unreadable_change_is_an_error_not_a_panic() {
+        let (_dir, store) = mk_store();
+        store
+            .db
+            .insert(change_key(1), b"?garbage".to_vec())
+            .expect("raw insert");
+        store
+            .db
+            .insert(change_key(2), b"+a".to_vec())
+            .expect("raw insert");
+        let results: Vec<_> = store.changes(0, 2).collect();
+        assert_eq!(results.len(), 2);
+        assert!(
+            results
+                .iter()
+                .all(|r| matches!(r, Err(StoreError::Corrupt { .. })))
         );
     }
 }

@@ -1,6 +1,7 @@
 //! Helpers to run the real vipam binaries in tests: find them in the target
 //! directory, start them on a free loopback port with a data directory of
-//! their own, stop them with SIGTERM or SIGKILL, and run the real `grpcurl`.
+//! their own, stop them with SIGTERM or SIGKILL, and run the real `grpcurl`
+//! and the Python examples.
 
 use std::{
     io::{BufRead, BufReader},
@@ -14,6 +15,8 @@ use std::{
 use anyhow::{Context, Result, anyhow, bail};
 use tonic::transport::Channel;
 use vipam::v1::allocator_client::AllocatorClient;
+
+pub mod syncer;
 
 /// How long a binary may take to start serving.
 pub const START_TIMEOUT: Duration = Duration::from_secs(30);
@@ -42,6 +45,8 @@ pub struct Allocator {
     child: Child,
     /// The address it serves on.
     pub addr: SocketAddr,
+    /// The address of its `--listen-authenticated` listener, if it has one.
+    pub authenticated: Option<SocketAddr>,
     data_dir: PathBuf,
     args: Vec<String>,
     envs: Vec<(String, String)>,
@@ -74,12 +79,13 @@ fn spawn_logged(mut cmd: Command) -> Result<(Child, Log, mpsc::Receiver<String>)
     Ok((child, log, rx))
 }
 
-/// Waits for the allocator's `serving listen=ADDR` log line.
+/// Waits for the allocator's `serving listen=ADDR` log line; returns that
+/// address and the `listen_authenticated=ADDR` one, if any.
 fn wait_serving(
     child: &mut Child,
     lines: &mpsc::Receiver<String>,
     log: &Log,
-) -> Result<SocketAddr> {
+) -> Result<(SocketAddr, Option<SocketAddr>)> {
     let deadline = std::time::Instant::now() + START_TIMEOUT;
     loop {
         let left = deadline.saturating_duration_since(std::time::Instant::now());
@@ -90,9 +96,18 @@ fn wait_serving(
                         .split_whitespace()
                         .find_map(|w| w.strip_prefix("listen="))
                 {
-                    return addr
+                    let addr = addr
                         .parse()
-                        .with_context(|| format!("listen address in {line:?}"));
+                        .with_context(|| format!("listen address in {line:?}"))?;
+                    let authenticated = line
+                        .split_whitespace()
+                        .find_map(|w| w.strip_prefix("listen_authenticated="))
+                        .map(|a| {
+                            a.parse()
+                                .with_context(|| format!("authenticated address in {line:?}"))
+                        })
+                        .transpose()?;
+                    return Ok((addr, authenticated));
                 }
             }
             Err(mpsc::RecvTimeoutError::Timeout) => {}
@@ -147,10 +162,11 @@ impl Allocator {
             .env("VIPAM_LOG", "info")
             .envs(envs.iter().cloned());
         let (mut child, log, lines) = spawn_logged(cmd)?;
-        let addr = wait_serving(&mut child, &lines, &log)?;
+        let (addr, authenticated) = wait_serving(&mut child, &lines, &log)?;
         Ok(Allocator {
             child,
             addr,
+            authenticated,
             data_dir: data_dir.to_path_buf(),
             args,
             envs,
@@ -158,15 +174,22 @@ impl Allocator {
         })
     }
 
-    /// Starts it again on the same port, data directory, flags and
-    /// environment.
+    /// Starts it again on the same ports, data directory, flags and
+    /// environment (SIGKILL first if it still runs).
     pub fn restart(mut self) -> Result<Allocator> {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        let mut args = self.args.clone();
+        if let Some(authenticated) = self.authenticated
+            && let Some(i) = args.iter().position(|a| a == "--listen-authenticated")
+            && let Some(value) = args.get_mut(i + 1)
+        {
+            *value = authenticated.to_string();
+        }
         Self::start_on(
             &self.data_dir,
             &self.addr.to_string(),
-            self.args.clone(),
+            args,
             self.envs.clone(),
         )
     }
@@ -174,6 +197,14 @@ impl Allocator {
     /// The `http://` URL of the server.
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// The `http://` URL of the `--listen-authenticated` listener.
+    pub fn authenticated_url(&self) -> Result<String> {
+        let addr = self
+            .authenticated
+            .ok_or_else(|| anyhow!("the allocator has no --listen-authenticated listener"))?;
+        Ok(format!("http://{addr}"))
     }
 
     /// The process id.
@@ -278,4 +309,83 @@ pub fn grpcurl(args: &[&str]) -> Result<Output> {
         .stdin(Stdio::null())
         .output()?;
     Ok(out)
+}
+
+/// The Python interpreter of the venv that holds `grpcio`, `grpcio-tools`,
+/// `grpcio-reflection` and `protobuf`, from `VIPAM_PYTHON` (which
+/// `scripts/test` sets).
+pub fn python_path() -> Result<PathBuf> {
+    let path = std::env::var_os("VIPAM_PYTHON").ok_or_else(|| {
+        anyhow!(
+            "VIPAM_PYTHON is not set: run scripts/test, or point it at a python that has \
+             grpcio grpcio-tools grpcio-reflection protobuf installed"
+        )
+    })?;
+    let path = PathBuf::from(path);
+    if !path.is_file() {
+        bail!("VIPAM_PYTHON={} is not a file", path.display());
+    }
+    Ok(path)
+}
+
+/// The directory of the workspace (where `proto/` and `examples/` are).
+pub fn workspace_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from(".."))
+}
+
+/// Runs `python <args>` with the `VIPAM_PYTHON` interpreter and `envs`,
+/// killing it after `timeout`, and returns its output.
+pub fn run_python(args: &[&str], envs: &[(&str, &str)], timeout: Duration) -> Result<Output> {
+    let mut cmd = Command::new(python_path()?);
+    cmd.args(args)
+        .envs(envs.iter().copied())
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        .env("PYTHONUNBUFFERED", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().with_context(|| format!("spawning {cmd:?}"))?;
+    // Read both pipes while it runs so that neither fills up.
+    let mut stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| anyhow!("no stdout pipe"))?;
+    let mut stderr = child
+        .stderr
+        .take()
+        .ok_or_else(|| anyhow!("no stderr pipe"))?;
+    let out = std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut stdout, &mut buf);
+        buf
+    });
+    let err = std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut stderr, &mut buf);
+        buf
+    });
+    let deadline = std::time::Instant::now() + timeout;
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            let stderr = err.join().unwrap_or_default();
+            bail!(
+                "{cmd:?} still running after {timeout:?}; stderr:\n{}",
+                String::from_utf8_lossy(&stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Ok(Output {
+        status,
+        stdout: out.join().unwrap_or_default(),
+        stderr: err.join().unwrap_or_default(),
+    })
 }

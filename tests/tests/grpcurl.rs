@@ -209,3 +209,63 @@ fn grpcurl_checks_health() {
     let health = json(&[&addr, "grpc.health.v1.Health/Check"]);
     assert_eq!(health["status"], "SERVING");
 }
+
+#[test]
+fn grpcurl_describes_watch_and_streams_its_snapshot_through_reflection() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let a = mk_allocator(dir.path());
+    let addr = a.addr.to_string();
+    let service = ok(&[&addr, "describe", "vipam.v1.Allocator"]);
+    assert!(
+        service.contains(
+            "rpc Watch ( .vipam.v1.WatchRequest ) returns ( stream .vipam.v1.WatchEvent );"
+        ),
+        "{service}"
+    );
+    assert!(service.contains("OUT_OF_RANGE"), "{service}");
+    let request = ok(&[&addr, "describe", "vipam.v1.WatchRequest"]);
+    assert!(request.contains("uint64 since_revision = 3;"), "{request}");
+    let types = ok(&[&addr, "describe", "vipam.v1.WatchEventType"]);
+    assert!(
+        types.contains("WATCH_EVENT_TYPE_SNAPSHOT_COMPLETE = 2;"),
+        "{types}"
+    );
+    json(&[
+        "-d",
+        r#"{"owner": "demo/web"}"#,
+        &addr,
+        "vipam.v1.Allocator/Allocate",
+    ]);
+    // The stream does not end by itself: grpcurl stops it after a second.
+    let out = grpcurl(&[
+        "-max-time",
+        "1",
+        "-d",
+        r#"{"since_revision": 0}"#,
+        &addr,
+        "vipam.v1.Allocator/Watch",
+    ])
+    .expect("run grpcurl");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("DeadlineExceeded"), "{stderr}");
+    let snapshot = stdout
+        .find(r#""type": "WATCH_EVENT_TYPE_SNAPSHOT""#)
+        .expect("a SNAPSHOT event");
+    let complete = stdout
+        .find(r#""type": "WATCH_EVENT_TYPE_SNAPSHOT_COMPLETE""#)
+        .expect("the SNAPSHOT_COMPLETE event");
+    assert!(snapshot < complete, "{stdout}");
+    assert!(stdout.contains(r#""owner": "demo/web""#), "{stdout}");
+    // A revision the allocator never reached.
+    let out = grpcurl(&[
+        "-d",
+        r#"{"since_revision": 99}"#,
+        &addr,
+        "vipam.v1.Allocator/Watch",
+    ])
+    .expect("run grpcurl");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("OutOfRange"), "{stderr}");
+}

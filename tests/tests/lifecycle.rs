@@ -173,6 +173,31 @@ fn bad_flag_values_exit_non_zero_naming_the_flag() {
             vec![],
             vec!["--token-file", token],
         ),
+        (
+            vec!["--pool", "a=10.0.0.0/24", "--watch-history", "0"],
+            vec![],
+            vec!["--watch-history"],
+        ),
+        (
+            vec!["--pool", "a=10.0.0.0/24", "--watch-buffer", "0"],
+            vec![],
+            vec!["--watch-buffer"],
+        ),
+        (
+            vec!["--pool", "a=10.0.0.0/24", "--max-watchers", "0"],
+            vec![],
+            vec!["--max-watchers"],
+        ),
+        (
+            vec![
+                "--pool",
+                "a=10.0.0.0/24",
+                "--listen-authenticated",
+                "nowhere",
+            ],
+            vec![],
+            vec!["--listen-authenticated", "nowhere"],
+        ),
         (vec![], vec![], vec!["--pool", "KEEPALIVED_SERVICE_CIDR"]),
         (
             vec![],
@@ -279,14 +304,23 @@ fn help_lists_an_environment_form_for_every_flag() {
     let out = run_allocator(&["--help"], &[], Duration::from_secs(10)).expect("help");
     assert!(out.status.success());
     let help = String::from_utf8_lossy(&out.stdout);
-    let flags: Vec<&str> = help
-        .lines()
-        .map(str::trim_start)
-        .filter(|l| l.starts_with("--"))
-        .collect();
+    // Each flag's block: its line and, when clap puts the help on the next
+    // lines, those up to the next flag.
+    let mut flags: Vec<String> = Vec::new();
+    for line in help.lines().map(str::trim_start) {
+        if line.starts_with('-') {
+            flags.push(line.to_string());
+        } else if let Some(block) = flags.last_mut() {
+            block.push(' ');
+            block.push_str(line);
+        }
+    }
     assert!(flags.len() >= 10, "{help}");
-    for line in flags {
-        assert!(line.contains("[env: "), "no env form: {line}");
+    for block in flags
+        .iter()
+        .filter(|b| !b.starts_with("-h") && !b.starts_with("-V"))
+    {
+        assert!(block.contains("[env: "), "no env form: {block}");
     }
 }
 
@@ -311,4 +345,51 @@ async fn a_second_allocator_on_the_same_data_dir_is_refused() {
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("--data-dir"), "{stderr}");
+}
+
+#[tokio::test]
+async fn http_listen_serves_health_and_metrics_without_grpc() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let a = Allocator::start(
+        dir.path(),
+        &[
+            "--pool",
+            "default=10.6.0.0/29",
+            "--http-listen",
+            "127.0.0.1:0",
+        ],
+    )
+    .expect("start");
+    let http: std::net::SocketAddr = a
+        .log()
+        .lines()
+        .find_map(|l| {
+            l.split_whitespace()
+                .find_map(|w| w.strip_prefix("http_listen="))
+        })
+        .expect("http_listen in the log")
+        .parse()
+        .expect("address");
+    for (path, want) in [
+        ("/healthz", "200"),
+        ("/readyz", "200"),
+        ("/metrics", "200"),
+        ("/vipam.v1.Allocator/List", "404"),
+    ] {
+        let mut conn = tokio::net::TcpStream::connect(http).await.expect("connect");
+        conn.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .expect("write");
+        let mut raw = String::new();
+        conn.read_to_string(&mut raw).await.expect("read");
+        assert_eq!(raw.split_whitespace().nth(1), Some(want), "{path}: {raw}");
+    }
+    // gRPC is not served there.
+    let mut c = vipam::v1::allocator_client::AllocatorClient::connect(format!("http://{http}"))
+        .await
+        .expect("connect");
+    assert!(c.list_pools(ListPoolsRequest {}).await.is_err());
 }
