@@ -15,7 +15,11 @@ use std::{
 use k8s_openapi::{
     api::{
         apps::v1::{DaemonSet, Deployment},
-        core::v1::{ConfigMap, Container, Namespace, PersistentVolumeClaim, PodSpec, Service, ServiceAccount},
+        core::v1::{
+            ConfigMap, Container, Namespace, PersistentVolumeClaim, PodSpec, Service,
+            ServiceAccount,
+        },
+        networking::v1::NetworkPolicy,
         rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding},
     },
     apimachinery::pkg::util::intstr::IntOrString,
@@ -27,7 +31,10 @@ use vipam_e2e::binary;
 const NAMESPACE: &str = "vipam-system";
 
 fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("repository root").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("repository root")
+        .to_path_buf()
 }
 
 fn kubectl() -> PathBuf {
@@ -50,8 +57,16 @@ use serde::Deserialize;
 
 /// The base as `kubectl kustomize deploy/` renders it.
 fn rendered() -> Vec<Value> {
-    let out = Command::new(kubectl()).arg("kustomize").arg(repo().join("deploy")).output().expect("run kubectl kustomize");
-    assert!(out.status.success(), "kubectl kustomize deploy/ failed: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(kubectl())
+        .arg("kustomize")
+        .arg(repo().join("deploy"))
+        .output()
+        .expect("run kubectl kustomize");
+    assert!(
+        out.status.success(),
+        "kubectl kustomize deploy/ failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     yaml_docs(&String::from_utf8(out.stdout).expect("utf-8"))
 }
 
@@ -60,11 +75,15 @@ fn of_kind(docs: &[Value], kind: &str) -> Vec<Value> {
 }
 
 fn typed<K: DeserializeOwned>(v: &Value) -> K {
-    serde_json::from_value(v.clone()).unwrap_or_else(|e| panic!("{} {}: {e}", v["kind"], v["metadata"]["name"]))
+    serde_json::from_value(v.clone())
+        .unwrap_or_else(|e| panic!("{} {}: {e}", v["kind"], v["metadata"]["name"]))
 }
 
 fn one<K: DeserializeOwned>(docs: &[Value], kind: &str, name: &str) -> K {
-    let found: Vec<&Value> = docs.iter().filter(|d| d["kind"] == kind && d["metadata"]["name"] == name).collect();
+    let found: Vec<&Value> = docs
+        .iter()
+        .filter(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+        .collect();
     assert_eq!(found.len(), 1, "expected one {kind} {name}");
     typed(found[0])
 }
@@ -74,7 +93,11 @@ fn one<K: DeserializeOwned>(docs: &[Value], kind: &str, name: &str) -> K {
 fn round_trips<K: DeserializeOwned + serde::Serialize>(v: &Value) {
     let k: K = typed(v);
     let back = serde_json::to_value(&k).expect("serialize");
-    assert_eq!(&back, v, "{} {} does not round-trip through its type", v["kind"], v["metadata"]["name"]);
+    assert_eq!(
+        &back, v,
+        "{} {} does not round-trip through its type",
+        v["kind"], v["metadata"]["name"]
+    );
 }
 
 fn check_round_trip(v: &Value) {
@@ -90,6 +113,7 @@ fn check_round_trip(v: &Value) {
         "Deployment" => round_trips::<Deployment>(v),
         "DaemonSet" => round_trips::<DaemonSet>(v),
         "Service" => round_trips::<Service>(v),
+        "NetworkPolicy" => round_trips::<NetworkPolicy>(v),
         other => panic!("a manifest of kind {other} has no check here; add one"),
     }
 }
@@ -111,9 +135,16 @@ fn every_manifest_parses_into_its_kubernetes_type_without_losing_a_field() {
 
 #[test]
 fn the_kustomization_lists_every_manifest_and_uses_current_api_versions() {
-    let kustomization: Value = yaml_docs(&std::fs::read_to_string(repo().join("deploy/kustomization.yaml")).expect("read"))[0].clone();
-    let listed: BTreeSet<String> =
-        kustomization["resources"].as_array().expect("resources").iter().map(|r| r.as_str().expect("path").to_string()).collect();
+    let kustomization: Value = yaml_docs(
+        &std::fs::read_to_string(repo().join("deploy/kustomization.yaml")).expect("read"),
+    )[0]
+    .clone();
+    let listed: BTreeSet<String> = kustomization["resources"]
+        .as_array()
+        .expect("resources")
+        .iter()
+        .map(|r| r.as_str().expect("path").to_string())
+        .collect();
     let present: BTreeSet<String> = std::fs::read_dir(repo().join("deploy"))
         .expect("deploy/")
         .map(|e| e.expect("entry").file_name().to_string_lossy().to_string())
@@ -122,22 +153,41 @@ fn the_kustomization_lists_every_manifest_and_uses_current_api_versions() {
     assert_eq!(listed, present);
     for doc in rendered() {
         let api = doc["apiVersion"].as_str().expect("apiVersion");
-        assert!(["v1", "apps/v1", "rbac.authorization.k8s.io/v1"].contains(&api), "{api} of {} is not a current version", doc["kind"]);
-        if doc["kind"] != "Namespace" && !doc["kind"].as_str().unwrap_or_default().starts_with("Cluster") {
-            assert_eq!(doc["metadata"]["namespace"], NAMESPACE, "{} {}", doc["kind"], doc["metadata"]["name"]);
+        assert!(
+            ["v1", "apps/v1", "rbac.authorization.k8s.io/v1"].contains(&api),
+            "{api} of {} is not a current version",
+            doc["kind"]
+        );
+        if doc["kind"] != "Namespace"
+            && !doc["kind"]
+                .as_str()
+                .unwrap_or_default()
+                .starts_with("Cluster")
+        {
+            assert_eq!(
+                doc["metadata"]["namespace"], NAMESPACE,
+                "{} {}",
+                doc["kind"], doc["metadata"]["name"]
+            );
         }
     }
 }
 
 /// Long flags and env names from a binary's `--help`.
 fn help_of(name: &str) -> (BTreeSet<String>, BTreeSet<String>) {
-    let out = Command::new(binary(name).expect("binary")).arg("--help").output().expect("help");
+    let out = Command::new(binary(name).expect("binary"))
+        .arg("--help")
+        .output()
+        .expect("help");
     let help = String::from_utf8(out.stdout).expect("utf-8");
     let mut flags = BTreeSet::new();
     let mut envs = BTreeSet::new();
     for line in help.lines().map(str::trim_start) {
         if let Some(rest) = line.strip_prefix("--") {
-            flags.insert(format!("--{}", rest.split_whitespace().next().unwrap_or_default()));
+            flags.insert(format!(
+                "--{}",
+                rest.split_whitespace().next().unwrap_or_default()
+            ));
         }
         if let Some((_, env)) = line.split_once("[env: ") {
             envs.insert(env.split('=').next().unwrap_or_default().to_string());
@@ -151,16 +201,25 @@ fn deployment(docs: &[Value]) -> Deployment {
 }
 
 fn pod(d: &Deployment) -> PodSpec {
-    d.spec.as_ref().and_then(|s| s.template.spec.clone()).expect("pod spec")
+    d.spec
+        .as_ref()
+        .and_then(|s| s.template.spec.clone())
+        .expect("pod spec")
 }
 
 fn binary_of(c: &Container) -> String {
     let command = c.command.as_ref().and_then(|c| c.first()).expect("command");
-    Path::new(command).file_name().expect("binary name").to_string_lossy().to_string()
+    Path::new(command)
+        .file_name()
+        .expect("binary name")
+        .to_string_lossy()
+        .to_string()
 }
 
 fn config_data(docs: &[Value], name: &str) -> BTreeMap<String, String> {
-    one::<ConfigMap>(docs, "ConfigMap", name).data.unwrap_or_default()
+    one::<ConfigMap>(docs, "ConfigMap", name)
+        .data
+        .unwrap_or_default()
 }
 
 /// The container's environment with ConfigMap references resolved and
@@ -175,7 +234,9 @@ fn resolved_env(docs: &[Value], c: &Container) -> Vec<(String, String)> {
                 (None, Some(from)) => {
                     if let Some(r) = &from.config_map_key_ref {
                         let data = config_data(docs, &r.name);
-                        data.get(&r.key).unwrap_or_else(|| panic!("ConfigMap {} has no key {}", r.name, r.key)).clone()
+                        data.get(&r.key)
+                            .unwrap_or_else(|| panic!("ConfigMap {} has no key {}", r.name, r.key))
+                            .clone()
                     } else if let Some(f) = &from.field_ref {
                         match f.field_path.as_str() {
                             "metadata.namespace" => NAMESPACE.to_string(),
@@ -194,7 +255,8 @@ fn resolved_env(docs: &[Value], c: &Container) -> Vec<(String, String)> {
 }
 
 fn flag_value<'a>(args: &'a [String], flag: &str) -> Option<&'a str> {
-    args.iter().find_map(|a| a.strip_prefix(flag).and_then(|r| r.strip_prefix('=')))
+    args.iter()
+        .find_map(|a| a.strip_prefix(flag).and_then(|r| r.strip_prefix('=')))
 }
 
 #[test]
@@ -209,14 +271,27 @@ fn container_flags_and_env_are_ones_the_binaries_accept() {
         let (flags, envs) = help_of(&name);
         for arg in c.args.iter().flatten() {
             let flag = arg.split('=').next().expect("flag");
-            assert!(flags.contains(flag), "{name} has no flag {flag} (from {arg:?}); it has {flags:?}");
-            assert!(arg.contains('='), "{arg:?}: write flags as --flag=value so they read as one argument");
+            assert!(
+                flags.contains(flag),
+                "{name} has no flag {flag} (from {arg:?}); it has {flags:?}"
+            );
+            assert!(
+                arg.contains('='),
+                "{arg:?}: write flags as --flag=value so they read as one argument"
+            );
         }
         for e in c.env.iter().flatten() {
-            assert!(envs.contains(&e.name), "{name} reads no environment variable {}; it reads {envs:?}", e.name);
+            assert!(
+                envs.contains(&e.name),
+                "{name} reads no environment variable {}; it reads {envs:?}",
+                e.name
+            );
         }
     }
-    assert_eq!(seen, BTreeSet::from(["vipam-allocator".to_string(), "vipam-syncer".to_string()]));
+    assert_eq!(
+        seen,
+        BTreeSet::from(["vipam-allocator".to_string(), "vipam-syncer".to_string()])
+    );
 }
 
 #[test]
@@ -226,7 +301,10 @@ fn container_settings_pass_the_binaries_own_checks() {
     for c in &pod.containers {
         let name = binary_of(c);
         let mut cmd = Command::new(binary(&name).expect("binary"));
-        cmd.args(c.args.iter().flatten()).arg("--check").env_clear().env("PATH", std::env::var_os("PATH").unwrap_or_default());
+        cmd.args(c.args.iter().flatten())
+            .arg("--check")
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default());
         for (k, v) in resolved_env(&docs, c) {
             cmd.env(k, v);
         }
@@ -243,13 +321,14 @@ fn container_settings_pass_the_binaries_own_checks() {
 fn port_number(c: &Container, port: &IntOrString) -> i32 {
     match port {
         IntOrString::Int(n) => *n,
-        IntOrString::String(name) => c
-            .ports
-            .iter()
-            .flatten()
-            .find(|p| p.name.as_deref() == Some(name))
-            .unwrap_or_else(|| panic!("{} has no port named {name}", c.name))
-            .container_port,
+        IntOrString::String(name) => {
+            c.ports
+                .iter()
+                .flatten()
+                .find(|p| p.name.as_deref() == Some(name))
+                .unwrap_or_else(|| panic!("{} has no port named {name}", c.name))
+                .container_port
+        }
     }
 }
 
@@ -258,26 +337,51 @@ fn probes_use_ports_and_paths_the_programs_serve_on_the_pod_address() {
     let docs = rendered();
     let pod = pod(&deployment(&docs));
     // The flag of each binary that serves /healthz and /readyz over HTTP.
-    let http_flag = BTreeMap::from([("vipam-allocator", "--http-listen"), ("vipam-syncer", "--listen")]);
+    let http_flag = BTreeMap::from([
+        ("vipam-allocator", "--http-listen"),
+        ("vipam-syncer", "--listen"),
+    ]);
     for c in &pod.containers {
         let name = binary_of(c);
         let args: Vec<String> = c.args.clone().unwrap_or_default();
-        let listen = flag_value(&args, http_flag[name.as_str()]).unwrap_or_else(|| panic!("{name} sets no {}", http_flag[name.as_str()]));
+        let listen = flag_value(&args, http_flag[name.as_str()])
+            .unwrap_or_else(|| panic!("{name} sets no {}", http_flag[name.as_str()]));
         let (host, port) = listen.rsplit_once(':').expect("ADDR:PORT");
-        assert!(host != "127.0.0.1" && host != "localhost" && host != "[::1]", "{name} serves probes on loopback, which the kubelet cannot reach");
+        assert!(
+            host != "127.0.0.1" && host != "localhost" && host != "[::1]",
+            "{name} serves probes on loopback, which the kubelet cannot reach"
+        );
         let port: i32 = port.parse().expect("port");
-        for (kind, probe, path) in [("liveness", &c.liveness_probe, "/healthz"), ("readiness", &c.readiness_probe, "/readyz")] {
-            let get = probe.as_ref().and_then(|p| p.http_get.as_ref()).unwrap_or_else(|| panic!("{name} has no {kind} httpGet probe"));
+        for (kind, probe, path) in [
+            ("liveness", &c.liveness_probe, "/healthz"),
+            ("readiness", &c.readiness_probe, "/readyz"),
+        ] {
+            let get = probe
+                .as_ref()
+                .and_then(|p| p.http_get.as_ref())
+                .unwrap_or_else(|| panic!("{name} has no {kind} httpGet probe"));
             assert_eq!(port_number(c, &get.port), port, "{name} {kind} probe port");
             assert_eq!(get.path.as_deref(), Some(path), "{name} {kind} probe path");
         }
     }
     // gRPC stays on loopback: the syncer reaches it there.
-    let allocator = pod.containers.iter().find(|c| binary_of(c) == "vipam-allocator").expect("allocator");
-    let syncer = pod.containers.iter().find(|c| binary_of(c) == "vipam-syncer").expect("syncer");
-    let grpc = flag_value(allocator.args.as_deref().unwrap_or_default(), "--listen").expect("--listen");
+    let allocator = pod
+        .containers
+        .iter()
+        .find(|c| binary_of(c) == "vipam-allocator")
+        .expect("allocator");
+    let syncer = pod
+        .containers
+        .iter()
+        .find(|c| binary_of(c) == "vipam-syncer")
+        .expect("syncer");
+    let grpc =
+        flag_value(allocator.args.as_deref().unwrap_or_default(), "--listen").expect("--listen");
     assert!(grpc.starts_with("127.0.0.1:"), "{grpc}");
-    assert_eq!(flag_value(syncer.args.as_deref().unwrap_or_default(), "--allocator"), Some(format!("http://{grpc}").as_str()));
+    assert_eq!(
+        flag_value(syncer.args.as_deref().unwrap_or_default(), "--allocator"),
+        Some(format!("http://{grpc}").as_str())
+    );
 }
 
 #[test]
@@ -285,12 +389,24 @@ fn names_agree_across_files() {
     let docs = rendered();
     let d = deployment(&docs);
     let pod = pod(&d);
-    let sa = pod.service_account_name.clone().expect("serviceAccountName");
+    let sa = pod
+        .service_account_name
+        .clone()
+        .expect("serviceAccountName");
     let _: ServiceAccount = one(&docs, "ServiceAccount", &sa);
     for c in &pod.containers {
         for e in c.env.iter().flatten() {
-            if let Some(r) = e.value_from.as_ref().and_then(|f| f.config_map_key_ref.as_ref()) {
-                assert!(config_data(&docs, &r.name).contains_key(&r.key), "ConfigMap {} lacks {}", r.name, r.key);
+            if let Some(r) = e
+                .value_from
+                .as_ref()
+                .and_then(|f| f.config_map_key_ref.as_ref())
+            {
+                assert!(
+                    config_data(&docs, &r.name).contains_key(&r.key),
+                    "ConfigMap {} lacks {}",
+                    r.name,
+                    r.key
+                );
             }
         }
     }
@@ -322,13 +438,30 @@ fn names_agree_across_files() {
     let name = &config["KEEPALIVED_CONFIG_MAP"];
     assert_eq!(ns, NAMESPACE);
     let vips: ConfigMap = one(&docs, "ConfigMap", name);
-    assert!(vips.data.is_none(), "the VIP ConfigMap manifest must not carry data");
+    assert!(
+        vips.data.is_none(),
+        "the VIP ConfigMap manifest must not carry data"
+    );
     let ds: DaemonSet = one(&docs, "DaemonSet", "kube-keepalived-vip");
     let ds_pod = ds.spec.and_then(|s| s.template.spec).expect("pod");
-    let _: ServiceAccount = one(&docs, "ServiceAccount", ds_pod.service_account_name.as_deref().expect("keepalived SA"));
-    assert_ne!(ds_pod.service_account_name.as_deref(), Some(sa.as_str()), "kube-keepalived-vip has its own ServiceAccount");
+    let _: ServiceAccount = one(
+        &docs,
+        "ServiceAccount",
+        ds_pod
+            .service_account_name
+            .as_deref()
+            .expect("keepalived SA"),
+    );
+    assert_ne!(
+        ds_pod.service_account_name.as_deref(),
+        Some(sa.as_str()),
+        "kube-keepalived-vip has its own ServiceAccount"
+    );
     let args = ds_pod.containers[0].args.clone().unwrap_or_default();
-    assert_eq!(flag_value(&args, "--services-configmap"), Some(format!("{ns}/{name}").as_str()));
+    assert_eq!(
+        flag_value(&args, "--services-configmap"),
+        Some(format!("{ns}/{name}").as_str())
+    );
 }
 
 #[test]
@@ -337,9 +470,15 @@ fn one_allocator_per_volume() {
     let d = deployment(&docs);
     let spec = d.spec.as_ref().expect("spec");
     assert_eq!(spec.replicas, Some(1));
-    assert_eq!(spec.strategy.as_ref().and_then(|s| s.type_.as_deref()), Some("Recreate"));
+    assert_eq!(
+        spec.strategy.as_ref().and_then(|s| s.type_.as_deref()),
+        Some("Recreate")
+    );
     let pvc: PersistentVolumeClaim = one(&docs, "PersistentVolumeClaim", "vipam-data");
-    assert_eq!(pvc.spec.and_then(|s| s.access_modes), Some(vec!["ReadWriteOnce".to_string()]));
+    assert_eq!(
+        pvc.spec.and_then(|s| s.access_modes),
+        Some(vec!["ReadWriteOnce".to_string()])
+    );
 }
 
 #[test]
@@ -349,44 +488,103 @@ fn vipam_runs_locked_down_with_resource_limits() {
     let psc = pod.security_context.as_ref().expect("pod securityContext");
     assert_eq!(psc.run_as_non_root, Some(true));
     assert!(psc.run_as_user.is_some_and(|u| u != 0));
-    assert_eq!(psc.seccomp_profile.as_ref().map(|s| s.type_.as_str()), Some("RuntimeDefault"));
+    assert_eq!(
+        psc.seccomp_profile.as_ref().map(|s| s.type_.as_str()),
+        Some("RuntimeDefault")
+    );
     for c in &pod.containers {
-        let sc = c.security_context.as_ref().unwrap_or_else(|| panic!("{} securityContext", c.name));
+        let sc = c
+            .security_context
+            .as_ref()
+            .unwrap_or_else(|| panic!("{} securityContext", c.name));
         assert_eq!(sc.read_only_root_filesystem, Some(true), "{}", c.name);
         assert_eq!(sc.allow_privilege_escalation, Some(false), "{}", c.name);
-        assert_eq!(sc.capabilities.as_ref().and_then(|c| c.drop.clone()), Some(vec!["ALL".to_string()]), "{}", c.name);
-        let r = c.resources.as_ref().unwrap_or_else(|| panic!("{} resources", c.name));
-        assert!(r.requests.as_ref().is_some_and(|q| q.contains_key("cpu") && q.contains_key("memory")), "{}", c.name);
-        assert!(r.limits.as_ref().is_some_and(|q| q.contains_key("memory")), "{}", c.name);
+        assert_eq!(
+            sc.capabilities.as_ref().and_then(|c| c.drop.clone()),
+            Some(vec!["ALL".to_string()]),
+            "{}",
+            c.name
+        );
+        let r = c
+            .resources
+            .as_ref()
+            .unwrap_or_else(|| panic!("{} resources", c.name));
+        assert!(
+            r.requests
+                .as_ref()
+                .is_some_and(|q| q.contains_key("cpu") && q.contains_key("memory")),
+            "{}",
+            c.name
+        );
+        assert!(
+            r.limits.as_ref().is_some_and(|q| q.contains_key("memory")),
+            "{}",
+            c.name
+        );
     }
     let ds: DaemonSet = one(&docs, "DaemonSet", "kube-keepalived-vip");
-    let kc = &ds.spec.and_then(|s| s.template.spec).expect("pod").containers[0];
-    assert!(kc.resources.as_ref().and_then(|r| r.limits.as_ref()).is_some_and(|l| l.contains_key("memory")));
+    let kc = &ds
+        .spec
+        .and_then(|s| s.template.spec)
+        .expect("pod")
+        .containers[0];
+    assert!(
+        kc.resources
+            .as_ref()
+            .and_then(|r| r.limits.as_ref())
+            .is_some_and(|l| l.contains_key("memory"))
+    );
 }
 
 #[test]
 fn the_dockerfile_builds_both_binaries_into_a_small_non_root_image() {
-    let text = std::fs::read_to_string(repo().join("deploy/Dockerfile")).expect("deploy/Dockerfile");
+    let text =
+        std::fs::read_to_string(repo().join("deploy/Dockerfile")).expect("deploy/Dockerfile");
     let froms: Vec<&str> = text.lines().filter(|l| l.starts_with("FROM ")).collect();
     assert!(froms.len() >= 2, "multi-stage");
-    assert!(froms.last().is_some_and(|f| f.contains("distroless")), "small final image: {froms:?}");
+    assert!(
+        froms.last().is_some_and(|f| f.contains("distroless")),
+        "small final image: {froms:?}"
+    );
     assert!(text.contains("--locked"));
     for b in ["vipam-allocator", "vipam-syncer"] {
-        assert!(text.lines().any(|l| l.starts_with("COPY --from=") && l.contains(b)), "{b} is not copied into the image");
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with("COPY --from=") && l.contains(b)),
+            "{b} is not copied into the image"
+        );
     }
-    let user = text.lines().rev().find_map(|l| l.strip_prefix("USER ")).expect("USER");
-    assert!(!user.starts_with('0') && !user.starts_with("root"), "{user}");
-    assert!(text.lines().any(|l| l.starts_with("COPY --from=") && l.trim_end().ends_with("/usr/local/bin/")));
+    let user = text
+        .lines()
+        .rev()
+        .find_map(|l| l.strip_prefix("USER "))
+        .expect("USER");
+    assert!(
+        !user.starts_with('0') && !user.starts_with("root"),
+        "{user}"
+    );
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("COPY --from=") && l.trim_end().ends_with("/usr/local/bin/"))
+    );
     let pod = pod(&deployment(&rendered()));
     for c in &pod.containers {
         let command = c.command.as_ref().and_then(|c| c.first()).expect("command");
-        assert!(command.starts_with("/usr/local/bin/"), "{command} is not where the image puts the binaries");
+        assert!(
+            command.starts_with("/usr/local/bin/"),
+            "{command} is not where the image puts the binaries"
+        );
     }
 }
 
 /// (group, resource, verb) of a logged request, by the rules RBAC applies.
-fn rbac_of(method: &http::Method, path_and_query: &str) -> Option<(String, String, String, Option<String>)> {
-    let (path, query) = path_and_query.split_once('?').unwrap_or((path_and_query, ""));
+fn rbac_of(
+    method: &http::Method,
+    path_and_query: &str,
+) -> Option<(String, String, String, Option<String>)> {
+    let (path, query) = path_and_query
+        .split_once('?')
+        .unwrap_or((path_and_query, ""));
     let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     let (group, rest) = match parts.as_slice() {
         ["api", "v1", rest @ ..] => ("".to_string(), rest.to_vec()),
@@ -403,7 +601,9 @@ fn rbac_of(method: &http::Method, path_and_query: &str) -> Option<(String, Strin
         [r, _name, sub] => (format!("{r}/{sub}"), true),
         _ => return None,
     };
-    let watch = query.split('&').any(|p| p == "watch=true" || p == "watch=1");
+    let watch = query
+        .split('&')
+        .any(|p| p == "watch=true" || p == "watch=1");
     let verb = match (method.as_str(), named, watch) {
         ("GET", _, true) => "watch",
         ("GET", true, false) => "get",
@@ -439,19 +639,39 @@ async fn observed_calls(docs: &[Value]) -> BTreeSet<(String, String, String, Opt
     use kube::{Api, api::DeleteParams, api::PostParams};
     use vipam_e2e::Allocator;
 
-    let server = vipam_kube_api::TestServer::start().await.expect("test server");
+    let server = vipam_kube_api::TestServer::start()
+        .await
+        .expect("test server");
     let dir = tempfile::tempdir().expect("tempdir");
     let kubeconfig = dir.path().join("kubeconfig");
     server.write_kubeconfig(&kubeconfig).expect("kubeconfig");
     let client = server.client().expect("client");
     let namespaces: Api<Namespace> = Api::all(client.clone());
-    if namespaces.get_opt(NAMESPACE).await.expect("get ns").is_none() {
-        let ns: Namespace = serde_json::from_value(serde_json::json!({"metadata": {"name": NAMESPACE}})).expect("ns");
-        namespaces.create(&PostParams::default(), &ns).await.expect("create ns");
+    if namespaces
+        .get_opt(NAMESPACE)
+        .await
+        .expect("get ns")
+        .is_none()
+    {
+        let ns: Namespace =
+            serde_json::from_value(serde_json::json!({"metadata": {"name": NAMESPACE}}))
+                .expect("ns");
+        namespaces
+            .create(&PostParams::default(), &ns)
+            .await
+            .expect("create ns");
     }
-    let allocator = Allocator::start(&dir.path().join("data"), &["--pool", "default=10.77.0.0/29"]).expect("allocator");
+    let allocator = Allocator::start(
+        &dir.path().join("data"),
+        &["--pool", "default=10.77.0.0/29"],
+    )
+    .expect("allocator");
     let d = deployment(docs);
-    let syncer_container = pod(&d).containers.into_iter().find(|c| binary_of(c) == "vipam-syncer").expect("syncer");
+    let syncer_container = pod(&d)
+        .containers
+        .into_iter()
+        .find(|c| binary_of(c) == "vipam-syncer")
+        .expect("syncer");
     let mut cmd = tokio::process::Command::new(binary("vipam-syncer").expect("binary"));
     cmd.arg(format!("--allocator={}", allocator.url()))
         .arg("--listen=127.0.0.1:0")
@@ -473,26 +693,54 @@ async fn observed_calls(docs: &[Value]) -> BTreeSet<(String, String, String, Opt
         "spec": {"type": "LoadBalancer", "ports": [{"port": 80}]}
     }))
     .expect("service");
-    services.create(&PostParams::default(), &svc).await.expect("create service");
+    services
+        .create(&PostParams::default(), &svc)
+        .await
+        .expect("create service");
     let config = config_data(docs, "vipam-config");
     let cms: Api<Cm> = Api::namespaced(client.clone(), &config["KEEPALIVED_NAMESPACE"]);
     let cm_name = config["KEEPALIVED_CONFIG_MAP"].clone();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     let log = || std::fs::read_to_string(dir.path().join("syncer.log")).unwrap_or_default();
-    let has_entry = |cm: Option<Cm>| cm.and_then(|c| c.data).is_some_and(|d| d.contains_key("10.77.0.1"));
+    let has_entry = |cm: Option<Cm>| {
+        cm.and_then(|c| c.data)
+            .is_some_and(|d| d.contains_key("10.77.0.1"))
+    };
     while !has_entry(cms.get_opt(&cm_name).await.expect("get cm")) {
-        assert!(tokio::time::Instant::now() < deadline, "the syncer did not write the ConfigMap:\n{}", log());
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the syncer did not write the ConfigMap:\n{}",
+            log()
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // A lost ConfigMap is recreated (create), then the Service goes away.
-    cms.delete(&cm_name, &DeleteParams::default()).await.expect("delete cm");
+    cms.delete(&cm_name, &DeleteParams::default())
+        .await
+        .expect("delete cm");
     while !has_entry(cms.get_opt(&cm_name).await.expect("get cm")) {
-        assert!(tokio::time::Instant::now() < deadline, "the syncer did not recreate the ConfigMap:\n{}", log());
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the syncer did not recreate the ConfigMap:\n{}",
+            log()
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    services.delete("web", &DeleteParams::default()).await.expect("delete service");
-    while services.get_opt("web").await.expect("get service").is_some() {
-        assert!(tokio::time::Instant::now() < deadline, "the syncer did not release the Service:\n{}", log());
+    services
+        .delete("web", &DeleteParams::default())
+        .await
+        .expect("delete service");
+    while services
+        .get_opt("web")
+        .await
+        .expect("get service")
+        .is_some()
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the syncer did not release the Service:\n{}",
+            log()
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // The test's own requests carry no fieldManager or user agent that tells
@@ -522,37 +770,252 @@ async fn rbac_grants_exactly_what_the_syncer_calls() {
         ("", "namespaces", "get", None),
         ("", "namespaces", "create", None),
     ] {
-        calls.remove(&(c.0.to_string(), c.1.to_string(), c.2.to_string(), c.3.map(str::to_string)));
+        calls.remove(&(
+            c.0.to_string(),
+            c.1.to_string(),
+            c.2.to_string(),
+            c.3.map(str::to_string),
+        ));
     }
     let sa = pod(&deployment(&docs)).service_account_name.expect("sa");
     let mut cluster = BTreeSet::new();
     for b in of_kind(&docs, "ClusterRoleBinding") {
         let b: ClusterRoleBinding = typed(&b);
         if b.subjects.iter().flatten().any(|s| s.name == sa) {
-            cluster.extend(grants(&one::<ClusterRole>(&docs, "ClusterRole", &b.role_ref.name).rules.unwrap_or_default()));
+            cluster.extend(grants(
+                &one::<ClusterRole>(&docs, "ClusterRole", &b.role_ref.name)
+                    .rules
+                    .unwrap_or_default(),
+            ));
         }
     }
     let mut local = BTreeSet::new();
     for b in of_kind(&docs, "RoleBinding") {
         let b: RoleBinding = typed(&b);
         if b.subjects.iter().flatten().any(|s| s.name == sa) {
-            local.extend(grants(&one::<Role>(&docs, "Role", &b.role_ref.name).rules.unwrap_or_default()));
+            local.extend(grants(
+                &one::<Role>(&docs, "Role", &b.role_ref.name)
+                    .rules
+                    .unwrap_or_default(),
+            ));
         }
     }
     let mut used = BTreeSet::new();
     for (group, resource, verb, namespace) in &calls {
         let key = (group.clone(), resource.clone(), verb.clone());
-        let allowed = cluster.contains(&key) || (namespace.as_deref() == Some(NAMESPACE) && local.contains(&key));
-        assert!(allowed, "the syncer calls {verb} {group}/{resource} in {namespace:?}, which its RBAC does not grant");
+        let allowed = cluster.contains(&key)
+            || (namespace.as_deref() == Some(NAMESPACE) && local.contains(&key));
+        assert!(
+            allowed,
+            "the syncer calls {verb} {group}/{resource} in {namespace:?}, which its RBAC does not grant"
+        );
         used.insert(key);
     }
     // Least privilege: nothing granted that the syncer was not seen to use,
     // except Event series updates (a PATCH only when an Event repeats).
     let granted: BTreeSet<_> = cluster.union(&local).cloned().collect();
-    let unused: Vec<_> = granted.difference(&used).filter(|(g, r, v)| !(g == "events.k8s.io" && r == "events" && v == "patch")).collect();
+    let unused: Vec<_> = granted
+        .difference(&used)
+        .filter(|(g, r, v)| !(g == "events.k8s.io" && r == "events" && v == "patch"))
+        .collect();
     assert!(unused.is_empty(), "granted but never used: {unused:?}");
     // Cluster-wide grants are only Services, their status and Events.
     for (g, r, _) in &cluster {
-        assert!(["services", "services/status", "events"].contains(&r.as_str()), "cluster-wide grant on {g}/{r}");
+        assert!(
+            ["services", "services/status", "events"].contains(&r.as_str()),
+            "cluster-wide grant on {g}/{r}"
+        );
     }
+}
+
+/// The base with the opt-in `expose-allocator` component, as an operator's
+/// overlay would render it.
+fn rendered_exposed() -> Vec<Value> {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let deploy = repo().join("deploy");
+    let component = deploy.join("components/expose-allocator");
+    // kustomize takes paths relative to the overlay.
+    let up = "../".repeat(dir.path().components().count().saturating_sub(1));
+    let rel = |p: &Path| {
+        format!(
+            "{up}{}",
+            p.strip_prefix("/").expect("absolute path").display()
+        )
+    };
+    std::fs::write(
+        dir.path().join("kustomization.yaml"),
+        format!(
+            "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources:\n  - {}\ncomponents:\n  - {}\n",
+            rel(&deploy),
+            rel(&component)
+        ),
+    )
+    .expect("write overlay");
+    let out = Command::new(kubectl())
+        .arg("kustomize")
+        .arg(dir.path())
+        .output()
+        .expect("run kubectl kustomize");
+    assert!(
+        out.status.success(),
+        "kubectl kustomize (exposed) failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    yaml_docs(&String::from_utf8(out.stdout).expect("utf-8"))
+}
+
+#[test]
+fn the_expose_allocator_component_requires_the_token_and_admits_only_labelled_pods() {
+    let docs = rendered_exposed();
+    for doc in &docs {
+        check_round_trip(doc);
+    }
+    let pod = pod(&deployment(&docs));
+    let allocator = pod
+        .containers
+        .iter()
+        .find(|c| binary_of(c) == "vipam-allocator")
+        .expect("allocator");
+    let args = allocator.args.clone().unwrap_or_default();
+    let (flags, _) = help_of("vipam-allocator");
+    for arg in &args {
+        assert!(
+            flags.contains(arg.split('=').next().expect("flag")),
+            "{arg}"
+        );
+    }
+    assert!(
+        flag_value(&args, "--listen")
+            .expect("--listen")
+            .starts_with("127.0.0.1:"),
+        "the syncer's listener stays on loopback"
+    );
+    let exposed = flag_value(&args, "--listen-authenticated").expect("--listen-authenticated");
+    let port: i32 = exposed
+        .rsplit_once(':')
+        .expect("ADDR:PORT")
+        .1
+        .parse()
+        .expect("port");
+    // The token comes from the Secret, mounted where --token-file points.
+    let token_file = flag_value(&args, "--token-file").expect("--token-file");
+    let mount = allocator
+        .volume_mounts
+        .iter()
+        .flatten()
+        .find(|m| token_file.starts_with(&m.mount_path))
+        .expect("a volume mounted at the token file");
+    let volume = pod
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.name == mount.name)
+        .expect("volume");
+    assert_eq!(
+        volume
+            .secret
+            .as_ref()
+            .and_then(|s| s.secret_name.as_deref()),
+        Some("vipam-allocator-token")
+    );
+    // The settings pass the binary's own checks (with a stand-in token file).
+    let dir = tempfile::tempdir().expect("tempdir");
+    let stand_in = dir.path().join("token");
+    std::fs::write(&stand_in, "t0ken").expect("token");
+    let checked: Vec<String> = args
+        .iter()
+        .map(|a| {
+            if a.starts_with("--token-file=") {
+                format!("--token-file={}", stand_in.display())
+            } else {
+                a.clone()
+            }
+        })
+        .collect();
+    let out = Command::new(binary("vipam-allocator").expect("binary"))
+        .args(&checked)
+        .arg("--check")
+        .env(
+            "KEEPALIVED_SERVICE_CIDR",
+            &config_data(&docs, "vipam-config")["KEEPALIVED_SERVICE_CIDR"],
+        )
+        .output()
+        .expect("--check");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The Service reaches that port on the vipam pod.
+    let svc: Service = one(&docs, "Service", "vipam-allocator");
+    let spec = svc.spec.expect("spec");
+    assert_eq!(spec.type_.as_deref(), Some("ClusterIP"));
+    let pod_labels = deployment(&docs)
+        .spec
+        .and_then(|s| s.template.metadata)
+        .and_then(|m| m.labels)
+        .expect("pod labels");
+    for (k, v) in spec.selector.iter().flatten() {
+        assert_eq!(
+            pod_labels.get(k),
+            Some(v),
+            "the Service selects the vipam pod"
+        );
+    }
+    let target = spec.ports.expect("ports")[0]
+        .target_port
+        .clone()
+        .expect("targetPort");
+    assert_eq!(port_number(allocator, &target), port);
+    // Only labelled pods reach the gRPC port.
+    let np: NetworkPolicy = one(&docs, "NetworkPolicy", "vipam-allocator");
+    let np = np.spec.expect("spec");
+    for (k, v) in np
+        .pod_selector
+        .as_ref()
+        .and_then(|s| s.match_labels.clone())
+        .unwrap_or_default()
+    {
+        assert_eq!(
+            pod_labels.get(&k),
+            Some(&v),
+            "the policy selects the vipam pod"
+        );
+    }
+    let rules = np.ingress.expect("ingress");
+    let grpc_rules: Vec<_> = rules
+        .iter()
+        .filter(|r| {
+            r.ports
+                .iter()
+                .flatten()
+                .any(|p| p.port == Some(IntOrString::Int(port)))
+        })
+        .collect();
+    assert_eq!(grpc_rules.len(), 1);
+    let from = grpc_rules[0]
+        .from
+        .as_ref()
+        .expect("the gRPC port is not open to everyone");
+    assert!(!from.is_empty());
+    for peer in from {
+        let labels = peer
+            .pod_selector
+            .as_ref()
+            .and_then(|s| s.match_labels.clone())
+            .unwrap_or_default();
+        assert_eq!(
+            labels.get("vipam.io/allocator-client").map(String::as_str),
+            Some("true"),
+            "{peer:?}"
+        );
+    }
+    // The base alone stays closed: no Service, no token.
+    let base = rendered();
+    assert!(of_kind(&base, "Service").is_empty() && of_kind(&base, "NetworkPolicy").is_empty());
+    let base_args = self::pod(&deployment(&base)).containers[0]
+        .args
+        .clone()
+        .unwrap_or_default();
+    assert!(flag_value(&base_args, "--listen-authenticated").is_none());
 }
