@@ -165,7 +165,8 @@ fn valid_object_name(name: &str) -> bool {
     let b = name.as_bytes();
     !b.is_empty()
         && b.len() <= 253
-        && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-' || *c == b'.')
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-' || *c == b'.')
         && b[0].is_ascii_alphanumeric()
         && b[b.len() - 1].is_ascii_alphanumeric()
 }
@@ -221,7 +222,10 @@ impl Args {
             ("--lease-name", &lease_name),
         ] {
             if !valid_object_name(value) {
-                return Err(ConfigError(format!("{flag} {value:?}: not a valid Kubernetes object name")).into());
+                return Err(ConfigError(format!(
+                    "{flag} {value:?}: not a valid Kubernetes object name"
+                ))
+                .into());
             }
         }
         let identity = identity.unwrap_or_else(host_name);

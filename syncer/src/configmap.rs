@@ -2,7 +2,9 @@
 //! the index of managed Services; when either differs from the rendered data
 //! it waits a short coalescing window (so a burst of changes is one write),
 //! renders the data as a whole and writes it only if it changed. A hand edit
-//! is reverted and a deleted ConfigMap is recreated.
+//! is reverted and a deleted ConfigMap is recreated. An object that would
+//! outgrow the size limit gets the entries that fit and an Event naming the
+//! rest; it is never sent to be refused.
 
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
@@ -147,6 +149,14 @@ impl Writer {
 
     /// Writes the rendered data if the ConfigMap differs. Returns the written
     /// object, or `None` when nothing was written.
+    ///
+    /// The object, as JSON without its managedFields (which the API server
+    /// keeps and which count against no limit), stays within
+    /// [`MAX_OBJECT_BYTES`]: that bounds the data and binaryData the server
+    /// counts against its 1 MiB limit. When not every entry fits, the entries
+    /// already written stay, removed Services go (so clean-ups never wait on
+    /// a write that cannot happen), new entries fill what room is left, and
+    /// an Event on the ConfigMap names what is left out.
     async fn sync(&self, seen: &Seen) -> Result<Option<ConfigMap>, kube::Error> {
         let (generation, entries) = self.index.snapshot();
         let rendered = render::render(&entries);
@@ -155,23 +165,31 @@ impl Writer {
             _ => None,
         };
         let current_data = current.and_then(|c| c.data.clone()).unwrap_or_default();
-        if current.is_some() && current_data == rendered.data {
-            self.index.mark_published(generation);
-            return Ok(None);
-        }
-        let metadata_bytes = current.map_or(256, |c| {
-            serde_json::to_vec(&c.metadata).map_or(256, |v| v.len())
+        let mut candidate = current.cloned().unwrap_or_else(|| ConfigMap {
+            metadata: ObjectMeta {
+                name: Some(self.name.clone()),
+                namespace: Some(self.namespace.clone()),
+                ..Default::default()
+            },
+            ..Default::default()
         });
-        let bytes = render::object_bytes(&rendered.data, metadata_bytes);
+        candidate.data = Some(BTreeMap::new());
+        let base = json_bytes(&candidate);
+        let fitted = render::fit(
+            &rendered.data,
+            &current_data,
+            MAX_OBJECT_BYTES.saturating_sub(base),
+        );
+        let bytes = base + render::data_bytes(&rendered.data);
         self.metrics
             .configmap_bytes
             .set(i64::try_from(bytes).unwrap_or(i64::MAX));
-        if bytes > MAX_OBJECT_BYTES {
-            let note = format!(
-                "the ConfigMap would hold {} addresses in about {bytes} bytes, over the {MAX_OBJECT_BYTES}-byte object limit; it is left as it is",
-                rendered.data.len()
-            );
-            tracing::error!("{note}");
+        if fitted.left_out.is_empty() {
+            self.events
+                .clear(&self.reference(), reason::CONFIGMAP_TOO_LARGE);
+        } else {
+            let note = too_large_note(bytes, rendered.data.len(), &fitted.left_out);
+            tracing::warn!("{note}");
             self.events
                 .publish(
                     &self.reference(),
@@ -181,46 +199,94 @@ impl Writer {
                     note,
                 )
                 .await;
-            // Nothing more can be written; do not hold up clean-ups.
+        }
+        if current.is_some() && current_data == fitted.data {
             self.index.mark_published(generation);
             return Ok(None);
         }
-        self.events
-            .clear(&self.reference(), reason::CONFIGMAP_TOO_LARGE);
+        let entries = fitted.data.len();
+        candidate.data = Some(fitted.data);
         let written = match current {
-            None => {
-                let cm = ConfigMap {
-                    metadata: ObjectMeta {
-                        name: Some(self.name.clone()),
-                        namespace: Some(self.namespace.clone()),
-                        ..Default::default()
-                    },
-                    data: Some(rendered.data.clone()),
-                    ..Default::default()
-                };
-                self.api.create(&PostParams::default(), &cm).await?
-            }
-            Some(cm) => {
-                let mut cm = cm.clone();
-                cm.data = Some(rendered.data.clone());
-                // The resourceVersion carried over makes this a compare-and-swap.
+            None => self.api.create(&PostParams::default(), &candidate).await?,
+            // The resourceVersion carried over makes this a compare-and-swap.
+            Some(_) => {
                 self.api
-                    .replace(&cm.name_any(), &PostParams::default(), &cm)
+                    .replace(&candidate.name_any(), &PostParams::default(), &candidate)
                     .await?
             }
         };
         self.metrics.configmap_writes.inc();
-        tracing::info!(
-            entries = rendered.data.len(),
-            generation,
-            "wrote the keepalived ConfigMap"
-        );
+        tracing::info!(entries, generation, "wrote the keepalived ConfigMap");
+        // Also when entries were left out: every removal is written, and
+        // nothing waits for an addition.
         self.index.mark_published(generation);
         Ok(Some(written))
     }
 }
 
+/// The size of a ConfigMap as JSON, without its managedFields.
+fn json_bytes(cm: &ConfigMap) -> usize {
+    let mut cm = cm.clone();
+    cm.metadata.managed_fields = None;
+    // Serializing plain data cannot fail; if it did, count it as too large.
+    serde_json::to_vec(&cm).map_or(usize::MAX, |v| v.len())
+}
+
+/// The note of the ConfigMapTooLarge Event: the size, and the first few
+/// entries left out.
+fn too_large_note(bytes: usize, entries: usize, left_out: &[(String, String)]) -> String {
+    const NAMED: usize = 5;
+    let mut named: Vec<String> = left_out
+        .iter()
+        .take(NAMED)
+        .map(|(ip, value)| format!("{ip} ({value})"))
+        .collect();
+    if left_out.len() > NAMED {
+        named.push(format!("and {} more", left_out.len() - NAMED));
+    }
+    format!(
+        "the ConfigMap would take about {bytes} bytes with all {entries} addresses, over the \
+         {MAX_OBJECT_BYTES}-byte limit of an object; {} are left out: {}",
+        left_out.len(),
+        named.join(", ")
+    )
+}
+
 /// The data of a ConfigMap, or nothing.
 pub fn data_of(cm: &ConfigMap) -> BTreeMap<String, String> {
     cm.data.clone().unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_bytes_leave_out_managed_fields() {
+        let mut cm = ConfigMap {
+            data: Some(BTreeMap::from([("10.0.0.1".into(), "a/b".into())])),
+            ..Default::default()
+        };
+        let plain = json_bytes(&cm);
+        assert_eq!(
+            plain,
+            serde_json::to_vec(&cm).expect("json").len(),
+            "the whole object"
+        );
+        cm.metadata.managed_fields = Some(vec![Default::default(); 3]);
+        assert_eq!(json_bytes(&cm), plain);
+    }
+
+    #[test]
+    fn the_too_large_note_names_the_limit_and_the_first_few_left_out() {
+        let left_out: Vec<(String, String)> = (1..=7)
+            .map(|i| (format!("10.0.0.{i}"), format!("ns/s{i}")))
+            .collect();
+        let note = too_large_note(2_000_000, 9, &left_out);
+        assert!(note.contains("1048576"), "{note}");
+        assert!(note.contains("7 are left out"), "{note}");
+        assert!(note.contains("10.0.0.1 (ns/s1)"), "{note}");
+        assert!(note.contains("10.0.0.5 (ns/s5), and 2 more"), "{note}");
+        assert!(!note.contains("10.0.0.6"), "{note}");
+    }
 }

@@ -131,6 +131,23 @@ pub fn is_managed(svc: &Service, settings: &Settings) -> bool {
     spec.load_balancer_class.as_deref() == settings.load_balancer_class.as_deref()
 }
 
+/// Whether a Service this syncer does not manage may still be one it served,
+/// and so may need its clean-up: it is no longer a LoadBalancer (the API
+/// server drops the class together with the type) and names no other class.
+/// A LoadBalancer this syncer does not manage, or a Service of another class,
+/// belongs to another implementation, which may use the same finalizer:
+/// it is never touched.
+pub fn may_have_been_managed(svc: &Service, settings: &Settings) -> bool {
+    let Some(spec) = &svc.spec else {
+        return true;
+    };
+    spec.type_.as_deref() != Some("LoadBalancer")
+        && spec
+            .load_balancer_class
+            .as_deref()
+            .is_none_or(|c| Some(c) == settings.load_balancer_class.as_deref())
+}
+
 /// Whether `name` is a pool name the allocator accepts (a DNS label).
 fn valid_pool_name(name: &str) -> bool {
     let b = name.as_bytes();
@@ -299,6 +316,29 @@ mod tests {
         svc.spec.as_mut().expect("spec").type_ = Some("ClusterIP".into());
         svc.spec.as_mut().expect("spec").load_balancer_class = None;
         assert!(!is_managed(&svc, &none));
+    }
+
+    #[test]
+    fn only_former_load_balancers_of_no_other_class_may_need_a_clean_up() {
+        let none = Settings::default();
+        let class = Settings {
+            load_balancer_class: Some("vipam.io/keepalived".into()),
+            ..Default::default()
+        };
+        // Load balancers this syncer does not manage belong to others.
+        let mut svc = mk_service(&[]);
+        assert!(!may_have_been_managed(&svc, &class));
+        svc.spec.as_mut().expect("spec").load_balancer_class = Some("other".into());
+        assert!(!may_have_been_managed(&svc, &none));
+        assert!(!may_have_been_managed(&svc, &class));
+        // No longer a load balancer: maybe, unless it names another class.
+        svc.spec.as_mut().expect("spec").type_ = Some("ClusterIP".into());
+        assert!(!may_have_been_managed(&svc, &none));
+        svc.spec.as_mut().expect("spec").load_balancer_class = None;
+        assert!(may_have_been_managed(&svc, &none));
+        assert!(may_have_been_managed(&svc, &class));
+        svc.spec.as_mut().expect("spec").load_balancer_class = Some("vipam.io/keepalived".into());
+        assert!(may_have_been_managed(&svc, &class));
     }
 
     #[test]

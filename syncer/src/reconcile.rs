@@ -140,6 +140,9 @@ pub struct Context {
     adopting: tokio::sync::Mutex<()>,
     /// Services waiting for a full pool, reconciled again after a release.
     waiting: Mutex<HashSet<ObjectRef<Service>>>,
+    /// Services (by uid) whose clean-up started here, so that a retry after
+    /// a partial clean-up still knows they were served.
+    cleaning: Mutex<HashSet<String>>,
     retrigger: futures::channel::mpsc::UnboundedSender<ObjectRef<Service>>,
     /// How long a clean-up waits for the ConfigMap.
     pub configmap_timeout: Duration,
@@ -171,6 +174,7 @@ impl Context {
             adopt_all: AtomicBool::new(true),
             adopting: tokio::sync::Mutex::new(()),
             waiting: Mutex::default(),
+            cleaning: Mutex::default(),
             retrigger,
             configmap_timeout: Duration::from_secs(30),
         }
@@ -178,6 +182,12 @@ impl Context {
 
     fn waiting(&self) -> std::sync::MutexGuard<'_, HashSet<ObjectRef<Service>>> {
         self.waiting
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn cleaning(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        self.cleaning
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
@@ -227,6 +237,10 @@ impl Context {
             let Some(ip) = status_ip(svc).or_else(|| self.adoptable.lookup(&uid, &key)) else {
                 continue;
             };
+            if ip.is_ipv6() {
+                // Never published by vipam; its own reconcile reports it.
+                continue;
+            }
             match self
                 .allocator
                 .allocate(
@@ -292,8 +306,9 @@ pub async fn reconcile(svc: Arc<Service>, ctx: Arc<Context>) -> Result<Action, E
     ctx.metrics.reconciles.inc();
     let d = desired::desired(&svc, &ctx.settings);
     if svc.metadata.deletion_timestamp.is_some() || !d.managed {
-        if has_finalizer(&svc) {
-            cleanup(&svc, &ctx).await?;
+        if has_finalizer(&svc) && (d.managed || desired::may_have_been_managed(&svc, &ctx.settings))
+        {
+            cleanup(&svc, &ctx, d.managed).await?;
         }
         return Ok(Action::await_change());
     }
@@ -326,6 +341,22 @@ pub async fn reconcile(svc: Arc<Service>, ctx: Arc<Context>) -> Result<Action, E
     };
     if d.warnings.is_empty() {
         ctx.events.clear(&object, reason::INVALID_ANNOTATION);
+    }
+    if let Some(ip) = request.address.filter(IpAddr::is_ipv6) {
+        // Like an unusable annotation: nothing is allocated and what the
+        // Service has stays.
+        ctx.events
+            .publish(
+                &object,
+                EventType::Warning,
+                reason::IPV6_NOT_SUPPORTED,
+                "Allocate",
+                format!(
+                    "the requested address {ip} is IPv6, which kube-keepalived-vip cannot announce (its ConfigMap keys cannot hold ':'); it is not allocated"
+                ),
+            )
+            .await;
+        return Ok(Action::await_change());
     }
     let (ns, name, uid) = names(&svc);
     let key = (ns.clone(), name.clone());
@@ -387,15 +418,25 @@ pub async fn reconcile(svc: Arc<Service>, ctx: Arc<Context>) -> Result<Action, E
         });
     }
     if ip.is_ipv6() {
+        // Nothing can announce it, so nothing is held for it: a later change
+        // of pool allocates anew instead of meeting this address.
+        if let Err(e) = ctx.allocator.release(&ns, &name).await {
+            return Err(allocation_failed(&ctx, &svc, e).await);
+        }
+        let from = if pool.is_empty() {
+            "outside every pool".to_string()
+        } else {
+            format!("from pool {pool}")
+        };
         let note = format!(
-            "{ip} is allocated to this Service, but kube-keepalived-vip cannot announce IPv6 addresses (its ConfigMap keys cannot hold ':'); it is not published"
+            "{ip} {from} is IPv6, which kube-keepalived-vip cannot announce (its ConfigMap keys cannot hold ':'); it is released and not published"
         );
         ctx.events
             .publish(
                 &object,
                 EventType::Warning,
                 reason::IPV6_NOT_SUPPORTED,
-                "Announce",
+                "Allocate",
                 note,
             )
             .await;
@@ -460,14 +501,27 @@ async fn allocation_failed(ctx: &Context, svc: &Service, e: AllocError) -> Error
 
 /// Releases the address, waits until the ConfigMap no longer holds it, clears
 /// the status of a Service that is no longer a LoadBalancer, then drops the
-/// finalizer.
-async fn cleanup(svc: &Service, ctx: &Context) -> Result<(), Error> {
-    let (ns, name, _) = names(svc);
+/// finalizer. Unless `managed`, only a Service this syncer served (its
+/// address held by the allocator, in the index, in the ConfigMap it started
+/// with, or its clean-up begun) is touched: another implementation may hold
+/// the same finalizer.
+async fn cleanup(svc: &Service, ctx: &Context, managed: bool) -> Result<(), Error> {
+    let (ns, name, uid) = names(svc);
     let key = (ns.clone(), name.clone());
     let released = match ctx.allocator.release(&ns, &name).await {
         Ok(r) => r,
         Err(e) => return Err(allocation_failed(ctx, svc, e).await),
     };
+    if !managed
+        && released.is_none()
+        && ctx.index.address(&key).is_none()
+        && ctx.adoptable.lookup(&uid, &key).is_none()
+        && !ctx.cleaning().contains(&uid)
+    {
+        tracing::debug!(service = %format!("{ns}/{name}"), "not served by this syncer; its finalizer is left alone");
+        return Ok(());
+    }
+    ctx.cleaning().insert(uid.clone());
     let generation = ctx.index.remove(&key);
     ctx.metrics
         .managed
@@ -485,6 +539,7 @@ async fn cleanup(svc: &Service, ctx: &Context) -> Result<(), Error> {
             .await?;
     }
     remove_finalizer(&api, svc).await?;
+    ctx.cleaning().remove(&uid);
     if let Some(ip) = released {
         ctx.events
             .publish(
@@ -496,6 +551,9 @@ async fn cleanup(svc: &Service, ctx: &Context) -> Result<(), Error> {
             )
             .await;
         ctx.wake_waiting();
+    }
+    if svc.metadata.deletion_timestamp.is_some() {
+        ctx.events.forget(&reference(svc));
     }
     Ok(())
 }

@@ -66,16 +66,60 @@ pub fn render(entries: &BTreeMap<IpAddr, Entry>) -> Rendered {
     out
 }
 
-/// Bytes the ConfigMap object takes with this data, as JSON (how the API
-/// server counts its limit), given the rest of the object's metadata size.
-pub fn object_bytes(data: &BTreeMap<String, String>, metadata_bytes: usize) -> usize {
-    // {"apiVersion":"v1","kind":"ConfigMap","metadata":{...},"data":{...}}
-    let envelope = 64 + metadata_bytes;
-    envelope
-        + data
-            .iter()
-            .map(|(k, v)| k.len() + v.len() + 6)
-            .sum::<usize>()
+/// Bytes one entry adds to the ConfigMap as JSON: `"key":"value",`. Keys
+/// (addresses) and values (Kubernetes names and a method) need no escapes.
+pub fn entry_bytes(key: &str, value: &str) -> usize {
+    key.len() + value.len() + 6
+}
+
+/// Bytes the entries add to the ConfigMap as JSON.
+pub fn data_bytes(data: &BTreeMap<String, String>) -> usize {
+    data.iter().map(|(k, v)| entry_bytes(k, v)).sum()
+}
+
+/// The entries written when not all fit, and those left out.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Fitted {
+    /// The data to write.
+    pub data: BTreeMap<String, String>,
+    /// Addresses left out, with their entry, by address.
+    pub left_out: Vec<(String, String)>,
+}
+
+fn by_address(key: &str) -> (Option<Ipv4Addr>, &str) {
+    (key.parse().ok(), key)
+}
+
+/// The entries of `rendered` that fit in `budget` bytes (as counted by
+/// [`entry_bytes`]). Addresses already in `current` come first, so no entry
+/// that kube-keepalived-vip announces is dropped to make room for a new one;
+/// then the others, lowest address first; an entry that does not fit is
+/// skipped. Entries of `current` that are not rendered (removed Services)
+/// are never kept, so removals always go through. Fitting again with the
+/// chosen data as `current` chooses the same data.
+pub fn fit(
+    rendered: &BTreeMap<String, String>,
+    current: &BTreeMap<String, String>,
+    budget: usize,
+) -> Fitted {
+    let mut order: Vec<(&String, &String)> = rendered.iter().collect();
+    order.sort_by(|(a, _), (b, _)| {
+        (!current.contains_key(*a), by_address(a)).cmp(&(!current.contains_key(*b), by_address(b)))
+    });
+    let mut out = Fitted::default();
+    let mut used = 0usize;
+    for (key, value) in order {
+        let bytes = entry_bytes(key, value);
+        if used + bytes <= budget {
+            used += bytes;
+            out.data.insert(key.clone(), value.clone());
+        } else {
+            out.left_out.push((key.clone(), value.clone()));
+        }
+    }
+    out.left_out
+        .sort_by(|(a, _), (b, _)| by_address(a).cmp(&by_address(b)));
+    out
 }
 
 /// An address the previous provider (or an earlier ConfigMap) assigned.
@@ -227,18 +271,79 @@ mod tests {
     }
 
     #[test]
-    fn object_size_grows_with_the_data() {
-        let small = BTreeMap::from([("10.0.0.1".to_string(), "a/b".to_string())]);
-        let big: BTreeMap<String, String> = (0..70_000u32)
-            .map(|i| {
-                (
-                    Ipv4Addr::from(i + 1).to_string(),
-                    format!("namespace/service-{i}:PROXY"),
-                )
-            })
-            .collect();
-        assert!(object_bytes(&small, 200) < 1000);
-        assert!(object_bytes(&big, 200) > MAX_OBJECT_BYTES);
+    fn entry_bytes_count_the_json_of_the_data() {
+        let data = BTreeMap::from([
+            ("10.0.0.1".to_string(), "a/b".to_string()),
+            ("10.0.0.2".to_string(), "shop/web:PROXY".to_string()),
+        ]);
+        let json = serde_json::to_string(&data).expect("json");
+        // {"k":"v","k":"v"}: the braces take the place of the last comma.
+        assert_eq!(data_bytes(&data), json.len() - 1);
+    }
+
+    fn mk_data(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn everything_fits_in_a_large_enough_budget() {
+        let rendered = mk_data(&[("10.0.0.1", "a/b"), ("10.0.0.2", "a/c")]);
+        let f = fit(&rendered, &BTreeMap::new(), data_bytes(&rendered));
+        assert_eq!(f.data, rendered);
+        assert!(f.left_out.is_empty());
+    }
+
+    #[test]
+    fn fitting_keeps_written_entries_first_and_drops_removed_ones() {
+        let current = mk_data(&[("10.0.0.9", "a/old"), ("10.0.0.5", "a/gone")]);
+        let rendered = mk_data(&[
+            ("10.0.0.1", "a/new"),
+            ("10.0.0.2", "a/new2"),
+            ("10.0.0.9", "a/old:DR"),
+        ]);
+        let budget = entry_bytes("10.0.0.9", "a/old:DR") + entry_bytes("10.0.0.1", "a/new");
+        let f = fit(&rendered, &current, budget);
+        assert_eq!(
+            f.data,
+            mk_data(&[("10.0.0.1", "a/new"), ("10.0.0.9", "a/old:DR")])
+        );
+        assert_eq!(
+            f.left_out,
+            vec![("10.0.0.2".to_string(), "a/new2".to_string())]
+        );
+    }
+
+    #[test]
+    fn new_entries_fill_by_address_not_by_text() {
+        let rendered = mk_data(&[("10.0.0.10", "a/x"), ("10.0.0.9", "a/y")]);
+        let f = fit(&rendered, &BTreeMap::new(), entry_bytes("10.0.0.10", "a/x"));
+        assert_eq!(f.data, mk_data(&[("10.0.0.9", "a/y")]));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn fitting_is_stable_and_within_budget(
+            entries in proptest::collection::btree_map(0u32..64, 1usize..40, 0..24),
+            current in proptest::collection::btree_set(0u32..64, 0..24),
+            budget in 0usize..600,
+        ) {
+            let ip = |i: u32| Ipv4Addr::from(0x0a00_0000 + i).to_string();
+            let rendered: BTreeMap<String, String> = entries
+                .iter()
+                .map(|(i, len)| (ip(*i), "n/".to_string() + &"x".repeat(*len)))
+                .collect();
+            let current: BTreeMap<String, String> =
+                current.iter().map(|i| (ip(*i), "n/old".to_string())).collect();
+            let f = fit(&rendered, &current, budget);
+            proptest::prop_assert!(data_bytes(&f.data) <= budget);
+            proptest::prop_assert_eq!(f.data.len() + f.left_out.len(), rendered.len());
+            proptest::prop_assert!(f.data.iter().all(|(k, v)| rendered.get(k) == Some(v)));
+            // The next sync, with what was written, writes nothing new.
+            proptest::prop_assert_eq!(fit(&rendered, &f.data, budget).data, f.data);
+        }
     }
 
     #[test]

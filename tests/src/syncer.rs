@@ -395,9 +395,11 @@ impl Kube {
         server
             .seed(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}}))
             .map_err(|e| anyhow!("creating namespace {namespace}: {e}"))?;
-        // A new cluster has kube-system; the server seeds it.
+        // A new cluster has kube-system (the server starts with it).
         if server.get("namespaces", None, "kube-system").is_none() {
-            bail!("the test server has no kube-system namespace");
+            server
+                .seed(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "kube-system"}}))
+                .map_err(|e| anyhow!("creating namespace kube-system: {e}"))?;
         }
         Ok(Kube {
             server: Some(server),
@@ -462,13 +464,8 @@ impl Kube {
         &self.kubeconfig
     }
 
-    /// A directory that lives as long as this value.
-    pub fn dir(&self) -> &Path {
-        self.dir.path()
-    }
-
-    /// Starts an allocator with a data directory `data-<n>` under
-    /// [`Kube::dir`] and the `--pool` flags given (each `NAME=SPEC`).
+    /// Starts an allocator with the data directory [`Kube::allocator_dir`]
+    /// and the `--pool` flags given (each `NAME=SPEC`).
     pub fn allocator(&self, pools: &[&str]) -> Result<Allocator> {
         let mut args = Vec::new();
         for p in pools {
@@ -564,18 +561,6 @@ impl Kube {
         match &self.server {
             Some(server) => Ok(server.get_typed(Some(&self.namespace), name)),
             None => Ok(self.services().get_opt(name).await?),
-        }
-    }
-
-    /// Every Service of the test namespace.
-    pub async fn all_services(&self) -> Result<Vec<Service>> {
-        match &self.server {
-            Some(server) => Ok(server
-                .list("services", Some(&self.namespace))
-                .into_iter()
-                .map(serde_json::from_value)
-                .collect::<Result<_, _>>()?),
-            None => Ok(self.services().list(&ListParams::default()).await?.items),
         }
     }
 
