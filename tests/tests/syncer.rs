@@ -8,7 +8,10 @@
 //! Recovery from a lost allocator, adoption from the Go provider, two
 //! syncers and API faults are in `syncer_recovery.rs`.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    time::Duration,
+};
 
 use anyhow::{Context as _, Result};
 use http::Method;
@@ -57,7 +60,7 @@ async fn a_new_load_balancer_gets_the_finalizer_the_lowest_free_ip_its_entry_and
         })
         .await?;
     assert_eq!(taken.address, "10.20.30.1");
-    let _syncer = kube.syncer(&allocator, &[])?;
+    let syncer = kube.syncer(&allocator, &[])?;
     let created = kube.create(kube.lb("web")).await?;
 
     let ip = kube.wait_ip("web").await?;
@@ -87,6 +90,21 @@ async fn a_new_load_balancer_gets_the_finalizer_the_lowest_free_ip_its_entry_and
     assert_eq!(held.labels.get("namespace"), Some(&kube.namespace));
     assert_eq!(held.labels.get("name").map(String::as_str), Some("web"));
     assert_eq!(held.labels.get("uid"), created.metadata.uid.as_ref());
+
+    // The clean-up after the first full sync releases only the syncer's own
+    // owners: the other tool keeps its address.
+    wait_until(Duration::from_secs(10), "the first full sync", async || {
+        Ok(syncer.log().contains("first full sync done").then_some(()))
+    })
+    .await?;
+    let other = allocator_client(&allocator)?
+        .get_owner("other-tool")
+        .await?;
+    assert_eq!(
+        other.map(|a| a.address).as_deref(),
+        Some("10.20.30.1"),
+        "the syncer released another tool's address"
+    );
 
     // The finalizer was in place before the address was published.
     if let Some(server) = kube.server_or_skip("request order", "needs the request log") {
