@@ -26,7 +26,7 @@ use k8s_openapi::{
 };
 use serde::de::DeserializeOwned;
 use serde_json::Value;
-use vipam_e2e::binary;
+use vipam_e2e::{binary, syncer::wait_until};
 
 const NAMESPACE: &str = "vipam-system";
 
@@ -700,49 +700,34 @@ async fn observed_calls(docs: &[Value]) -> BTreeSet<(String, String, String, Opt
     let config = config_data(docs, "vipam-config");
     let cms: Api<Cm> = Api::namespaced(client.clone(), &config["KEEPALIVED_NAMESPACE"]);
     let cm_name = config["KEEPALIVED_CONFIG_MAP"].clone();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     let log = || std::fs::read_to_string(dir.path().join("syncer.log")).unwrap_or_default();
     let has_entry = |cm: Option<Cm>| {
         cm.and_then(|c| c.data)
             .is_some_and(|d| d.contains_key("10.77.0.1"))
     };
-    while !has_entry(cms.get_opt(&cm_name).await.expect("get cm")) {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the syncer did not write the ConfigMap:\n{}",
-            log()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let entry_written = async || -> anyhow::Result<Option<()>> {
+        Ok(has_entry(cms.get_opt(&cm_name).await?).then_some(()))
+    };
+    let timeout = Duration::from_secs(30);
+    wait_until(timeout, "the syncer writes the ConfigMap", entry_written)
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}:\n{}", log()));
     // A lost ConfigMap is recreated (create), then the Service goes away.
     cms.delete(&cm_name, &DeleteParams::default())
         .await
         .expect("delete cm");
-    while !has_entry(cms.get_opt(&cm_name).await.expect("get cm")) {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the syncer did not recreate the ConfigMap:\n{}",
-            log()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_until(timeout, "the syncer recreates the ConfigMap", entry_written)
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}:\n{}", log()));
     services
         .delete("web", &DeleteParams::default())
         .await
         .expect("delete service");
-    while services
-        .get_opt("web")
-        .await
-        .expect("get service")
-        .is_some()
-    {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the syncer did not release the Service:\n{}",
-            log()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_until(timeout, "the syncer releases the Service", async || {
+        Ok(services.get_opt("web").await?.is_none().then_some(()))
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}:\n{}", log()));
     // The test's own requests carry no fieldManager or user agent that tells
     // them apart, so compare against a log taken with the syncer alone: the
     // test made only namespace, service and ConfigMap reads and its three

@@ -211,8 +211,19 @@ async fn kubectl_drives_every_served_verb_and_patch_type() {
         .spawn()
         .expect("watch starts");
     let created = async {
-        // Give the watch time to list, then change something it must report.
-        tokio::time::sleep(Duration::from_millis(800)).await;
+        // Once the watch is open, change something it must report.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while !server
+            .requests()
+            .iter()
+            .any(|r| r.is_watch() && r.path_only().ends_with("/configmaps"))
+        {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "kubectl get -w never opened its watch"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         server.seed(json!({"apiVersion":"v1","kind":"ConfigMap","metadata":{"name":"watched","namespace":"default"}})).expect("seeded");
     };
     let (out, ()) = tokio::join!(
