@@ -3,7 +3,9 @@
 //! Release goes through one thread that writes to the store and makes each
 //! batch durable with one flush before any of its requests is answered,
 //! after publishing the batch's changes to watchers ([`crate::watch`]).
-//! Reads go to the store directly.
+//! The writer stages a batch's writes and applies them in one go right
+//! before the flush; reads (Get, List, pool reports) go to the store
+//! directly and see a batch's writes once applied.
 
 use std::{
     collections::BTreeMap,
@@ -489,11 +491,14 @@ impl Ipam {
         };
 
         // Idempotency, and one address per owner, come before anything else.
-        if let Some(held) = self.store.owner_address(&owner)? {
-            let record = self.store.get(held)?.ok_or_else(|| StoreError::Corrupt {
-                key: format!("o{owner}"),
-                why: format!("owner index points to {held}, which holds no allocation"),
-            })?;
+        if let Some(held) = self.store.owner_address_latest(&owner)? {
+            let record = self
+                .store
+                .get_latest(held)?
+                .ok_or_else(|| StoreError::Corrupt {
+                    key: format!("o{owner}"),
+                    why: format!("owner index points to {held}, which holds no allocation"),
+                })?;
             let held_pool = self.pools.containing(held);
             let same_address = address.is_none_or(|a| a == held);
             let same_pool = named.is_none_or(|n| held_pool == Some(n));
@@ -553,7 +558,7 @@ impl Ipam {
                 why,
             });
         }
-        if let Some(holder) = self.store.get(ip)? {
+        if let Some(holder) = self.store.get_latest(ip)? {
             return Err(Error::Held {
                 address: ip,
                 holder: holder.owner,
@@ -591,13 +596,13 @@ impl Ipam {
         let ReleaseArgs { owner, address } = args;
         let ip = match (address, &owner) {
             (Some(ip), _) => ip,
-            (None, Some(owner)) => match self.store.owner_address(owner)? {
+            (None, Some(owner)) => match self.store.owner_address_latest(owner)? {
                 Some(ip) => ip,
                 None => return Ok(None),
             },
             (None, None) => return Err(invalid("owner", "", "give an owner, an address, or both")),
         };
-        let Some(record) = self.store.get(ip)? else {
+        let Some(record) = self.store.get_latest(ip)? else {
             return Ok(None);
         };
         if let Some(owner) = owner
@@ -1117,6 +1122,7 @@ mod tests {
             ip("10.0.0.4"),
             "10.0.0.2 and .3 are still held"
         );
+        ipam.flush().expect("flush");
         let (handle, writer) = start(ipam, store, 8).expect("start");
         let report = handle.pools_report().expect("report");
         assert_eq!(report.outside_count, 1);

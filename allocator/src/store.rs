@@ -1,6 +1,14 @@
 //! The sled store: allocations by address, an index by owner and the store
-//! revision, each write one atomic batch. Only this module touches sled, and
-//! key encoding lives here alone.
+//! revision. Only this module touches sled, and key encoding lives here alone.
+//!
+//! Writes are staged: [`Store::put`] and [`Store::delete`] add to one pending
+//! batch, which [`Store::flush`] applies atomically and then makes durable.
+//! Applying one batch per flush, rather than one per write, matters: sled
+//! writes its log buffer out on every applied batch, so a batch per write
+//! would cost a disk write per allocation even with the flush shared. The
+//! writer reads its own staged writes through [`Store::get_latest`],
+//! [`Store::owner_address_latest`] and [`Store::revision`]; every other read
+//! sees them once applied, which is immediately before they are made durable.
 //!
 //! Keys: `a` + family tag + big-endian address bytes (so keys sort by
 //! address, IPv4 before IPv6) → JSON [`Record`]; `o` + owner → address key;
@@ -8,12 +16,18 @@
 //! of that revision (the change log Watch replays), kind byte + address key
 //! + JSON record.
 //!
-//! Every write puts its change-log entry in the same atomic batch as the
+//! Every write puts its change-log entry in the same batch as the
 //! allocation, and removes the entry that falls out of the kept history, so
 //! the log always holds exactly the last `history` revisions (fewer on a
 //! young store) without gaps.
 
-use std::{collections::BTreeMap, net::IpAddr, path::Path};
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::IpAddr,
+    path::Path,
+    sync::{Arc, Mutex, MutexGuard, PoisonError},
+    time::{Duration, Instant},
+};
 
 use serde::{Deserialize, Serialize};
 
@@ -27,6 +41,15 @@ const TAG_V4: u8 = 4;
 const TAG_V6: u8 = 6;
 const KIND_ALLOCATED: u8 = b'+';
 const KIND_RELEASED: u8 = b'-';
+
+/// How long [`Store::open`] waits for the directory's lock.
+pub const LOCK_WAIT: Duration = Duration::from_secs(2);
+
+/// sled reports a lock held elsewhere as an I/O error of kind `Other` that
+/// wraps the `WouldBlock` of the lock call.
+fn is_lock_error(e: &std::io::Error) -> bool {
+    e.to_string().contains("could not acquire lock")
+}
 
 /// Revisions of change history kept when none is configured.
 pub const DEFAULT_HISTORY: u64 = 100_000;
@@ -91,6 +114,27 @@ pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 pub struct Store {
     db: sled::Db,
     history: u64,
+    staged: Arc<Mutex<Staged>>,
+}
+
+/// Writes not yet applied to sled: the batch [`Store::flush`] applies, and
+/// the value each of its keys will have (`None`: removed) for point reads.
+#[derive(Default)]
+struct Staged {
+    batch: sled::Batch,
+    values: HashMap<Vec<u8>, Option<Vec<u8>>>,
+}
+
+impl Staged {
+    fn insert(&mut self, key: Vec<u8>, value: Vec<u8>) {
+        self.batch.insert(key.as_slice(), value.as_slice());
+        self.values.insert(key, Some(value));
+    }
+
+    fn remove(&mut self, key: Vec<u8>) {
+        self.batch.remove(key.as_slice());
+        self.values.insert(key, None);
+    }
 }
 
 /// Encodes the key of an allocation.
@@ -208,17 +252,36 @@ fn decode_entry(entry: sled::Result<(sled::IVec, sled::IVec)>) -> Result<(IpAddr
 
 impl Store {
     /// Opens (or creates) the store in `dir` with a page cache of `cache_bytes`.
+    ///
+    /// sled locks the directory, and a handle closed a moment ago (in this
+    /// process, or one that is exiting) may still hold the lock while its
+    /// background thread winds down; opening waits up to [`LOCK_WAIT`] for
+    /// that, then fails.
     pub fn open(dir: &Path, cache_bytes: u64) -> Result<Store> {
-        let db = sled::Config::new()
+        let config = sled::Config::new()
             .path(dir)
             .cache_capacity(cache_bytes)
             // Durability comes from the explicit flush after each batch of
             // writes; a background flusher would only add concurrent flushes.
-            .flush_every_ms(None)
-            .open()?;
+            .flush_every_ms(None);
+        let deadline = Instant::now() + LOCK_WAIT;
+        let db = loop {
+            match config.open() {
+                Err(sled::Error::Io(e))
+                    if e.kind() == std::io::ErrorKind::WouldBlock || is_lock_error(&e) =>
+                {
+                    if Instant::now() >= deadline {
+                        return Err(sled::Error::Io(e).into());
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                other => break other?,
+            }
+        };
         Ok(Store {
             db,
             history: DEFAULT_HISTORY,
+            staged: Arc::default(),
         })
     }
 
@@ -236,7 +299,8 @@ impl Store {
     }
 
     /// Removes change-log entries older than the kept history (after the
-    /// history was shortened). Returns how many it removed. Not durable until
+    /// history was shortened), with nothing staged. Returns how many it
+    /// removed. Not durable until
     /// [`Store::flush`].
     pub fn trim_history(&self) -> Result<u64> {
         let revision = self.revision()?;
@@ -266,15 +330,29 @@ impl Store {
         }
     }
 
-    fn trim_one(&self, batch: &mut sled::Batch, revision: u64) {
+    fn trim_one(&self, staged: &mut Staged, revision: u64) {
         if let Some(old) = revision.checked_sub(self.history)
             && old > 0
         {
-            batch.remove(&change_key(old));
+            staged.remove(change_key(old).to_vec());
         }
     }
 
-    /// The allocation at `ip`.
+    fn staged(&self) -> MutexGuard<'_, Staged> {
+        // The staged writes stay consistent even if a holder panicked: every
+        // change to them is a single map insert.
+        self.staged.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The value of `key`, staged writes included.
+    fn read_latest(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        if let Some(value) = self.staged().values.get(key) {
+            return Ok(value.clone());
+        }
+        Ok(self.db.get(key)?.map(|v| v.to_vec()))
+    }
+
+    /// The allocation at `ip`, as applied (staged writes not included).
     pub fn get(&self, ip: IpAddr) -> Result<Option<Record>> {
         let key = alloc_key(ip);
         self.db
@@ -283,7 +361,7 @@ impl Store {
             .transpose()
     }
 
-    /// The address held by `owner`.
+    /// The address held by `owner`, as applied (staged writes not included).
     pub fn owner_address(&self, owner: &str) -> Result<Option<IpAddr>> {
         self.db
             .get(owner_key(owner))?
@@ -291,41 +369,56 @@ impl Store {
             .transpose()
     }
 
-    /// Records an allocation, its owner index and its change-log entry, and
-    /// sets the store revision to `record.revision`, atomically. Not durable
-    /// until [`Store::flush`].
+    /// The allocation at `ip`, staged writes included: what the writer
+    /// decides on.
+    pub fn get_latest(&self, ip: IpAddr) -> Result<Option<Record>> {
+        let key = alloc_key(ip);
+        self.read_latest(&key)?
+            .map(|v| decode_record(&key, &v))
+            .transpose()
+    }
+
+    /// The address held by `owner`, staged writes included: what the writer
+    /// decides on.
+    pub fn owner_address_latest(&self, owner: &str) -> Result<Option<IpAddr>> {
+        self.read_latest(&owner_key(owner))?
+            .map(|k| decode_alloc_key(&k))
+            .transpose()
+    }
+
+    /// Stages an allocation, its owner index and its change-log entry, and
+    /// the store revision `record.revision`. Applied atomically with the
+    /// other staged writes, and durable, by [`Store::flush`].
     pub fn put(&self, ip: IpAddr, record: &Record) -> Result<()> {
         let key = alloc_key(ip);
         let value = encode_record(&key, record)?;
-        let mut batch = sled::Batch::default();
-        batch.insert(
-            &change_key(record.revision),
-            change_value(ChangeKind::Allocated, &key, &value),
+        let change = change_value(ChangeKind::Allocated, &key, &value);
+        let mut staged = self.staged();
+        staged.insert(change_key(record.revision).to_vec(), change);
+        self.trim_one(&mut staged, record.revision);
+        staged.insert(owner_key(&record.owner), key.clone());
+        staged.insert(key, value);
+        staged.insert(
+            REVISION_KEY.to_vec(),
+            record.revision.to_be_bytes().to_vec(),
         );
-        self.trim_one(&mut batch, record.revision);
-        batch.insert(owner_key(&record.owner), key.clone());
-        batch.insert(key, value);
-        batch.insert(REVISION_KEY, &record.revision.to_be_bytes());
-        self.db.apply_batch(batch)?;
         Ok(())
     }
 
-    /// Removes the allocation `record` at `ip` and its owner index, records
-    /// the release in the change log and sets the store revision to
-    /// `revision`, atomically. Not durable until [`Store::flush`].
+    /// Stages the removal of the allocation `record` at `ip` and its owner
+    /// index, the release's change-log entry and the store revision
+    /// `revision`. Applied atomically with the other staged writes, and
+    /// durable, by [`Store::flush`].
     pub fn delete(&self, ip: IpAddr, record: &Record, revision: u64) -> Result<()> {
         let key = alloc_key(ip);
         let value = encode_record(&key, record)?;
-        let mut batch = sled::Batch::default();
-        batch.insert(
-            &change_key(revision),
-            change_value(ChangeKind::Released, &key, &value),
-        );
-        self.trim_one(&mut batch, revision);
-        batch.remove(key);
-        batch.remove(owner_key(&record.owner));
-        batch.insert(REVISION_KEY, &revision.to_be_bytes());
-        self.db.apply_batch(batch)?;
+        let change = change_value(ChangeKind::Released, &key, &value);
+        let mut staged = self.staged();
+        staged.insert(change_key(revision).to_vec(), change);
+        self.trim_one(&mut staged, revision);
+        staged.remove(key);
+        staged.remove(owner_key(&record.owner));
+        staged.insert(REVISION_KEY.to_vec(), revision.to_be_bytes().to_vec());
         Ok(())
     }
 
@@ -362,9 +455,9 @@ impl Store {
             })
     }
 
-    /// The revision of the last write (0 for a new store).
+    /// The revision of the last write, staged or not (0 for a new store).
     pub fn revision(&self) -> Result<u64> {
-        match self.db.get(REVISION_KEY)? {
+        match self.read_latest(REVISION_KEY)? {
             None => Ok(0),
             Some(v) => <[u8; 8]>::try_from(v.as_ref())
                 .map(u64::from_be_bytes)
@@ -424,8 +517,19 @@ impl Store {
         })
     }
 
-    /// Makes every write so far durable. One call covers any number of writes.
+    /// Applies the staged writes as one atomic batch and makes every write
+    /// so far durable. One call covers any number of writes. When applying
+    /// fails, the staged writes are dropped, none of them applied.
     pub fn flush(&self) -> Result<usize> {
+        {
+            let mut staged = self.staged();
+            if !staged.values.is_empty() {
+                let Staged { batch, .. } = std::mem::take(&mut *staged);
+                // The lock is held until the batch is applied, so a point read
+                // never misses a write that is neither staged nor applied.
+                self.db.apply_batch(batch)?;
+            }
+        }
         Ok(self.db.flush()?)
     }
 
@@ -465,6 +569,7 @@ mod tests {
         store
             .put(ip("10.0.0.1"), &mk_record("svc-a", 1))
             .expect("put");
+        store.flush().expect("flush");
         assert_eq!(
             store.get(ip("10.0.0.1")).expect("get"),
             Some(mk_record("svc-a", 1))
@@ -479,14 +584,76 @@ mod tests {
     }
 
     #[test]
-    fn delete_removes_record_and_owner_index() {
+    fn the_latest_reads_see_staged_writes_and_the_others_see_them_once_flushed() {
         let (_dir, store) = mk_store();
         store
             .put(ip("10.0.0.1"), &mk_record("svc-a", 1))
             .expect("put");
         store
+            .put(ip("10.0.0.2"), &mk_record("svc-b", 2))
+            .expect("put");
+        store
+            .delete(ip("10.0.0.1"), &mk_record("svc-a", 1), 3)
+            .expect("delete");
+        assert_eq!(store.get_latest(ip("10.0.0.1")).expect("get"), None);
+        assert_eq!(store.owner_address_latest("svc-a").expect("owner"), None);
+        assert_eq!(
+            store.owner_address_latest("svc-b").expect("owner"),
+            Some(ip("10.0.0.2"))
+        );
+        assert_eq!(store.revision().expect("rev"), 3);
+        assert_eq!(store.get(ip("10.0.0.2")).expect("get"), None, "not applied");
+        assert_eq!(store.owner_address("svc-b").expect("owner"), None);
+        assert_eq!(store.addresses().count(), 0, "nothing applied yet");
+        assert_eq!(store.changes(0, 3).count(), 0, "nothing applied yet");
+
+        store.flush().expect("flush");
+        let addrs: Vec<IpAddr> = store.addresses().map(|r| r.expect("addr")).collect();
+        assert_eq!(addrs, vec![ip("10.0.0.2")]);
+        assert_eq!(store.changes(0, 3).count(), 3);
+        assert_eq!(
+            store.get(ip("10.0.0.2")).expect("get"),
+            Some(mk_record("svc-b", 2))
+        );
+        assert_eq!(
+            store.owner_address("svc-b").expect("owner"),
+            Some(ip("10.0.0.2"))
+        );
+        assert_eq!(store.get(ip("10.0.0.1")).expect("get"), None);
+        assert_eq!(store.revision().expect("rev"), 3);
+    }
+
+    #[test]
+    fn staged_writes_that_were_never_flushed_are_not_on_disk() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let store = Store::open(dir.path(), 8 << 20).expect("open");
+            store
+                .put(ip("10.0.0.1"), &mk_record("svc-a", 1))
+                .expect("put");
+            store.flush().expect("flush");
+            store
+                .put(ip("10.0.0.2"), &mk_record("svc-b", 2))
+                .expect("put");
+        }
+        let store = Store::open(dir.path(), 8 << 20).expect("reopen");
+        assert_eq!(store.get(ip("10.0.0.2")).expect("get"), None);
+        assert_eq!(store.owner_address("svc-b").expect("owner"), None);
+        assert_eq!(store.revision().expect("rev"), 1);
+        assert_eq!(store.addresses().count(), 1);
+    }
+
+    #[test]
+    fn delete_removes_record_and_owner_index() {
+        let (_dir, store) = mk_store();
+        store
+            .put(ip("10.0.0.1"), &mk_record("svc-a", 1))
+            .expect("put");
+        store.flush().expect("flush");
+        store
             .delete(ip("10.0.0.1"), &mk_record("svc-a", 1), 2)
             .expect("delete");
+        store.flush().expect("flush");
         assert_eq!(store.get(ip("10.0.0.1")).expect("get"), None);
         assert_eq!(store.owner_address("svc-a").expect("owner"), None);
         assert_eq!(store.revision().expect("rev"), 2);
@@ -509,6 +676,7 @@ mod tests {
                 .put(ip(a), &mk_record(&format!("o{i}"), i as u64 + 1))
                 .expect("put");
         }
+        store.flush().expect("flush");
         let all: Vec<IpAddr> = store
             .scan_after(None)
             .map(|r| r.expect("entry").0)
@@ -571,6 +739,34 @@ mod tests {
     }
 
     #[test]
+    fn a_directory_held_by_an_open_store_is_refused_after_the_lock_wait() {
+        let (dir, _store) = mk_store();
+        let started = Instant::now();
+        let err = match Store::open(dir.path(), 8 << 20) {
+            Ok(_) => panic!("a second store opened a directory in use"),
+            Err(e) => e,
+        };
+        assert!(err.to_string().contains("could not acquire lock"), "{err}");
+        assert!(started.elapsed() >= LOCK_WAIT, "it waited for the lock");
+    }
+
+    #[test]
+    fn a_directory_whose_store_was_just_closed_reopens() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // Each close leaves sled's thread to release the lock a moment
+        // later; enough rounds that opening right away would hit that.
+        for round in 0..100u64 {
+            let store = Store::open(dir.path(), 8 << 20).expect("reopen");
+            assert_eq!(store.revision().expect("rev"), round);
+            let addr = IpAddr::from([10, 0, 0, round as u8 + 1]);
+            store
+                .put(addr, &mk_record(&format!("o{round}"), round + 1))
+                .expect("put");
+            store.flush().expect("flush");
+        }
+    }
+
+    #[test]
     fn an_unreadable_record_is_an_error_not_a_panic() {
         let (_dir, store) = mk_store();
         store
@@ -614,6 +810,7 @@ mod tests {
         store
             .delete(ip("10.0.0.1"), &mk_record("svc-a", 1), 3)
             .expect("delete");
+        store.flush().expect("flush");
         let all: Vec<Change> = store.changes(0, 3).map(|c| c.expect("change")).collect();
         assert_eq!(
             all,
@@ -680,13 +877,19 @@ mod tests {
             store
                 .put(addr, &mk_record(&format!("o{r}"), r))
                 .expect("put");
+            if r % 4 == 0 {
+                // Trimming works within one staged batch and across batches.
+                store.flush().expect("flush");
+            }
         }
+        store.flush().expect("flush");
         assert_eq!(store.first_change().expect("first"), Some(8));
         let kept: Vec<u64> = revisions(&store, 0, 10).iter().map(|c| c.0).collect();
         assert_eq!(kept, vec![8, 9, 10]);
         store
             .delete(IpAddr::from([10, 0, 0, 1]), &mk_record("o1", 1), 11)
             .expect("delete");
+        store.flush().expect("flush");
         let kept: Vec<u64> = revisions(&store, 0, 11).iter().map(|c| c.0).collect();
         assert_eq!(kept, vec![9, 10, 11], "a release trims too");
     }
@@ -714,6 +917,7 @@ mod tests {
         store
             .put(ip("10.0.1.1"), &mk_record("o21", 21))
             .expect("put");
+        store.flush().expect("flush");
         let kept: Vec<u64> = revisions(&store, 0, 21).iter().map(|c| c.0).collect();
         assert_eq!(kept, vec![17, 18, 19, 20, 21]);
         // The allocations themselves are untouched.
