@@ -6,7 +6,7 @@
 //! chosen status and a proper `Status` body, before the request touches any state.
 
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use http::Method;
 
@@ -23,6 +23,8 @@ pub struct LoggedRequest {
     pub content_type: Option<String>,
     /// Status code of the response.
     pub status: u16,
+    /// When the response was ready (for a watch: when it started streaming).
+    pub at: Instant,
 }
 
 impl LoggedRequest {

@@ -73,6 +73,7 @@ async fn handle(State(st): State<AppState>, req: Request) -> Response {
         path: path_and_query,
         content_type,
         status: response.status().as_u16(),
+        at: std::time::Instant::now(),
     });
     response
 }

@@ -566,18 +566,8 @@ impl Registry {
         let name = name_of(&obj).to_owned();
         let key: Key = (storage, namespace_of(&obj).to_owned(), name.clone());
 
-        let mut allocated = if storage == Storage::Services {
-            Allocated::from_services(
-                store
-                    .list(Storage::Services, None)
-                    .iter()
-                    .filter(|(k, _)| *k != key)
-                    .map(|(_, v)| &**v),
-            )
-        } else {
-            Allocated::default()
-        };
-        defaults::apply(storage, &mut obj, old.as_deref(), &mut allocated);
+        let mut allocated = Allocated::new(store.held(), old.as_deref());
+        defaults::apply(storage, &mut obj, old.as_deref(), &mut allocated)?;
         defaults::ingress_ip_mode(&mut obj);
 
         let mut errs: Vec<FieldError> = Vec::new();

@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use serde_json::{Value, json};
 
+use crate::defaults::Held;
 use crate::objects::metadata_mut;
 use crate::resources::Storage;
 
@@ -52,6 +53,8 @@ pub struct Store {
     /// History holds every change with rv greater than this.
     compacted: u64,
     max_history: usize,
+    /// Cluster IPs and node ports of the stored Services.
+    held: Held,
 }
 
 impl Store {
@@ -63,6 +66,7 @@ impl Store {
             history: VecDeque::new(),
             compacted: 1,
             max_history,
+            held: Held::default(),
         }
     }
 
@@ -74,6 +78,11 @@ impl Store {
     /// The oldest resourceVersion a watch or list can still start from.
     pub fn oldest_rv(&self) -> u64 {
         self.compacted
+    }
+
+    /// Cluster IPs and node ports the stored Services hold.
+    pub fn held(&self) -> &Held {
+        &self.held
     }
 
     /// The stored object.
@@ -106,6 +115,12 @@ impl Store {
         metadata_mut(&mut obj).insert("resourceVersion".into(), json!(self.rv.to_string()));
         let obj = Arc::new(obj);
         let previous = self.objects.insert(key.clone(), obj.clone());
+        if key.0 == Storage::Services {
+            if let Some(p) = &previous {
+                self.held.remove(p);
+            }
+            self.held.add(&obj);
+        }
         let kind = if previous.is_some() {
             ChangeKind::Modified
         } else {
@@ -125,6 +140,9 @@ impl Store {
     /// stored state, as etcd's previous value.
     pub fn remove(&mut self, key: &Key) -> Option<Arc<Value>> {
         let previous = self.objects.remove(key)?;
+        if key.0 == Storage::Services {
+            self.held.remove(&previous);
+        }
         self.rv += 1;
         let mut last = (*previous).clone();
         metadata_mut(&mut last).insert("resourceVersion".into(), json!(self.rv.to_string()));
@@ -215,6 +233,23 @@ mod tests {
         s.compact();
         assert_eq!(s.changes_since(1).expect_err("compacted"), 2);
         assert!(s.changes_since(2).expect("current").is_empty());
+    }
+
+    #[test]
+    fn held_cluster_ips_follow_every_service_write() {
+        let svc = |ip: &str| json!({"spec":{"clusterIPs":[ip]}});
+        let k = (Storage::Services, "default".to_string(), "s".to_string());
+        let mut s = Store::new(100);
+        s.put(k.clone(), svc("10.96.0.9"));
+        assert_eq!(s.held().ip_count("10.96.0.9"), 1);
+        s.put(k.clone(), svc("10.96.0.10"));
+        assert_eq!(s.held().ip_count("10.96.0.9"), 0);
+        assert_eq!(s.held().ip_count("10.96.0.10"), 1);
+        // Other storages hold nothing.
+        s.put(key("c"), svc("10.96.0.11"));
+        assert_eq!(s.held().ip_count("10.96.0.11"), 0);
+        s.remove(&k);
+        assert_eq!(s.held().ip_count("10.96.0.10"), 0);
     }
 
     #[test]
