@@ -297,6 +297,69 @@ fn names(svc: &Service) -> (String, String, String) {
     )
 }
 
+/// Longest a reconcile waits for the Service cache to see its own writes.
+const CACHE_WAIT: Duration = Duration::from_secs(2);
+
+/// The resourceVersions a reconcile's own writes took its Service through.
+///
+/// The next reconcile of a Service reads it from the watch cache, which
+/// learns of a write a moment after the write returns. Starting from the
+/// copy from before the write, it would write the same again (a second
+/// status PATCH for every new Service under load). So a reconcile that wrote
+/// returns only once the cache holds none of the versions its writes
+/// replaced; resourceVersions are only compared for equality.
+struct OwnWrites {
+    replaced: Vec<String>,
+    last: Option<String>,
+}
+
+impl From<&Service> for OwnWrites {
+    fn from(svc: &Service) -> Self {
+        OwnWrites {
+            replaced: svc.metadata.resource_version.clone().into_iter().collect(),
+            last: None,
+        }
+    }
+}
+
+impl OwnWrites {
+    /// Records a write, from the object it returned.
+    fn wrote(&mut self, written: &Service) {
+        if let Some(rv) = written.metadata.resource_version.clone()
+            && let Some(previous) = self.last.replace(rv)
+        {
+            self.replaced.push(previous);
+        }
+    }
+
+    /// Waits (at most [`CACHE_WAIT`]) until the cache holds the Service as
+    /// last written or later, or no longer holds it.
+    async fn settle(self, ctx: &Context, svc: &Service) {
+        if self.last.is_none() {
+            return;
+        }
+        let object = ObjectRef::from_obj(svc);
+        let deadline = tokio::time::Instant::now() + CACHE_WAIT;
+        loop {
+            let stale = ctx.store.get(&object).is_some_and(|cached| {
+                cached
+                    .metadata
+                    .resource_version
+                    .as_ref()
+                    .is_some_and(|rv| self.replaced.contains(rv))
+            });
+            if !stale {
+                return;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                tracing::debug!(service = %object, "the Service cache has not caught up with the last write");
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}
+
 fn reference(svc: &Service) -> ObjectReference {
     svc.object_ref(&())
 }
@@ -361,8 +424,9 @@ pub async fn reconcile(svc: Arc<Service>, ctx: Arc<Context>) -> Result<Action, E
     let (ns, name, uid) = names(&svc);
     let key = (ns.clone(), name.clone());
     let api: Api<Service> = Api::namespaced(ctx.client.clone(), &ns);
+    let mut own = OwnWrites::from(svc.as_ref());
     if !has_finalizer(&svc) {
-        add_finalizer(&api, &svc).await?;
+        own.wrote(&add_finalizer(&api, &svc).await?);
     }
 
     let current = status_ip(&svc);
@@ -457,8 +521,10 @@ pub async fn reconcile(svc: Arc<Service>, ctx: Arc<Context>) -> Result<Action, E
         .set(i64::try_from(ctx.index.len()).unwrap_or(i64::MAX));
     if current != Some(ip) {
         let patch = json!({"status": {"loadBalancer": {"ingress": [{"ip": ip.to_string()}]}}});
-        api.patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
-            .await?;
+        own.wrote(
+            &api.patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await?,
+        );
         let from = if pool.is_empty() {
             "outside every pool".to_string()
         } else {
@@ -479,6 +545,7 @@ pub async fn reconcile(svc: Arc<Service>, ctx: Arc<Context>) -> Result<Action, E
             )
             .await;
     }
+    own.settle(&ctx, &svc).await;
     Ok(Action::await_change())
 }
 
@@ -533,12 +600,17 @@ async fn cleanup(svc: &Service, ctx: &Context, managed: bool) -> Result<(), Erro
         return Err(Error::ConfigMapPending(format!("{ns}/{name}")));
     }
     let api: Api<Service> = Api::namespaced(ctx.client.clone(), &ns);
+    let mut own = OwnWrites::from(svc);
     if svc.metadata.deletion_timestamp.is_none() && status_ip(svc).is_some() {
         let patch = json!({"status": {"loadBalancer": {"ingress": null}}});
-        api.patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
-            .await?;
+        own.wrote(
+            &api.patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await?,
+        );
     }
-    remove_finalizer(&api, svc).await?;
+    if let Some(written) = remove_finalizer(&api, svc).await? {
+        own.wrote(&written);
+    }
     ctx.cleaning().remove(&uid);
     if let Some(ip) = released {
         ctx.events
@@ -555,6 +627,7 @@ async fn cleanup(svc: &Service, ctx: &Context, managed: bool) -> Result<(), Erro
     if svc.metadata.deletion_timestamp.is_some() {
         ctx.events.forget(&reference(svc));
     }
+    own.settle(ctx, svc).await;
     Ok(())
 }
 
@@ -562,7 +635,7 @@ fn json_patch(ops: serde_json::Value) -> Result<json_patch::Patch, Error> {
     serde_json::from_value(ops).map_err(|e| Error::Kube(kube::Error::SerdeError(e)))
 }
 
-async fn add_finalizer(api: &Api<Service>, svc: &Service) -> Result<(), Error> {
+async fn add_finalizer(api: &Api<Service>, svc: &Service) -> Result<Service, Error> {
     let patch = match &svc.metadata.finalizers {
         None => json!([
             {"op": "test", "path": "/metadata/finalizers", "value": null},
@@ -573,36 +646,38 @@ async fn add_finalizer(api: &Api<Service>, svc: &Service) -> Result<(), Error> {
             {"op": "add", "path": "/metadata/finalizers/-", "value": FINALIZER},
         ]),
     };
-    api.patch(
-        &svc.name_any(),
-        &PatchParams::default(),
-        &Patch::Json::<()>(json_patch(patch)?),
-    )
-    .await?;
-    Ok(())
+    Ok(api
+        .patch(
+            &svc.name_any(),
+            &PatchParams::default(),
+            &Patch::Json::<()>(json_patch(patch)?),
+        )
+        .await?)
 }
 
-async fn remove_finalizer(api: &Api<Service>, svc: &Service) -> Result<(), Error> {
+/// Drops the finalizer; the Service as written, or `None` when it had none.
+async fn remove_finalizer(api: &Api<Service>, svc: &Service) -> Result<Option<Service>, Error> {
     let Some(i) = svc
         .metadata
         .finalizers
         .as_ref()
         .and_then(|f| f.iter().position(|x| x == FINALIZER))
     else {
-        return Ok(());
+        return Ok(None);
     };
     let path = format!("/metadata/finalizers/{i}");
     let patch = json!([
         {"op": "test", "path": path, "value": FINALIZER},
         {"op": "remove", "path": path},
     ]);
-    api.patch(
-        &svc.name_any(),
-        &PatchParams::default(),
-        &Patch::Json::<()>(json_patch(patch)?),
-    )
-    .await?;
-    Ok(())
+    Ok(Some(
+        api.patch(
+            &svc.name_any(),
+            &PatchParams::default(),
+            &Patch::Json::<()>(json_patch(patch)?),
+        )
+        .await?,
+    ))
 }
 
 /// How long to wait before trying a failed Service again.

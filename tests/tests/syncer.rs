@@ -127,6 +127,57 @@ async fn a_new_load_balancer_gets_the_finalizer_the_lowest_free_ip_its_entry_and
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_new_services_gets_one_finalizer_write_and_one_status_write_each() -> Result<()>
+{
+    // The next reconcile of a Service must start from what the last one
+    // wrote, not from a cached copy from before, or it writes it again.
+    const N: usize = 150;
+    let kube = Kube::start("burst").await?;
+    let allocator = kube.allocator(&["default=10.21.0.0/24"])?;
+    let syncer = kube.syncer(&allocator, &[])?;
+    syncer.wait_ready().await?;
+    if let Some(server) = kube.server() {
+        server.take_requests();
+    }
+    let names: Vec<String> = (0..N).map(|i| format!("burst-{i:03}")).collect();
+    for name in &names {
+        kube.create(kube.lb(name)).await?;
+    }
+    wait_until(TIMEOUT, "every Service has an IP", async || {
+        for name in &names {
+            if kube.ip(name).await?.is_none() {
+                return Ok(None);
+            }
+        }
+        Ok(Some(()))
+    })
+    .await?;
+    let mut expected = BTreeMap::new();
+    for name in &names {
+        let ip = kube.ip(name).await?.context("an IP")?;
+        expected.insert(ip, kube.entry(name, None));
+    }
+    kube.wait_data(&expected).await?;
+    let Some(server) = kube.server_or_skip("counting writes", "needs the request log") else {
+        return Ok(());
+    };
+    let log = server.take_requests();
+    let prefix = format!("/api/v1/namespaces/{}/services/", kube.namespace);
+    let count = |status: bool| {
+        log.iter()
+            .filter(|r| {
+                r.is_write()
+                    && r.path_only().starts_with(&prefix)
+                    && r.path_only().ends_with("/status") == status
+            })
+            .count()
+    };
+    assert_eq!(count(false), N, "finalizer writes");
+    assert_eq!(count(true), N, "status writes");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_forward_method_given_at_create_is_in_the_first_configmap_write() -> Result<()> {
     let kube = Kube::start("method-at-create").await?;
     let allocator = kube.allocator(&[POOL_DEFAULT])?;
