@@ -237,6 +237,30 @@ impl TestServer {
             .unwrap_or_default()
     }
 
+    /// How many stored objects of a resource, optionally in one namespace, satisfy `what`,
+    /// looking at each in storage form without copying it (cheap enough to poll with
+    /// thousands of objects stored).
+    pub fn count(
+        &self,
+        resource: &str,
+        namespace: Option<&str>,
+        what: impl Fn(&Value) -> bool,
+    ) -> usize {
+        let Some(view) = resources::find_loose(resource) else {
+            return 0;
+        };
+        self.registry
+            .lock()
+            .map(|store| {
+                store
+                    .list(view.storage, namespace)
+                    .iter()
+                    .filter(|(_, obj)| what(obj))
+                    .count()
+            })
+            .unwrap_or(0)
+    }
+
     /// The resourceVersion of the last write.
     pub fn resource_version(&self) -> u64 {
         self.registry.lock().map(|s| s.current_rv()).unwrap_or(0)
