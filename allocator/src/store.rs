@@ -46,9 +46,9 @@ const KIND_RELEASED: u8 = b'-';
 pub const LOCK_WAIT: Duration = Duration::from_secs(2);
 
 /// sled reports a lock held elsewhere as an I/O error of kind `Other` that
-/// wraps the `WouldBlock` of the lock call.
+/// wraps the `WouldBlock` of the lock call, or as that `WouldBlock` itself.
 fn is_lock_error(e: &std::io::Error) -> bool {
-    e.to_string().contains("could not acquire lock")
+    e.kind() == std::io::ErrorKind::WouldBlock || e.to_string().contains("could not acquire lock")
 }
 
 /// Revisions of change history kept when none is configured.
@@ -117,23 +117,32 @@ pub struct Store {
     staged: Arc<Mutex<Staged>>,
 }
 
-/// Writes not yet applied to sled: the batch [`Store::flush`] applies, and
-/// the value each of its keys will have (`None`: removed) for point reads.
+/// Writes not yet applied to sled: the value each key will have (`None`:
+/// removed). [`Store::flush`] turns them into one batch; point reads of the
+/// writer look here first.
 #[derive(Default)]
 struct Staged {
-    batch: sled::Batch,
     values: HashMap<Vec<u8>, Option<Vec<u8>>>,
 }
 
 impl Staged {
     fn insert(&mut self, key: Vec<u8>, value: Vec<u8>) {
-        self.batch.insert(key.as_slice(), value.as_slice());
         self.values.insert(key, Some(value));
     }
 
     fn remove(&mut self, key: Vec<u8>) {
-        self.batch.remove(key.as_slice());
         self.values.insert(key, None);
+    }
+
+    fn into_batch(self) -> sled::Batch {
+        let mut batch = sled::Batch::default();
+        for (key, value) in self.values {
+            match value {
+                Some(value) => batch.insert(key, value),
+                None => batch.remove(key),
+            }
+        }
+        batch
     }
 }
 
@@ -267,9 +276,7 @@ impl Store {
         let deadline = Instant::now() + LOCK_WAIT;
         let db = loop {
             match config.open() {
-                Err(sled::Error::Io(e))
-                    if e.kind() == std::io::ErrorKind::WouldBlock || is_lock_error(&e) =>
-                {
+                Err(sled::Error::Io(e)) if is_lock_error(&e) => {
                     if Instant::now() >= deadline {
                         return Err(sled::Error::Io(e).into());
                     }
@@ -524,7 +531,7 @@ impl Store {
         {
             let mut staged = self.staged();
             if !staged.values.is_empty() {
-                let Staged { batch, .. } = std::mem::take(&mut *staged);
+                let batch = std::mem::take(&mut *staged).into_batch();
                 // The lock is held until the batch is applied, so a point read
                 // never misses a write that is neither staged nor applied.
                 self.db.apply_batch(batch)?;

@@ -46,6 +46,16 @@ fn node_ports_of(svc: &Value) -> impl Iterator<Item = i64> + '_ {
         .filter_map(|p| p.get("nodePort").and_then(Value::as_i64))
 }
 
+/// Takes one holder off `key`, dropping it with the last.
+fn release<K: std::hash::Hash + Eq>(counts: &mut HashMap<K, usize>, key: K) {
+    if let std::collections::hash_map::Entry::Occupied(mut held) = counts.entry(key) {
+        *held.get_mut() -= 1;
+        if *held.get() == 0 {
+            held.remove();
+        }
+    }
+}
+
 impl Held {
     /// What one Service holds.
     pub fn of(svc: &Value) -> Self {
@@ -67,20 +77,10 @@ impl Held {
     /// Forgets what a Service that is replaced or removed held.
     pub fn remove(&mut self, svc: &Value) {
         for ip in cluster_ips_of(svc) {
-            if let Some(n) = self.cluster_ips.get_mut(ip) {
-                *n -= 1;
-                if *n == 0 {
-                    self.cluster_ips.remove(ip);
-                }
-            }
+            release(&mut self.cluster_ips, ip.to_owned());
         }
         for port in node_ports_of(svc) {
-            if let Some(n) = self.node_ports.get_mut(&port) {
-                *n -= 1;
-                if *n == 0 {
-                    self.node_ports.remove(&port);
-                }
-            }
+            release(&mut self.node_ports, port);
         }
     }
 
