@@ -3,6 +3,7 @@
 //! allocator serves through gRPC reflection, and a typed [`client::Client`].
 
 pub mod client;
+pub mod names;
 
 /// Generated messages, client and server of package `vipam.v1`.
 pub mod v1 {

@@ -21,7 +21,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::{
     intervals::IntervalSet,
-    pool::{Exclusion, Family, Pools, to_int, valid_name},
+    pool::{Exclusion, Family, Pools, to_int},
     store::{ChangeKind, Record, Store, StoreError},
     watch::{Event, Hub, WatchSettings},
 };
@@ -232,11 +232,11 @@ pub fn parse_address(field: &'static str, value: &str) -> Result<IpAddr> {
 
 /// Checks a pool name (a DNS label).
 pub fn parse_pool(field: &'static str, value: &str) -> Result<String> {
-    if !valid_name(value) {
+    if !vipam::names::is_pool_name(value) {
         return Err(invalid(
             field,
             value,
-            "not a pool name (1 to 63 lowercase letters, digits and '-')",
+            format!("not a pool name ({})", vipam::names::POOL_NAME_RULE),
         ));
     }
     Ok(value.to_string())

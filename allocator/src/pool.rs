@@ -245,17 +245,6 @@ impl fmt::Display for Exclusion {
     }
 }
 
-/// Whether `name` is a valid pool name: a DNS label.
-pub fn valid_name(name: &str) -> bool {
-    let b = name.as_bytes();
-    !b.is_empty()
-        && b.len() <= 63
-        && b.iter()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
-        && b[0] != b'-'
-        && b[b.len() - 1] != b'-'
-}
-
 /// A pool as configured, before it is checked against the others.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PoolDef {
@@ -279,7 +268,7 @@ pub fn parse_assignment(value: &str) -> Result<(String, Vec<Element>), ConfigErr
             value: value.to_string(),
         })?;
     let name = name.trim();
-    if !valid_name(name) {
+    if !vipam::names::is_pool_name(name) {
         return Err(ConfigError::BadName {
             name: name.to_string(),
         });

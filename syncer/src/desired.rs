@@ -148,17 +148,6 @@ pub fn may_have_been_managed(svc: &Service, settings: &Settings) -> bool {
             .is_none_or(|c| Some(c) == settings.load_balancer_class.as_deref())
 }
 
-/// Whether `name` is a pool name the allocator accepts (a DNS label).
-fn valid_pool_name(name: &str) -> bool {
-    let b = name.as_bytes();
-    !b.is_empty()
-        && b.len() <= 63
-        && b.iter()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
-        && b[0] != b'-'
-        && b[b.len() - 1] != b'-'
-}
-
 fn requested_address(svc: &Service) -> Result<Option<IpAddr>, Problem> {
     if let Some(value) = annotation(svc, ADDRESS_ANNOTATION) {
         let trimmed = value.trim();
@@ -193,12 +182,14 @@ fn requested_address(svc: &Service) -> Result<Option<IpAddr>, Problem> {
 fn requested_pool(svc: &Service) -> Result<Option<String>, Problem> {
     match annotation(svc, POOL_ANNOTATION).map(str::trim) {
         None | Some("") => Ok(None),
-        Some(name) if valid_pool_name(name) => Ok(Some(name.to_string())),
+        Some(name) if vipam::names::is_pool_name(name) => Ok(Some(name.to_string())),
         Some(name) => Err(Problem {
             field: POOL_ANNOTATION,
             value: name.to_string(),
-            why: "not a pool name (lowercase letters, digits and '-'); nothing is allocated"
-                .to_string(),
+            why: format!(
+                "not a pool name ({}); nothing is allocated",
+                vipam::names::POOL_NAME_RULE
+            ),
         }),
     }
 }

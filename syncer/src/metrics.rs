@@ -20,8 +20,8 @@ pub struct ReasonLabels {
 pub struct CallLabels {
     /// The RPC, such as `Allocate`.
     pub call: &'static str,
-    /// Its gRPC code, such as `Ok` or `Unavailable`.
-    pub code: String,
+    /// Its gRPC code, such as `OK` or `UNAVAILABLE`.
+    pub code: &'static str,
 }
 
 /// Labels of an Event count.
@@ -128,7 +128,7 @@ impl Metrics {
         self.allocator_calls
             .get_or_create(&CallLabels {
                 call,
-                code: format!("{code:?}"),
+                code: vipam::names::code_name(code),
             })
             .observe(seconds);
     }
