@@ -7,7 +7,7 @@ use tonic::Code;
 use vipam::{client::Client, v1::AllocateRequest};
 
 use crate::{
-    desired::{LABEL_NAME, LABEL_NAMESPACE, LABEL_UID, Request, owner},
+    desired::{LABEL_NAME, LABEL_NAMESPACE, LABEL_UID, Request, Subject, owner},
     metrics::Metrics,
 };
 
@@ -91,19 +91,17 @@ impl Allocator {
     /// Allocates for a Service: the address asked for, or from the pool.
     pub async fn allocate(
         &self,
-        namespace: &str,
-        name: &str,
-        uid: &str,
+        service: &Subject,
         request: &Request,
     ) -> Result<Allocated, AllocError> {
         let labels = HashMap::from([
-            (LABEL_NAMESPACE.to_string(), namespace.to_string()),
-            (LABEL_NAME.to_string(), name.to_string()),
-            (LABEL_UID.to_string(), uid.to_string()),
+            (LABEL_NAMESPACE.to_string(), service.namespace.clone()),
+            (LABEL_NAME.to_string(), service.name.clone()),
+            (LABEL_UID.to_string(), service.uid.clone()),
         ]);
         let req = AllocateRequest {
             pool: request.pool.clone().unwrap_or_default(),
-            owner: owner(namespace, name),
+            owner: owner(&service.namespace, &service.name),
             address: request.address.map(|a| a.to_string()).unwrap_or_default(),
             labels,
             family: 0,

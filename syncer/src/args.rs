@@ -14,15 +14,16 @@ use kube::{
 };
 
 use crate::{
+    adopt::Adoptable,
     allocation::Allocator,
     configmap::{self, Writer},
+    context::{Clients, Context, Shared},
     desired::{ForwardMethod, Settings},
     events::Events,
     http,
     index::Index,
     metrics::Metrics,
-    reconcile::{self, Adoptable, Context},
-    render,
+    reconcile, render,
 };
 
 /// vipam-syncer gives LoadBalancer Services addresses from vipam-allocator,
@@ -311,17 +312,13 @@ impl Args {
             load_balancer_class,
             default_forward_method: default_forward_method.and_then(|d| d.0),
         };
-        let ctx = Arc::new(Context::new(
-            client.clone(),
-            Allocator::new(allocator_client, metrics.clone()),
-            index,
+        let clients = Clients {
+            kube: client.clone(),
+            allocator: Allocator::new(allocator_client, metrics.clone()),
             events,
-            settings,
-            metrics.clone(),
-            adoptable,
-            controller.store(),
-            retrigger,
-        ));
+        };
+        let state = Shared::new(index, controller.store(), adoptable, retrigger);
+        let ctx = Arc::new(Context::new(settings, clients, state, metrics.clone()));
 
         // Adopt every address in use before the ConfigMap is written or a new
         // address is handed out; then clean up after Services that are gone.

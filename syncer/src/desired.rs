@@ -6,6 +6,7 @@
 use std::{fmt, net::IpAddr, str::FromStr};
 
 use k8s_openapi::api::core::v1::Service;
+use kube::ResourceExt;
 
 /// The forward-method annotation of keepalived-cloud-provider.
 pub const FORWARD_METHOD_ANNOTATION: &str = "k8s.co/keepalived-forward-method";
@@ -239,6 +240,39 @@ pub fn owner(namespace: &str, name: &str) -> String {
 /// The namespace and name of a syncer-made owner.
 pub fn parse_owner(owner: &str) -> Option<(&str, &str)> {
     owner.strip_prefix(OWNER_PREFIX)?.split_once('/')
+}
+
+/// A Service as the allocator (its owner and labels) and the index know it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Subject {
+    /// Namespace of the Service.
+    pub namespace: String,
+    /// Name of the Service.
+    pub name: String,
+    /// Uid of the Service.
+    pub uid: String,
+}
+
+impl Subject {
+    /// The subject of a Service.
+    pub fn of(svc: &Service) -> Self {
+        Subject {
+            namespace: svc.namespace().unwrap_or_default(),
+            name: svc.name_any(),
+            uid: svc.metadata.uid.clone().unwrap_or_default(),
+        }
+    }
+
+    /// The Service's namespace and name, as the index keys it.
+    pub fn key(&self) -> (String, String) {
+        (self.namespace.clone(), self.name.clone())
+    }
+}
+
+impl fmt::Display for Subject {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
 }
 
 /// The first ingress IP of the Service's status, if it is an IP.

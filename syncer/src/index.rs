@@ -11,7 +11,7 @@ use std::{
 
 use tokio::sync::watch;
 
-use crate::render::Entry;
+use crate::{metrics::Metrics, render::Entry};
 
 /// A Service by namespace and name.
 pub type ServiceKey = (String, String);
@@ -124,6 +124,13 @@ impl Index {
         // the generation.
         let _ = rx.wait_for(|p| *p >= generation).await;
     }
+}
+
+/// Sets the gauge of managed Services from the index.
+pub fn record_managed(index: &Index, metrics: &Metrics) {
+    metrics
+        .managed
+        .set(i64::try_from(index.len()).unwrap_or(i64::MAX));
 }
 
 #[cfg(test)]

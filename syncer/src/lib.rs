@@ -2,18 +2,28 @@
 //! from vipam-allocator, writes them to the kube-keepalived-vip ConfigMap and
 //! to each Service's status.
 //!
-//! Pure parts: [`desired`] (what a Service asks for) and [`render`] (the
-//! ConfigMap format and the Go provider's state). Kubernetes-facing parts:
-//! [`reconcile`] (one Service), [`configmap`] (the one ConfigMap writer),
-//! [`events`]. [`allocation`] talks to the allocator; [`args`] wires it all.
+//! Pure parts: [`desired`] (what a Service asks for), [`plan`] (what a
+//! reconcile does with it), [`render`] (the ConfigMap format and the Go
+//! provider's state). Kubernetes-facing parts: [`reconcile`] (carries a plan
+//! out for one Service), [`writes`] (its patches of a Service), [`adopt`]
+//! (the addresses in use, claimed before new ones), [`configmap`] (the one
+//! ConfigMap writer), [`events`]. [`allocation`] talks to the allocator;
+//! [`context`] is what reconciles share; [`args`] wires it all.
 
+pub mod adopt;
 pub mod allocation;
 pub mod args;
 pub mod configmap;
+pub mod context;
 pub mod desired;
+pub mod error;
 pub mod events;
+#[cfg(test)]
+mod fixtures;
 pub mod http;
 pub mod index;
 pub mod metrics;
+pub mod plan;
 pub mod reconcile;
 pub mod render;
+pub mod writes;

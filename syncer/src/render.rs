@@ -13,7 +13,7 @@ use std::{
 
 use serde::Deserialize;
 
-use crate::desired::ForwardMethod;
+use crate::desired::{ForwardMethod, Subject};
 
 /// The annotation in which keepalived-cloud-provider kept its state.
 pub const LEGACY_ANNOTATION: &str = "k8s.co/cloud-provider-config";
@@ -32,6 +32,15 @@ pub struct Entry {
 }
 
 impl Entry {
+    /// The entry of a Service.
+    pub fn of(subject: &Subject, forward_method: Option<ForwardMethod>) -> Self {
+        Entry {
+            namespace: subject.namespace.clone(),
+            name: subject.name.clone(),
+            forward_method,
+        }
+    }
+
     /// The ConfigMap value of the entry.
     pub fn value(&self) -> String {
         match self.forward_method {

@@ -1,0 +1,110 @@
+//! Builders of Services for the unit tests of the pure decisions.
+
+use std::{collections::BTreeMap, net::IpAddr};
+
+use k8s_openapi::{
+    api::core::v1::{LoadBalancerIngress, LoadBalancerStatus, Service, ServiceSpec, ServiceStatus},
+    apimachinery::pkg::apis::meta::v1::Time,
+};
+
+use crate::{desired::FINALIZER, render::Legacy};
+
+/// An address from a test literal.
+pub fn mk_ip(s: &str) -> IpAddr {
+    s.parse().expect("test address")
+}
+
+/// An address from before vipam, recorded by uid only.
+pub fn mk_legacy(uid: &str, ip: &str) -> Legacy {
+    Legacy {
+        uid: Some(uid.into()),
+        service: None,
+        ip: mk_ip(ip),
+    }
+}
+
+/// A Service under construction.
+pub struct MkService(Service);
+
+/// A LoadBalancer Service `shop/<name>` with uid `uid-<name>`, no class, no
+/// annotations, no finalizer and no status.
+pub fn mk_service(name: &str) -> MkService {
+    let mut svc = Service::default();
+    svc.metadata.name = Some(name.into());
+    svc.metadata.namespace = Some("shop".into());
+    svc.metadata.uid = Some(format!("uid-{name}"));
+    svc.spec = Some(ServiceSpec {
+        type_: Some("LoadBalancer".into()),
+        ..Default::default()
+    });
+    MkService(svc)
+}
+
+impl MkService {
+    fn spec(&mut self) -> &mut ServiceSpec {
+        self.0.spec.get_or_insert_with(ServiceSpec::default)
+    }
+
+    /// With an annotation.
+    pub fn annotation(mut self, key: &str, value: &str) -> Self {
+        self.0
+            .metadata
+            .annotations
+            .get_or_insert_with(BTreeMap::new)
+            .insert(key.into(), value.into());
+        self
+    }
+
+    /// With `spec.loadBalancerIP`.
+    pub fn load_balancer_ip(mut self, ip: &str) -> Self {
+        self.spec().load_balancer_ip = Some(ip.into());
+        self
+    }
+
+    /// With `spec.type`.
+    pub fn type_(mut self, type_: &str) -> Self {
+        self.spec().type_ = Some(type_.into());
+        self
+    }
+
+    /// With `spec.loadBalancerClass`.
+    pub fn class(mut self, class: &str) -> Self {
+        self.spec().load_balancer_class = Some(class.into());
+        self
+    }
+
+    /// With the vipam finalizer.
+    pub fn finalized(mut self) -> Self {
+        self.0
+            .metadata
+            .finalizers
+            .get_or_insert_with(Vec::new)
+            .push(FINALIZER.into());
+        self
+    }
+
+    /// With an address in its status.
+    pub fn status(mut self, ip: &str) -> Self {
+        self.0.status = Some(ServiceStatus {
+            load_balancer: Some(LoadBalancerStatus {
+                ingress: Some(vec![LoadBalancerIngress {
+                    ip: Some(ip.into()),
+                    ..Default::default()
+                }]),
+            }),
+            ..Default::default()
+        });
+        self
+    }
+
+    /// Being deleted.
+    pub fn deleting(mut self) -> Self {
+        self.0.metadata.deletion_timestamp = Some(Time(Default::default()));
+        self
+    }
+
+    /// The Service.
+    pub fn build(self) -> Service {
+        self.0
+    }
+}
