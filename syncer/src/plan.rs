@@ -79,7 +79,8 @@ pub enum Plan {
 
 /// Giving a Service its address, in order: the Events, the finalizer, a
 /// release (when it moves), adoption of every address in use (before a new
-/// one), the allocation, then what [`Apply::outcome`] says.
+/// one), the allocation (an address in answer forgets the earlier
+/// allocation-failed Events), then what [`Apply::outcome`] says.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Apply {
     /// The Service.

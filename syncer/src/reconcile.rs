@@ -4,7 +4,7 @@
 //! (the reverse, when the Service goes away or stops being a LoadBalancer).
 //! Both carry out their plan step by step; every decision is in the plan.
 
-use std::{sync::Arc, time::Duration};
+use std::{net::IpAddr, sync::Arc, time::Duration};
 
 use k8s_openapi::api::core::v1::{ObjectReference, Service};
 use kube::{
@@ -14,7 +14,7 @@ use kube::{
 
 use crate::{
     context::Context,
-    desired,
+    desired::{self, Subject},
     error::Error,
     events::reason,
     index,
@@ -70,25 +70,30 @@ async fn failed(ctx: &Context, svc: &Service, f: Failure) -> Error {
     Error::Alloc(f.error)
 }
 
-/// Gives the Service its address.
-async fn apply(svc: &Service, ctx: &Context, p: Apply) -> Result<(), Error> {
-    publish(ctx, svc, p.notes.clone()).await;
-    let s = &p.subject;
-    let allocator = &ctx.clients.allocator;
-    let api: Api<Service> = Api::namespaced(ctx.clients.kube.clone(), &s.namespace);
+/// Releases whatever the Service holds; a failure is reported as one.
+async fn release(ctx: &Context, svc: &Service, s: &Subject) -> Result<Option<IpAddr>, Error> {
+    match ctx.clients.allocator.release(&s.namespace, &s.name).await {
+        Ok(released) => Ok(released),
+        Err(e) => Err(failed(ctx, svc, plan::failure(&e)).await),
+    }
+}
+
+/// Gives the Service its address: the steps before the allocation, the
+/// allocation, then what its outcome says.
+async fn apply(svc: &Service, ctx: &Context, mut p: Apply) -> Result<(), Error> {
+    publish(ctx, svc, std::mem::take(&mut p.notes)).await;
+    let api: Api<Service> = Api::namespaced(ctx.clients.kube.clone(), &p.subject.namespace);
     let mut own = OwnWrites::from(svc);
     if p.add_finalizer {
         own.wrote(&add_finalizer(&api, svc).await?);
     }
-    if p.release_first
-        && let Err(e) = allocator.release(&s.namespace, &s.name).await
-    {
-        return Err(failed(ctx, svc, plan::failure(&e)).await);
+    if p.release_first {
+        release(ctx, svc, &p.subject).await?;
     }
     if p.adopt_first {
         ctx.adopt_all().await?;
     }
-    let answer = allocator.allocate(s, &p.ask).await;
+    let answer = ctx.clients.allocator.allocate(&p.subject, &p.ask).await;
     let holder = answer
         .as_ref()
         .ok()
@@ -98,25 +103,24 @@ async fn apply(svc: &Service, ctx: &Context, p: Apply) -> Result<(), Error> {
             .events
             .clear(&reference(svc), reason::ALLOCATION_FAILED);
     }
+    let s = &p.subject;
     match p.outcome(answer.as_ref(), holder.as_ref()) {
-        Outcome::Failed(f) => return Err(failed(ctx, svc, f).await),
+        Outcome::Failed(f) => Err(failed(ctx, svc, f).await),
         Outcome::Stale { ip, holder } => {
             // Never publish an address twice. Give it back and adopt everything.
-            let _ = allocator.release(&s.namespace, &s.name).await;
+            let _ = ctx.clients.allocator.release(&s.namespace, &s.name).await;
             ctx.state.adoption.require();
-            return Err(Error::Stale {
+            Err(Error::Stale {
                 ip,
                 owner: s.to_string(),
                 holder: format!("{}/{}", holder.0, holder.1),
-            });
+            })
         }
         Outcome::Ipv6 { note } => {
-            if let Err(e) = allocator.release(&s.namespace, &s.name).await {
-                return Err(failed(ctx, svc, plan::failure(&e)).await);
-            }
+            release(ctx, svc, s).await?;
             tell(ctx, svc, note).await;
             ctx.state.index.remove(&s.key());
-            return Ok(());
+            Ok(())
         }
         Outcome::Publish {
             ip,
@@ -129,10 +133,10 @@ async fn apply(svc: &Service, ctx: &Context, p: Apply) -> Result<(), Error> {
                 own.wrote(&patch_status(&api, svc, Some(ip)).await?);
                 tell(ctx, svc, note).await;
             }
+            own.settle(&ctx.state.services, svc).await;
+            Ok(())
         }
     }
-    own.settle(&ctx.state.services, svc).await;
-    Ok(())
 }
 
 /// Releases the address, waits until the ConfigMap no longer holds it, clears
@@ -141,10 +145,7 @@ async fn apply(svc: &Service, ctx: &Context, p: Apply) -> Result<(), Error> {
 async fn cleanup(svc: &Service, ctx: &Context, p: Cleanup) -> Result<(), Error> {
     let s = &p.subject;
     let key = s.key();
-    let released = match ctx.clients.allocator.release(&s.namespace, &s.name).await {
-        Ok(r) => r,
-        Err(e) => return Err(failed(ctx, svc, plan::failure(&e)).await),
-    };
+    let released = release(ctx, svc, s).await?;
     let indexed = ctx.state.index.address(&key).is_some();
     if !p.served(released, indexed, ctx.state.is_cleaning(&s.uid)) {
         tracing::debug!(service = %s, "not served by this syncer; its finalizer is left alone");
