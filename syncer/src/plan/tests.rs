@@ -372,7 +372,8 @@ fn an_address_another_service_holds_is_stale() {
 }
 
 #[test]
-fn a_full_pool_waits_for_a_release_and_an_unreachable_allocator_requires_adoption() {
+fn a_full_pool_waits_for_a_release_an_unreachable_allocator_requires_adoption_and_a_refusal_is_reported()
+ {
     let p = mk_apply(&mk_service("web").build());
     let full = AllocError::Exhausted("pool \"default\" has no free address".into());
     let Outcome::Failed(f) = p.outcome(Err(&full), None) else {
@@ -387,6 +388,15 @@ fn a_full_pool_waits_for_a_release_and_an_unreachable_allocator_requires_adoptio
         panic!("expected Failed");
     };
     assert!(f.adopt_again && !f.wait_for_release);
-    let held = failure(&AllocError::Held("10.0.0.7 is held by shop/db".into()));
-    assert!(!held.adopt_again && !held.wait_for_release);
+    for refused in [
+        AllocError::Held("10.0.0.7 is held by shop/db".into()),
+        AllocError::UnknownPool("no pool \"dmz\"".into()),
+    ] {
+        let Outcome::Failed(f) = p.outcome(Err(&refused), None) else {
+            panic!("expected Failed");
+        };
+        assert!(!f.adopt_again && !f.wait_for_release, "{refused}");
+        assert_eq!(f.note.reason, reason::ALLOCATION_FAILED);
+        assert_eq!(f.note.message, refused.to_string());
+    }
 }
