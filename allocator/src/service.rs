@@ -12,9 +12,11 @@ use vipam::v1::{
 };
 
 use crate::{
-    ipam::{self, AllocateArgs, Error, Handle, ListArgs, ReleaseArgs},
+    error::{self, Error},
+    handle::Handle,
     metrics::Metrics,
     pool::Family,
+    request::{self, AllocateArgs, ListArgs, ReleaseArgs},
     store::ChangeKind,
     watch::{WatchArgs, WatchItem},
 };
@@ -134,7 +136,7 @@ impl Service {
     /// Runs a blocking store read off the async workers.
     async fn read<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&Handle) -> ipam::Result<T> + Send + 'static,
+        f: impl FnOnce(&Handle) -> error::Result<T> + Send + 'static,
     ) -> Result<T, Status> {
         let ipam = self.ipam.clone();
         tokio::task::spawn_blocking(move || f(&ipam))
@@ -170,13 +172,13 @@ fn allocate_args(request: pb::AllocateRequest) -> Result<AllocateArgs, Error> {
     };
     Ok(AllocateArgs {
         pool: optional(&pool)
-            .map(|p| ipam::parse_pool("pool", p))
+            .map(|p| request::parse_pool("pool", p))
             .transpose()?,
-        owner: ipam::parse_owner("owner", &owner)?,
+        owner: request::parse_owner("owner", &owner)?,
         address: optional(&address)
-            .map(|a| ipam::parse_address("address", a))
+            .map(|a| request::parse_address("address", a))
             .transpose()?,
-        labels: ipam::parse_labels(labels)?,
+        labels: request::parse_labels(labels)?,
         family,
     })
 }
@@ -185,10 +187,10 @@ fn release_args(request: pb::ReleaseRequest) -> Result<ReleaseArgs, Error> {
     let pb::ReleaseRequest { owner, address } = request;
     Ok(ReleaseArgs {
         owner: optional(&owner)
-            .map(|o| ipam::parse_owner("owner", o))
+            .map(|o| request::parse_owner("owner", o))
             .transpose()?,
         address: optional(&address)
-            .map(|a| ipam::parse_address("address", a))
+            .map(|a| request::parse_address("address", a))
             .transpose()?,
     })
 }
@@ -203,15 +205,15 @@ fn list_args(request: pb::ListRequest) -> Result<ListArgs, Error> {
         page_token,
     } = request;
     let page_size = match page_size {
-        0 => ipam::DEFAULT_PAGE_SIZE,
-        n if n < 0 || n as usize > ipam::MAX_PAGE_SIZE => {
+        0 => request::DEFAULT_PAGE_SIZE,
+        n if n < 0 || n as usize > request::MAX_PAGE_SIZE => {
             return Err(Error::Invalid {
                 field: "page_size",
                 value: n.to_string(),
                 why: format!(
                     "must be 0 (for {}) to {}",
-                    ipam::DEFAULT_PAGE_SIZE,
-                    ipam::MAX_PAGE_SIZE
+                    request::DEFAULT_PAGE_SIZE,
+                    request::MAX_PAGE_SIZE
                 ),
             });
         }
@@ -231,7 +233,7 @@ fn list_args(request: pb::ListRequest) -> Result<ListArgs, Error> {
     };
     Ok(ListArgs {
         pool: optional(&pool)
-            .map(|p| ipam::parse_pool("pool", p))
+            .map(|p| request::parse_pool("pool", p))
             .transpose()?,
         owner_prefix,
         page_size,
@@ -247,7 +249,7 @@ fn watch_args(request: pb::WatchRequest) -> Result<WatchArgs, Error> {
     } = request;
     Ok(WatchArgs {
         pool: optional(&pool)
-            .map(|p| ipam::parse_pool("pool", p))
+            .map(|p| request::parse_pool("pool", p))
             .transpose()?,
         owner_prefix,
         since: since_revision,
@@ -286,8 +288,8 @@ fn timestamp(unix_nanos: u64) -> prost_types::Timestamp {
     }
 }
 
-fn to_proto(a: ipam::Allocation) -> pb::Allocation {
-    let ipam::Allocation {
+fn to_proto(a: request::Allocation) -> pb::Allocation {
+    let request::Allocation {
         address,
         pool,
         record,
@@ -347,11 +349,11 @@ impl Allocator for Service {
             let pb::GetRequest { owner, address } = request.into_inner();
             let allocation = match (optional(&owner), optional(&address)) {
                 (Some(owner), None) => {
-                    let owner = ipam::parse_owner("owner", owner).map_err(status)?;
+                    let owner = request::parse_owner("owner", owner).map_err(status)?;
                     self.read(move |h| h.get_by_owner(&owner)).await?
                 }
                 (None, Some(address)) => {
-                    let ip = ipam::parse_address("address", address).map_err(status)?;
+                    let ip = request::parse_address("address", address).map_err(status)?;
                     self.read(move |h| h.get_by_address(ip)).await?
                 }
                 _ => {
