@@ -2,7 +2,7 @@
 //! (an embedded sled database by default) and served over gRPC.
 //!
 //! Layers, from the inside out, each depending only on those before it:
-//! [`intervals`] and [`pool`] (address arithmetic, no I/O); [`store`] (the
+//! [`intervals`], [`family`] and [`pool`] (address arithmetic, no I/O); [`store`] (the
 //! store seam and its engines, the only place that knows a database);
 //! [`error`] and [`request`] (the error enum, input checks, requests and
 //! answers); [`rules`] (the allocation rules, pure decisions); [`stats`],
@@ -15,6 +15,7 @@
 
 pub mod args;
 pub mod error;
+pub mod family;
 pub mod handle;
 pub mod hub;
 pub mod intervals;
