@@ -19,17 +19,17 @@ use crate::{
 /// (its own uncommitted writes included).
 pub trait View {
     /// The address `owner` holds.
-    fn owner_address(&self, owner: &str) -> Result<Option<IpAddr>, StoreError>;
+    fn held_by(&self, owner: &str) -> Result<Option<IpAddr>, StoreError>;
     /// The allocation at `ip`.
-    fn record(&self, ip: IpAddr) -> Result<Option<Record>, StoreError>;
+    fn record_at(&self, ip: IpAddr) -> Result<Option<Record>, StoreError>;
 }
 
 impl<S: Store> View for S {
-    fn owner_address(&self, owner: &str) -> Result<Option<IpAddr>, StoreError> {
+    fn held_by(&self, owner: &str) -> Result<Option<IpAddr>, StoreError> {
         self.owner_address_latest(owner)
     }
 
-    fn record(&self, ip: IpAddr) -> Result<Option<Record>, StoreError> {
+    fn record_at(&self, ip: IpAddr) -> Result<Option<Record>, StoreError> {
         self.get_latest(ip)
     }
 }
@@ -119,8 +119,8 @@ impl Rules {
         };
 
         // Idempotency, and one address per owner, come before anything else.
-        if let Some(held) = view.owner_address(&owner)? {
-            let record = view.record(held)?.ok_or_else(|| StoreError::Corrupt {
+        if let Some(held) = view.held_by(&owner)? {
+            let record = view.record_at(held)?.ok_or_else(|| StoreError::Corrupt {
                 key: format!("o{owner}"),
                 why: format!("owner index points to {held}, which holds no allocation"),
             })?;
@@ -176,7 +176,7 @@ impl Rules {
                 why,
             });
         }
-        if let Some(holder) = view.record(ip)? {
+        if let Some(holder) = view.record_at(ip)? {
             return Err(Error::Held {
                 address: ip,
                 holder: holder.owner,
@@ -213,13 +213,13 @@ impl Rules {
         let ReleaseArgs { owner, address } = args;
         let ip = match (address, &owner) {
             (Some(ip), _) => ip,
-            (None, Some(owner)) => match view.owner_address(owner)? {
+            (None, Some(owner)) => match view.held_by(owner)? {
                 Some(ip) => ip,
                 None => return Ok(Release::Nothing),
             },
             (None, None) => return Err(invalid("owner", "", "give an owner, an address, or both")),
         };
-        let Some(record) = view.record(ip)? else {
+        let Some(record) = view.record_at(ip)? else {
             return Ok(Release::Nothing);
         };
         if let Some(owner) = owner
@@ -249,11 +249,11 @@ pub(crate) mod tests {
     }
 
     impl View for MemView {
-        fn owner_address(&self, owner: &str) -> Result<Option<IpAddr>, StoreError> {
+        fn held_by(&self, owner: &str) -> Result<Option<IpAddr>, StoreError> {
             Ok(self.owners.get(owner).copied())
         }
 
-        fn record(&self, ip: IpAddr) -> Result<Option<Record>, StoreError> {
+        fn record_at(&self, ip: IpAddr) -> Result<Option<Record>, StoreError> {
             Ok(self.records.get(&ip).cloned())
         }
     }

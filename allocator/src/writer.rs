@@ -1,6 +1,6 @@
 //! The writer: one thread that takes every Allocate and Release from a
-//! queue, applies them in batches (up to [`MAX_BATCH`] requests, as many as
-//! are waiting), commits each batch with one flush (group commit), then
+//! queue, applies them in batches (as many as are waiting, up to 512
+//! requests), commits each batch with one flush (group commit), then
 //! publishes the batch's changes to the watch hub and only then answers its
 //! requests: an answer is never sent before its write is durable.
 
