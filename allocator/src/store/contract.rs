@@ -15,11 +15,14 @@ use crate::pool::to_int;
 /// server) lives as long as the test.
 macro_rules! store_contract {
     ($mk:expr) => {
-        $crate::store::contract::store_contract!(@tests $mk; put_then_get_by_address_and_owner,
+        $crate::store::contract::store_contract!(@tests $mk;
+            a_new_store_is_empty_at_revision_zero,
+            put_then_get_by_address_and_owner,
             the_latest_reads_see_staged_writes_and_the_others_see_them_once_flushed,
             delete_removes_record_and_owner_index,
             scans_are_ordered_by_address_ipv4_first,
-            every_write_is_in_the_change_log_in_revision_order);
+            every_write_is_in_the_change_log_in_revision_order,
+        );
     };
     (@tests $mk:expr; $($name:ident),* $(,)?) => {
         mod contract {
@@ -80,6 +83,18 @@ pub(crate) fn revisions<S: Store>(
             (c.revision, c.kind, c.address)
         })
         .collect()
+}
+
+pub(crate) fn a_new_store_is_empty_at_revision_zero<S: Store>(store: &S) {
+    assert_eq!(store.revision().expect("rev"), 0);
+    assert_eq!(store.first_change().expect("first"), None);
+    assert_eq!(store.addresses().count(), 0);
+    assert_eq!(store.scan_after(None).count(), 0);
+    assert_eq!(store.changes(0, u64::MAX).count(), 0);
+    assert_eq!(store.get_latest(ip("10.0.0.1")).expect("get"), None);
+    assert_eq!(store.owner_address_latest("svc-a").expect("owner"), None);
+    store.flush().expect("flushing nothing");
+    assert_eq!(store.revision().expect("rev"), 0);
 }
 
 pub(crate) fn put_then_get_by_address_and_owner<S: Store>(store: &S) {
