@@ -16,7 +16,10 @@ use crate::{
     handle::Handle,
     metrics::Metrics,
     pool::Family,
-    request::{self, AllocateArgs, ListArgs, ReleaseArgs},
+    request::{
+        AllocateArgs, Allocation, DEFAULT_PAGE_SIZE, ListArgs, MAX_PAGE_SIZE, ReleaseArgs,
+        parse_address, parse_labels, parse_owner, parse_pool,
+    },
     store::ChangeKind,
     watch::{WatchArgs, WatchItem},
 };
@@ -171,14 +174,12 @@ fn allocate_args(request: pb::AllocateRequest) -> Result<AllocateArgs, Error> {
         }
     };
     Ok(AllocateArgs {
-        pool: optional(&pool)
-            .map(|p| request::parse_pool("pool", p))
-            .transpose()?,
-        owner: request::parse_owner("owner", &owner)?,
+        pool: optional(&pool).map(|p| parse_pool("pool", p)).transpose()?,
+        owner: parse_owner("owner", &owner)?,
         address: optional(&address)
-            .map(|a| request::parse_address("address", a))
+            .map(|a| parse_address("address", a))
             .transpose()?,
-        labels: request::parse_labels(labels)?,
+        labels: parse_labels(labels)?,
         family,
     })
 }
@@ -187,10 +188,10 @@ fn release_args(request: pb::ReleaseRequest) -> Result<ReleaseArgs, Error> {
     let pb::ReleaseRequest { owner, address } = request;
     Ok(ReleaseArgs {
         owner: optional(&owner)
-            .map(|o| request::parse_owner("owner", o))
+            .map(|o| parse_owner("owner", o))
             .transpose()?,
         address: optional(&address)
-            .map(|a| request::parse_address("address", a))
+            .map(|a| parse_address("address", a))
             .transpose()?,
     })
 }
@@ -205,16 +206,12 @@ fn list_args(request: pb::ListRequest) -> Result<ListArgs, Error> {
         page_token,
     } = request;
     let page_size = match page_size {
-        0 => request::DEFAULT_PAGE_SIZE,
-        n if n < 0 || n as usize > request::MAX_PAGE_SIZE => {
+        0 => DEFAULT_PAGE_SIZE,
+        n if n < 0 || n as usize > MAX_PAGE_SIZE => {
             return Err(Error::Invalid {
                 field: "page_size",
                 value: n.to_string(),
-                why: format!(
-                    "must be 0 (for {}) to {}",
-                    request::DEFAULT_PAGE_SIZE,
-                    request::MAX_PAGE_SIZE
-                ),
+                why: format!("must be 0 (for {}) to {}", DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE),
             });
         }
         n => n as usize,
@@ -232,9 +229,7 @@ fn list_args(request: pb::ListRequest) -> Result<ListArgs, Error> {
         }
     };
     Ok(ListArgs {
-        pool: optional(&pool)
-            .map(|p| request::parse_pool("pool", p))
-            .transpose()?,
+        pool: optional(&pool).map(|p| parse_pool("pool", p)).transpose()?,
         owner_prefix,
         page_size,
         after,
@@ -248,9 +243,7 @@ fn watch_args(request: pb::WatchRequest) -> Result<WatchArgs, Error> {
         since_revision,
     } = request;
     Ok(WatchArgs {
-        pool: optional(&pool)
-            .map(|p| request::parse_pool("pool", p))
-            .transpose()?,
+        pool: optional(&pool).map(|p| parse_pool("pool", p)).transpose()?,
         owner_prefix,
         since: since_revision,
     })
@@ -288,8 +281,8 @@ fn timestamp(unix_nanos: u64) -> prost_types::Timestamp {
     }
 }
 
-fn to_proto(a: request::Allocation) -> pb::Allocation {
-    let request::Allocation {
+fn to_proto(a: Allocation) -> pb::Allocation {
+    let Allocation {
         address,
         pool,
         record,
@@ -349,11 +342,11 @@ impl Allocator for Service {
             let pb::GetRequest { owner, address } = request.into_inner();
             let allocation = match (optional(&owner), optional(&address)) {
                 (Some(owner), None) => {
-                    let owner = request::parse_owner("owner", owner).map_err(status)?;
+                    let owner = parse_owner("owner", owner).map_err(status)?;
                     self.read(move |h| h.get_by_owner(&owner)).await?
                 }
                 (None, Some(address)) => {
-                    let ip = request::parse_address("address", address).map_err(status)?;
+                    let ip = parse_address("address", address).map_err(status)?;
                     self.read(move |h| h.get_by_address(ip)).await?
                 }
                 _ => {
