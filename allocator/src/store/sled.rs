@@ -42,7 +42,7 @@ const TAG_V6: u8 = 6;
 const KIND_ALLOCATED: u8 = b'+';
 const KIND_RELEASED: u8 = b'-';
 
-/// How long [`Store::open`] waits for the directory's lock.
+/// How long [`SledStore::open`] waits for the directory's lock.
 pub const LOCK_WAIT: Duration = Duration::from_secs(2);
 
 /// sled reports a lock held elsewhere as an I/O error of kind `Other` that
