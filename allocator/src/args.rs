@@ -7,11 +7,12 @@ use anyhow::Context;
 use clap::Parser;
 
 use crate::{
-    ipam::{self, Ipam},
+    handle,
+    ipam::Ipam,
     pool::{self, Element, PoolDef, Pools},
     server::{self, Listener, Settings},
     service::Token,
-    store::Store,
+    store::{SledStore, Store},
     watch::{DEFAULT_PROGRESS_INTERVAL, WatchSettings},
 };
 
@@ -320,7 +321,7 @@ impl Args {
 
         std::fs::create_dir_all(&data_dir)
             .map_err(|e| ConfigError(format!("--data-dir {}: {e}", data_dir.display())))?;
-        let store = Store::open(&data_dir, cache_bytes)
+        let store = SledStore::open(&data_dir, cache_bytes)
             .map_err(|e| {
                 ConfigError(format!(
                     "--data-dir {}: cannot open the database (is another allocator using it?): {e}",
@@ -346,7 +347,7 @@ impl Args {
             progress_interval: DEFAULT_PROGRESS_INTERVAL,
         };
         let (handle, writer) =
-            ipam::start_with(ipam, store, 4096, watch).context("starting the store writer")?;
+            handle::start_with(ipam, store, 4096, watch).context("starting the store writer")?;
         let report = handle.pools_report()?;
         for r in &report.pools {
             let pool = pools.at(r.index);

@@ -16,7 +16,7 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::ipam::Handle;
+use crate::handle::Handle;
 
 /// Labels of an RPC count.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -121,7 +121,7 @@ impl Collector for AllocatorCollector {
             return Ok(());
         };
         let pools = self.ipam.pools();
-        type Getter = fn(&crate::ipam::PoolReport) -> f64;
+        type Getter = fn(&crate::request::PoolReport) -> f64;
         let per_pool: [(&str, &str, Getter); 3] = [
             ("vipam_pool_size", "Addresses the pool can hand out", |r| {
                 r.size as f64

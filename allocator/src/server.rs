@@ -21,7 +21,7 @@ use tonic::{service::Routes, transport::Server};
 use vipam::v1::allocator_server::AllocatorServer;
 
 use crate::{
-    ipam::Handle,
+    handle::Handle,
     metrics::Metrics,
     service::{Service, Token},
 };

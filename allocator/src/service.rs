@@ -12,9 +12,14 @@ use vipam::v1::{
 };
 
 use crate::{
-    ipam::{self, AllocateArgs, Error, Handle, ListArgs, ReleaseArgs},
+    error::{self, Error},
+    handle::Handle,
     metrics::Metrics,
     pool::Family,
+    request::{
+        AllocateArgs, Allocation, DEFAULT_PAGE_SIZE, ListArgs, MAX_PAGE_SIZE, ReleaseArgs,
+        parse_address, parse_labels, parse_owner, parse_pool,
+    },
     store::ChangeKind,
     watch::{WatchArgs, WatchItem},
 };
@@ -134,7 +139,7 @@ impl Service {
     /// Runs a blocking store read off the async workers.
     async fn read<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&Handle) -> ipam::Result<T> + Send + 'static,
+        f: impl FnOnce(&Handle) -> error::Result<T> + Send + 'static,
     ) -> Result<T, Status> {
         let ipam = self.ipam.clone();
         tokio::task::spawn_blocking(move || f(&ipam))
@@ -169,14 +174,12 @@ fn allocate_args(request: pb::AllocateRequest) -> Result<AllocateArgs, Error> {
         }
     };
     Ok(AllocateArgs {
-        pool: optional(&pool)
-            .map(|p| ipam::parse_pool("pool", p))
-            .transpose()?,
-        owner: ipam::parse_owner("owner", &owner)?,
+        pool: optional(&pool).map(|p| parse_pool("pool", p)).transpose()?,
+        owner: parse_owner("owner", &owner)?,
         address: optional(&address)
-            .map(|a| ipam::parse_address("address", a))
+            .map(|a| parse_address("address", a))
             .transpose()?,
-        labels: ipam::parse_labels(labels)?,
+        labels: parse_labels(labels)?,
         family,
     })
 }
@@ -185,10 +188,10 @@ fn release_args(request: pb::ReleaseRequest) -> Result<ReleaseArgs, Error> {
     let pb::ReleaseRequest { owner, address } = request;
     Ok(ReleaseArgs {
         owner: optional(&owner)
-            .map(|o| ipam::parse_owner("owner", o))
+            .map(|o| parse_owner("owner", o))
             .transpose()?,
         address: optional(&address)
-            .map(|a| ipam::parse_address("address", a))
+            .map(|a| parse_address("address", a))
             .transpose()?,
     })
 }
@@ -203,16 +206,12 @@ fn list_args(request: pb::ListRequest) -> Result<ListArgs, Error> {
         page_token,
     } = request;
     let page_size = match page_size {
-        0 => ipam::DEFAULT_PAGE_SIZE,
-        n if n < 0 || n as usize > ipam::MAX_PAGE_SIZE => {
+        0 => DEFAULT_PAGE_SIZE,
+        n if n < 0 || n as usize > MAX_PAGE_SIZE => {
             return Err(Error::Invalid {
                 field: "page_size",
                 value: n.to_string(),
-                why: format!(
-                    "must be 0 (for {}) to {}",
-                    ipam::DEFAULT_PAGE_SIZE,
-                    ipam::MAX_PAGE_SIZE
-                ),
+                why: format!("must be 0 (for {}) to {}", DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE),
             });
         }
         n => n as usize,
@@ -230,9 +229,7 @@ fn list_args(request: pb::ListRequest) -> Result<ListArgs, Error> {
         }
     };
     Ok(ListArgs {
-        pool: optional(&pool)
-            .map(|p| ipam::parse_pool("pool", p))
-            .transpose()?,
+        pool: optional(&pool).map(|p| parse_pool("pool", p)).transpose()?,
         owner_prefix,
         page_size,
         after,
@@ -246,9 +243,7 @@ fn watch_args(request: pb::WatchRequest) -> Result<WatchArgs, Error> {
         since_revision,
     } = request;
     Ok(WatchArgs {
-        pool: optional(&pool)
-            .map(|p| ipam::parse_pool("pool", p))
-            .transpose()?,
+        pool: optional(&pool).map(|p| parse_pool("pool", p)).transpose()?,
         owner_prefix,
         since: since_revision,
     })
@@ -286,8 +281,8 @@ fn timestamp(unix_nanos: u64) -> prost_types::Timestamp {
     }
 }
 
-fn to_proto(a: ipam::Allocation) -> pb::Allocation {
-    let ipam::Allocation {
+fn to_proto(a: Allocation) -> pb::Allocation {
+    let Allocation {
         address,
         pool,
         record,
@@ -347,11 +342,11 @@ impl Allocator for Service {
             let pb::GetRequest { owner, address } = request.into_inner();
             let allocation = match (optional(&owner), optional(&address)) {
                 (Some(owner), None) => {
-                    let owner = ipam::parse_owner("owner", owner).map_err(status)?;
+                    let owner = parse_owner("owner", owner).map_err(status)?;
                     self.read(move |h| h.get_by_owner(&owner)).await?
                 }
                 (None, Some(address)) => {
-                    let ip = ipam::parse_address("address", address).map_err(status)?;
+                    let ip = parse_address("address", address).map_err(status)?;
                     self.read(move |h| h.get_by_address(ip)).await?
                 }
                 _ => {

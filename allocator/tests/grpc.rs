@@ -15,11 +15,11 @@ use vipam::v1::{
     allocator_client::AllocatorClient,
 };
 use vipam_allocator::{
-    ipam::{self, Ipam},
+    Ipam,
     pool::{PoolDef, Pools, apply_settings},
     server::{self, Settings},
     service::Token,
-    store::Store,
+    store::SledStore,
 };
 
 struct TestServer {
@@ -104,9 +104,9 @@ async fn mk_server(config: Config<'_>) -> TestServer {
     let explicit: Vec<String> = config.explicit_only.iter().map(|s| s.to_string()).collect();
     apply_settings(&mut defs, reserved, &explicit, &[]).expect("settings");
     let pools = Arc::new(Pools::new(defs, None).expect("pools"));
-    let store = Store::open(dir.path(), 8 << 20).expect("store");
+    let store = SledStore::open(dir.path(), 8 << 20).expect("store");
     let ipam = Ipam::load(store.clone(), pools).expect("load");
-    let (handle, writer) = ipam::start(ipam, store, 1024).expect("writer");
+    let (handle, writer) = vipam_allocator::start(ipam, store, 1024).expect("writer");
     let settings = Settings {
         max_message_bytes: config.max_message_bytes,
         request_timeout: Duration::from_secs(10),

@@ -12,11 +12,11 @@ use vipam::v1::{
     WatchRequest, allocator_client::AllocatorClient,
 };
 use vipam_allocator::{
-    ipam::{self, Ipam},
+    Ipam,
     pool::{PoolDef, Pools},
     server::{self, Settings},
     service::Token,
-    store::Store,
+    store::SledStore,
     watch::WatchSettings,
 };
 
@@ -73,11 +73,12 @@ async fn mk_server(config: Config) -> TestServer {
         .map(|p| p.parse().expect("pool"))
         .collect();
     let pools = Arc::new(Pools::new(defs, None).expect("pools"));
-    let store = Store::open(dir.path(), 8 << 20)
+    let store = SledStore::open(dir.path(), 8 << 20)
         .expect("store")
         .with_history(config.history);
     let ipam = Ipam::load(store.clone(), pools).expect("load");
-    let (handle, writer) = ipam::start_with(ipam, store, 1024, config.watch).expect("writer");
+    let (handle, writer) =
+        vipam_allocator::start_with(ipam, store, 1024, config.watch).expect("writer");
     let settings = Settings {
         max_message_bytes: 4 << 20,
         request_timeout: Duration::from_secs(10),

@@ -21,9 +21,10 @@ use tonic::transport::{Channel, Endpoint};
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 use vipam::v1::{AllocateRequest, ReleaseRequest, allocator_client::AllocatorClient};
 use vipam_allocator::{
-    ipam::{AllocateArgs, Ipam},
+    Ipam,
     pool::{PoolDef, Pools},
-    store::Store,
+    request::AllocateArgs,
+    store::SledStore,
 };
 
 /// Page cache the benchmarks give sled, the allocator's default.
@@ -198,7 +199,7 @@ pub fn prefill(dir: &Path, pool: &str, n: u64) -> Duration {
     let started = Instant::now();
     let def: PoolDef = pool.parse().expect("pool definition");
     let pools = Arc::new(Pools::new(vec![def], None).expect("pools"));
-    let store = Store::open(dir, CACHE_BYTES).expect("opening the store to prefill");
+    let store = SledStore::open(dir, CACHE_BYTES).expect("opening the store to prefill");
     let mut ipam = Ipam::load(store, pools).expect("loading the store to prefill");
     for i in 0..n {
         ipam.allocate(AllocateArgs {

@@ -1,5 +1,6 @@
-//! The sled store: allocations by address, an index by owner and the store
-//! revision. Only this module touches sled, and key encoding lives here alone.
+//! The sled engine, the embedded default: the [`Store`] contract over one
+//! sled database in a directory. The only file that names sled; key encoding
+//! lives here alone.
 //!
 //! Writes are staged: [`Store::put`] and [`Store::delete`] add to one pending
 //! batch, which [`Store::flush`] applies atomically and then makes durable.
@@ -22,15 +23,14 @@
 //! young store) without gaps.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::HashMap,
     net::IpAddr,
     path::Path,
     sync::{Arc, Mutex, MutexGuard, PoisonError},
     time::{Duration, Instant},
 };
 
-use serde::{Deserialize, Serialize};
-
+use super::{Change, ChangeKind, DEFAULT_HISTORY, Record, Result, Scan, Store, StoreError};
 use crate::pool::{Family, from_int};
 
 const ALLOC: u8 = b'a';
@@ -42,7 +42,7 @@ const TAG_V6: u8 = 6;
 const KIND_ALLOCATED: u8 = b'+';
 const KIND_RELEASED: u8 = b'-';
 
-/// How long [`Store::open`] waits for the directory's lock.
+/// How long [`SledStore::open`] waits for the directory's lock.
 pub const LOCK_WAIT: Duration = Duration::from_secs(2);
 
 /// sled reports a lock held elsewhere as an I/O error of kind `Other` that
@@ -51,67 +51,15 @@ fn is_lock_error(e: &std::io::Error) -> bool {
     e.kind() == std::io::ErrorKind::WouldBlock || e.to_string().contains("could not acquire lock")
 }
 
-/// Revisions of change history kept when none is configured.
-pub const DEFAULT_HISTORY: u64 = 100_000;
-
-/// What the store keeps of an allocation.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Record {
-    /// The owner holding the address.
-    pub owner: String,
-    /// Labels given at allocation.
-    #[serde(default)]
-    pub labels: BTreeMap<String, String>,
-    /// Allocation time, nanoseconds since the Unix epoch.
-    pub created_unix_nanos: u64,
-    /// Store revision of the write that created the allocation.
-    pub revision: u64,
+impl From<sled::Error> for StoreError {
+    fn from(e: sled::Error) -> Self {
+        StoreError::Engine(Box::new(e))
+    }
 }
 
-/// What a write did.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ChangeKind {
-    /// An allocation was created.
-    Allocated,
-    /// An allocation was removed.
-    Released,
-}
-
-/// One entry of the change log: what the write of `revision` did.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Change {
-    /// The revision of the write.
-    pub revision: u64,
-    /// Allocated or released.
-    pub kind: ChangeKind,
-    /// The address.
-    pub address: IpAddr,
-    /// The allocation created, or the one removed as it was.
-    pub record: Record,
-}
-
-/// Store failures.
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    /// The database failed (I/O, corruption detected by sled).
-    #[error("store: {0}")]
-    Sled(#[from] sled::Error),
-    /// A key or value this version cannot read.
-    #[error("store: unreadable entry {key}: {why}")]
-    Corrupt {
-        /// The key, escaped.
-        key: String,
-        /// What is wrong with it.
-        why: String,
-    },
-}
-
-/// Result of store operations.
-pub type Result<T, E = StoreError> = std::result::Result<T, E>;
-
-/// The allocation store on disk.
+/// The sled engine: a database in one directory.
 #[derive(Clone)]
-pub struct Store {
+pub struct SledStore {
     db: sled::Db,
     history: u64,
     staged: Arc<Mutex<Staged>>,
@@ -147,7 +95,7 @@ impl Staged {
 }
 
 /// Encodes the key of an allocation.
-pub fn alloc_key(ip: IpAddr) -> Vec<u8> {
+fn alloc_key(ip: IpAddr) -> Vec<u8> {
     let mut key = Vec::with_capacity(18);
     key.push(ALLOC);
     match ip {
@@ -259,14 +207,14 @@ fn decode_entry(entry: sled::Result<(sled::IVec, sled::IVec)>) -> Result<(IpAddr
     Ok((decode_alloc_key(&k)?, decode_record(&k, &v)?))
 }
 
-impl Store {
+impl SledStore {
     /// Opens (or creates) the store in `dir` with a page cache of `cache_bytes`.
     ///
     /// sled locks the directory, and a handle closed a moment ago (in this
     /// process, or one that is exiting) may still hold the lock while its
     /// background thread winds down; opening waits up to [`LOCK_WAIT`] for
     /// that, then fails.
-    pub fn open(dir: &Path, cache_bytes: u64) -> Result<Store> {
+    pub fn open(dir: &Path, cache_bytes: u64) -> Result<SledStore> {
         let config = sled::Config::new()
             .path(dir)
             .cache_capacity(cache_bytes)
@@ -285,7 +233,7 @@ impl Store {
                 other => break other?,
             }
         };
-        Ok(Store {
+        Ok(SledStore {
             db,
             history: DEFAULT_HISTORY,
             staged: Arc::default(),
@@ -294,15 +242,10 @@ impl Store {
 
     /// Keeps the change log of the last `revisions` writes (at least 1) from
     /// now on. Entries already older than that go with
-    /// [`Store::trim_history`].
-    pub fn with_history(mut self, revisions: u64) -> Store {
+    /// [`SledStore::trim_history`].
+    pub fn with_history(mut self, revisions: u64) -> SledStore {
         self.history = revisions.max(1);
         self
-    }
-
-    /// Revisions of change history this store keeps.
-    pub fn history(&self) -> u64 {
-        self.history
     }
 
     /// Removes change-log entries older than the kept history (after the
@@ -359,8 +302,21 @@ impl Store {
         Ok(self.db.get(key)?.map(|v| v.to_vec()))
     }
 
-    /// The allocation at `ip`, as applied (staged writes not included).
-    pub fn get(&self, ip: IpAddr) -> Result<Option<Record>> {
+    /// Every owner index entry as (owner, address).
+    pub fn owner_index(&self) -> impl Iterator<Item = Result<(String, IpAddr)>> + use<> {
+        self.db.scan_prefix([OWNER]).map(|entry| {
+            let (k, v) = entry?;
+            let owner = String::from_utf8(k[1..].to_vec()).map_err(|_| StoreError::Corrupt {
+                key: k.escape_ascii().to_string(),
+                why: "owner is not UTF-8".to_string(),
+            })?;
+            Ok((owner, decode_alloc_key(&v)?))
+        })
+    }
+}
+
+impl Store for SledStore {
+    fn get(&self, ip: IpAddr) -> Result<Option<Record>> {
         let key = alloc_key(ip);
         self.db
             .get(&key)?
@@ -368,35 +324,27 @@ impl Store {
             .transpose()
     }
 
-    /// The address held by `owner`, as applied (staged writes not included).
-    pub fn owner_address(&self, owner: &str) -> Result<Option<IpAddr>> {
+    fn owner_address(&self, owner: &str) -> Result<Option<IpAddr>> {
         self.db
             .get(owner_key(owner))?
             .map(|k| decode_alloc_key(&k))
             .transpose()
     }
 
-    /// The allocation at `ip`, staged writes included: what the writer
-    /// decides on.
-    pub fn get_latest(&self, ip: IpAddr) -> Result<Option<Record>> {
+    fn get_latest(&self, ip: IpAddr) -> Result<Option<Record>> {
         let key = alloc_key(ip);
         self.read_latest(&key)?
             .map(|v| decode_record(&key, &v))
             .transpose()
     }
 
-    /// The address held by `owner`, staged writes included: what the writer
-    /// decides on.
-    pub fn owner_address_latest(&self, owner: &str) -> Result<Option<IpAddr>> {
+    fn owner_address_latest(&self, owner: &str) -> Result<Option<IpAddr>> {
         self.read_latest(&owner_key(owner))?
             .map(|k| decode_alloc_key(&k))
             .transpose()
     }
 
-    /// Stages an allocation, its owner index and its change-log entry, and
-    /// the store revision `record.revision`. Applied atomically with the
-    /// other staged writes, and durable, by [`Store::flush`].
-    pub fn put(&self, ip: IpAddr, record: &Record) -> Result<()> {
+    fn put(&self, ip: IpAddr, record: &Record) -> Result<()> {
         let key = alloc_key(ip);
         let value = encode_record(&key, record)?;
         let change = change_value(ChangeKind::Allocated, &key, &value);
@@ -412,11 +360,7 @@ impl Store {
         Ok(())
     }
 
-    /// Stages the removal of the allocation `record` at `ip` and its owner
-    /// index, the release's change-log entry and the store revision
-    /// `revision`. Applied atomically with the other staged writes, and
-    /// durable, by [`Store::flush`].
-    pub fn delete(&self, ip: IpAddr, record: &Record, revision: u64) -> Result<()> {
+    fn delete(&self, ip: IpAddr, record: &Record, revision: u64) -> Result<()> {
         let key = alloc_key(ip);
         let value = encode_record(&key, record)?;
         let change = change_value(ChangeKind::Released, &key, &value);
@@ -429,9 +373,7 @@ impl Store {
         Ok(())
     }
 
-    /// The oldest revision whose change the log still holds, `None` when it
-    /// holds none.
-    pub fn first_change(&self) -> Result<Option<u64>> {
+    fn first_change(&self) -> Result<Option<u64>> {
         match self.db.scan_prefix([CHANGE]).keys().next() {
             None => Ok(None),
             Some(key) => {
@@ -447,23 +389,22 @@ impl Store {
         }
     }
 
-    /// The changes after revision `after` up to `last` (inclusive), by
-    /// revision. Gaps mean the log no longer holds those revisions.
-    pub fn changes(&self, after: u64, last: u64) -> impl Iterator<Item = Result<Change>> + use<> {
+    fn changes(&self, after: u64, last: u64) -> Scan<Change> {
         let first = after.saturating_add(1);
         // sled refuses a range that ends before it starts.
-        (first <= last)
-            .then(|| self.db.range(change_key(first)..=change_key(last)))
-            .into_iter()
-            .flatten()
-            .map(|entry| {
-                let (k, v) = entry?;
-                decode_change(&k, &v)
-            })
+        Box::new(
+            (first <= last)
+                .then(|| self.db.range(change_key(first)..=change_key(last)))
+                .into_iter()
+                .flatten()
+                .map(|entry| {
+                    let (k, v) = entry?;
+                    decode_change(&k, &v)
+                }),
+        )
     }
 
-    /// The revision of the last write, staged or not (0 for a new store).
-    pub fn revision(&self) -> Result<u64> {
+    fn revision(&self) -> Result<u64> {
         match self.read_latest(REVISION_KEY)? {
             None => Ok(0),
             Some(v) => <[u8; 8]>::try_from(v.as_ref())
@@ -475,23 +416,15 @@ impl Store {
         }
     }
 
-    /// Allocations of a family from `first` to `last` (inclusive), by address.
-    pub fn scan(
-        &self,
-        family: Family,
-        first: u128,
-        last: u128,
-    ) -> impl Iterator<Item = Result<(IpAddr, Record)>> + use<> {
-        self.db
-            .range(alloc_key_int(family, first)..=alloc_key_int(family, last))
-            .map(decode_entry)
+    fn scan(&self, family: Family, first: u128, last: u128) -> Scan<(IpAddr, Record)> {
+        Box::new(
+            self.db
+                .range(alloc_key_int(family, first)..=alloc_key_int(family, last))
+                .map(decode_entry),
+        )
     }
 
-    /// Every allocation after `after` (or from the first), by address.
-    pub fn scan_after(
-        &self,
-        after: Option<IpAddr>,
-    ) -> impl Iterator<Item = Result<(IpAddr, Record)>> + use<> {
+    fn scan_after(&self, after: Option<IpAddr>) -> Scan<(IpAddr, Record)> {
         let prefix_end = vec![ALLOC + 1];
         let iter = match after {
             None => self.db.range(vec![ALLOC]..prefix_end),
@@ -501,33 +434,19 @@ impl Store {
                 self.db.range(start..prefix_end)
             }
         };
-        iter.map(decode_entry)
+        Box::new(iter.map(decode_entry))
     }
 
-    /// Every allocated address, by address.
-    pub fn addresses(&self) -> impl Iterator<Item = Result<IpAddr>> + use<> {
-        self.db
-            .scan_prefix([ALLOC])
-            .keys()
-            .map(|k| decode_alloc_key(&k?))
+    fn addresses(&self) -> Scan<IpAddr> {
+        Box::new(
+            self.db
+                .scan_prefix([ALLOC])
+                .keys()
+                .map(|k| decode_alloc_key(&k?)),
+        )
     }
 
-    /// Every owner index entry as (owner, address).
-    pub fn owner_index(&self) -> impl Iterator<Item = Result<(String, IpAddr)>> + use<> {
-        self.db.scan_prefix([OWNER]).map(|entry| {
-            let (k, v) = entry?;
-            let owner = String::from_utf8(k[1..].to_vec()).map_err(|_| StoreError::Corrupt {
-                key: k.escape_ascii().to_string(),
-                why: "owner is not UTF-8".to_string(),
-            })?;
-            Ok((owner, decode_alloc_key(&v)?))
-        })
-    }
-
-    /// Applies the staged writes as one atomic batch and makes every write
-    /// so far durable. One call covers any number of writes. When applying
-    /// fails, the staged writes are dropped, none of them applied.
-    pub fn flush(&self) -> Result<usize> {
+    fn flush(&self) -> Result<()> {
         {
             let mut staged = self.staged();
             if !staged.values.is_empty() {
@@ -537,104 +456,36 @@ impl Store {
                 self.db.apply_batch(batch)?;
             }
         }
-        Ok(self.db.flush()?)
-    }
-
-    /// Bytes the store takes on disk.
-    pub fn size_on_disk(&self) -> Result<u64> {
-        Ok(self.db.size_on_disk()?)
+        self.db.flush()?;
+        Ok(())
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pool::to_int;
+    use crate::store::contract::{ip, mk_record, revisions, store_contract, write_three};
 
-    fn mk_record(owner: &str, revision: u64) -> Record {
-        Record {
-            owner: owner.to_string(),
-            labels: BTreeMap::from([("k".to_string(), "v".to_string())]),
-            created_unix_nanos: 1_700_000_000_000_000_000,
-            revision,
-        }
-    }
-
-    fn ip(s: &str) -> IpAddr {
-        s.parse().expect("test address")
-    }
-
-    fn mk_store() -> (tempfile::TempDir, Store) {
+    fn mk_store() -> (tempfile::TempDir, SledStore) {
         let dir = tempfile::tempdir().expect("tempdir");
-        let store = Store::open(dir.path(), 8 << 20).expect("open");
+        let store = SledStore::open(dir.path(), 8 << 20).expect("open");
         (dir, store)
     }
 
-    #[test]
-    fn put_then_get_by_address_and_owner() {
-        let (_dir, store) = mk_store();
-        store
-            .put(ip("10.0.0.1"), &mk_record("svc-a", 1))
-            .expect("put");
-        store.flush().expect("flush");
-        assert_eq!(
-            store.get(ip("10.0.0.1")).expect("get"),
-            Some(mk_record("svc-a", 1))
-        );
-        assert_eq!(
-            store.owner_address("svc-a").expect("owner"),
-            Some(ip("10.0.0.1"))
-        );
-        assert_eq!(store.get(ip("10.0.0.2")).expect("get"), None);
-        assert_eq!(store.owner_address("svc-b").expect("owner"), None);
-        assert_eq!(store.revision().expect("rev"), 1);
+    /// A store opened on a directory whose previous store `write` wrote to
+    /// and which was then closed.
+    fn reopened(write: impl FnOnce(&SledStore)) -> (tempfile::TempDir, SledStore) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        write(&SledStore::open(dir.path(), 8 << 20).expect("open"));
+        let store = SledStore::open(dir.path(), 8 << 20).expect("reopen");
+        (dir, store)
     }
 
-    #[test]
-    fn the_latest_reads_see_staged_writes_and_the_others_see_them_once_flushed() {
-        let (_dir, store) = mk_store();
-        store
-            .put(ip("10.0.0.1"), &mk_record("svc-a", 1))
-            .expect("put");
-        store
-            .put(ip("10.0.0.2"), &mk_record("svc-b", 2))
-            .expect("put");
-        store
-            .delete(ip("10.0.0.1"), &mk_record("svc-a", 1), 3)
-            .expect("delete");
-        assert_eq!(store.get_latest(ip("10.0.0.1")).expect("get"), None);
-        assert_eq!(store.owner_address_latest("svc-a").expect("owner"), None);
-        assert_eq!(
-            store.owner_address_latest("svc-b").expect("owner"),
-            Some(ip("10.0.0.2"))
-        );
-        assert_eq!(store.revision().expect("rev"), 3);
-        assert_eq!(store.get(ip("10.0.0.2")).expect("get"), None, "not applied");
-        assert_eq!(store.owner_address("svc-b").expect("owner"), None);
-        assert_eq!(store.addresses().count(), 0, "nothing applied yet");
-        assert_eq!(store.changes(0, 3).count(), 0, "nothing applied yet");
-
-        store.flush().expect("flush");
-        let addrs: Vec<IpAddr> = store.addresses().map(|r| r.expect("addr")).collect();
-        assert_eq!(addrs, vec![ip("10.0.0.2")]);
-        assert_eq!(store.changes(0, 3).count(), 3);
-        assert_eq!(
-            store.get(ip("10.0.0.2")).expect("get"),
-            Some(mk_record("svc-b", 2))
-        );
-        assert_eq!(
-            store.owner_address("svc-b").expect("owner"),
-            Some(ip("10.0.0.2"))
-        );
-        assert_eq!(store.get(ip("10.0.0.1")).expect("get"), None);
-        assert_eq!(store.revision().expect("rev"), 3);
-    }
+    store_contract!(mk_store());
 
     #[test]
     fn staged_writes_that_were_never_flushed_are_not_on_disk() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        {
-            let store = Store::open(dir.path(), 8 << 20).expect("open");
+        let (_dir, store) = reopened(|store| {
             store
                 .put(ip("10.0.0.1"), &mk_record("svc-a", 1))
                 .expect("put");
@@ -642,8 +493,7 @@ mod tests {
             store
                 .put(ip("10.0.0.2"), &mk_record("svc-b", 2))
                 .expect("put");
-        }
-        let store = Store::open(dir.path(), 8 << 20).expect("reopen");
+        });
         assert_eq!(store.get(ip("10.0.0.2")).expect("get"), None);
         assert_eq!(store.owner_address("svc-b").expect("owner"), None);
         assert_eq!(store.revision().expect("rev"), 1);
@@ -651,86 +501,8 @@ mod tests {
     }
 
     #[test]
-    fn delete_removes_record_and_owner_index() {
-        let (_dir, store) = mk_store();
-        store
-            .put(ip("10.0.0.1"), &mk_record("svc-a", 1))
-            .expect("put");
-        store.flush().expect("flush");
-        store
-            .delete(ip("10.0.0.1"), &mk_record("svc-a", 1), 2)
-            .expect("delete");
-        store.flush().expect("flush");
-        assert_eq!(store.get(ip("10.0.0.1")).expect("get"), None);
-        assert_eq!(store.owner_address("svc-a").expect("owner"), None);
-        assert_eq!(store.revision().expect("rev"), 2);
-    }
-
-    #[test]
-    fn scans_are_ordered_by_address_ipv4_first() {
-        let (_dir, store) = mk_store();
-        for (i, a) in [
-            "fd00::1",
-            "10.0.0.10",
-            "10.0.0.9",
-            "9.255.255.255",
-            "10.0.1.0",
-        ]
-        .iter()
-        .enumerate()
-        {
-            store
-                .put(ip(a), &mk_record(&format!("o{i}"), i as u64 + 1))
-                .expect("put");
-        }
-        store.flush().expect("flush");
-        let all: Vec<IpAddr> = store
-            .scan_after(None)
-            .map(|r| r.expect("entry").0)
-            .collect();
-        assert_eq!(
-            all,
-            vec![
-                ip("9.255.255.255"),
-                ip("10.0.0.9"),
-                ip("10.0.0.10"),
-                ip("10.0.1.0"),
-                ip("fd00::1")
-            ]
-        );
-        let after: Vec<IpAddr> = store
-            .scan_after(Some(ip("10.0.0.10")))
-            .map(|r| r.expect("entry").0)
-            .collect();
-        assert_eq!(after, vec![ip("10.0.1.0"), ip("fd00::1")]);
-        let (f, first) = to_int(ip("10.0.0.0"));
-        let (_, last) = to_int(ip("10.0.0.255"));
-        let ranged: Vec<IpAddr> = store
-            .scan(f, first, last)
-            .map(|r| r.expect("entry").0)
-            .collect();
-        assert_eq!(ranged, vec![ip("10.0.0.9"), ip("10.0.0.10")]);
-        let addrs: Vec<IpAddr> = store.addresses().map(|r| r.expect("addr")).collect();
-        assert_eq!(addrs, all);
-    }
-
-    #[test]
     fn flushed_writes_survive_reopen() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        {
-            let store = Store::open(dir.path(), 8 << 20).expect("open");
-            store
-                .put(ip("10.0.0.1"), &mk_record("svc-a", 1))
-                .expect("put");
-            store
-                .put(ip("fd00::2"), &mk_record("svc-b", 2))
-                .expect("put");
-            store
-                .delete(ip("10.0.0.1"), &mk_record("svc-a", 1), 3)
-                .expect("delete");
-            store.flush().expect("flush");
-        }
-        let store = Store::open(dir.path(), 8 << 20).expect("reopen");
+        let (_dir, store) = reopened(write_three);
         assert_eq!(store.get(ip("10.0.0.1")).expect("get"), None);
         assert_eq!(
             store.get(ip("fd00::2")).expect("get"),
@@ -749,7 +521,7 @@ mod tests {
     fn a_directory_held_by_an_open_store_is_refused_after_the_lock_wait() {
         let (dir, _store) = mk_store();
         let started = Instant::now();
-        let err = match Store::open(dir.path(), 8 << 20) {
+        let err = match SledStore::open(dir.path(), 8 << 20) {
             Ok(_) => panic!("a second store opened a directory in use"),
             Err(e) => e,
         };
@@ -763,7 +535,7 @@ mod tests {
         // Each close leaves sled's thread to release the lock a moment
         // later; enough rounds that opening right away would hit that.
         for round in 0..100u64 {
-            let store = Store::open(dir.path(), 8 << 20).expect("reopen");
+            let store = SledStore::open(dir.path(), 8 << 20).expect("reopen");
             assert_eq!(store.revision().expect("rev"), round);
             let addr = IpAddr::from([10, 0, 0, round as u8 + 1]);
             store
@@ -795,67 +567,9 @@ mod tests {
         );
     }
 
-    fn revisions(store: &Store, after: u64, last: u64) -> Vec<(u64, ChangeKind, IpAddr)> {
-        store
-            .changes(after, last)
-            .map(|c| {
-                let c = c.expect("change");
-                (c.revision, c.kind, c.address)
-            })
-            .collect()
-    }
-
-    #[test]
-    fn every_write_is_in_the_change_log_in_revision_order() {
-        let (_dir, store) = mk_store();
-        store
-            .put(ip("10.0.0.1"), &mk_record("svc-a", 1))
-            .expect("put");
-        store
-            .put(ip("fd00::2"), &mk_record("svc-b", 2))
-            .expect("put");
-        store
-            .delete(ip("10.0.0.1"), &mk_record("svc-a", 1), 3)
-            .expect("delete");
-        store.flush().expect("flush");
-        let all: Vec<Change> = store.changes(0, 3).map(|c| c.expect("change")).collect();
-        assert_eq!(
-            all,
-            vec![
-                Change {
-                    revision: 1,
-                    kind: ChangeKind::Allocated,
-                    address: ip("10.0.0.1"),
-                    record: mk_record("svc-a", 1),
-                },
-                Change {
-                    revision: 2,
-                    kind: ChangeKind::Allocated,
-                    address: ip("fd00::2"),
-                    record: mk_record("svc-b", 2),
-                },
-                Change {
-                    revision: 3,
-                    kind: ChangeKind::Released,
-                    address: ip("10.0.0.1"),
-                    record: mk_record("svc-a", 1),
-                },
-            ]
-        );
-        assert_eq!(
-            revisions(&store, 1, 2),
-            vec![(2, ChangeKind::Allocated, ip("fd00::2"))]
-        );
-        assert!(revisions(&store, 3, 3).is_empty(), "nothing after the last");
-        assert!(revisions(&store, 3, 1).is_empty(), "an empty range");
-        assert_eq!(store.first_change().expect("first"), Some(1));
-    }
-
     #[test]
     fn the_change_log_survives_reopen() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        {
-            let store = Store::open(dir.path(), 8 << 20).expect("open");
+        let (_dir, store) = reopened(|store| {
             store
                 .put(ip("10.0.0.1"), &mk_record("svc-a", 1))
                 .expect("put");
@@ -863,8 +577,7 @@ mod tests {
                 .delete(ip("10.0.0.1"), &mk_record("svc-a", 1), 2)
                 .expect("delete");
             store.flush().expect("flush");
-        }
-        let store = Store::open(dir.path(), 8 << 20).expect("reopen");
+        });
         assert_eq!(
             revisions(&store, 0, u64::MAX),
             vec![
@@ -903,9 +616,7 @@ mod tests {
 
     #[test]
     fn a_shortened_history_is_trimmed_after_reopen() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        {
-            let store = Store::open(dir.path(), 8 << 20).expect("open");
+        let (_dir, store) = reopened(|store| {
             for r in 1..=20u64 {
                 let addr = IpAddr::from([10, 0, 0, r as u8]);
                 store
@@ -913,10 +624,8 @@ mod tests {
                     .expect("put");
             }
             store.flush().expect("flush");
-        }
-        let store = Store::open(dir.path(), 8 << 20)
-            .expect("reopen")
-            .with_history(5);
+        });
+        let store = store.with_history(5);
         assert_eq!(store.first_change().expect("first"), Some(1));
         assert_eq!(store.trim_history().expect("trim"), 15);
         assert_eq!(store.first_change().expect("first"), Some(16));

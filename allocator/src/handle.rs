@@ -1,0 +1,122 @@
+//! The allocator as the gRPC service and the HTTP endpoints use it: one
+//! [`Handle`] that sends writes to the writer's queue, reads through the
+//! [`Reader`], and starts watches on the hub. [`start`] and [`start_with`]
+//! put the pieces together over a loaded [`Ipam`] and its store.
+
+use std::{
+    net::IpAddr,
+    sync::{Arc, atomic::Ordering},
+};
+
+use crate::{
+    error::Result,
+    hub::{Hub, WatchSettings},
+    ipam::Ipam,
+    pool::Pools,
+    reader::Reader,
+    request::{AllocateArgs, Allocation, ListArgs, Page, PoolsReport, ReleaseArgs},
+    stats::Stats,
+    store::Store,
+    watch::{self, WatchArgs, WatchStream},
+    writer::{self, Queue, Writer},
+};
+
+/// The allocator as the gRPC service and HTTP endpoints use it.
+#[derive(Clone)]
+pub struct Handle {
+    queue: Queue,
+    reader: Reader,
+    hub: Arc<Hub>,
+}
+
+/// Starts the writer thread over `ipam`, with room for `queue` waiting
+/// requests and the default watch limits; `store` is the one `ipam` writes
+/// to, read by the [`Handle`].
+pub fn start<S: Store>(ipam: Ipam<S>, store: S, queue: usize) -> std::io::Result<(Handle, Writer)> {
+    start_with(ipam, store, queue, WatchSettings::default())
+}
+
+/// Starts the writer thread over `ipam`, with room for `queue` waiting
+/// requests and the given watch limits; `store` is the one `ipam` writes to,
+/// read by the [`Handle`].
+pub fn start_with<S: Store>(
+    ipam: Ipam<S>,
+    store: S,
+    queue: usize,
+    watch: WatchSettings,
+) -> std::io::Result<(Handle, Writer)> {
+    let reader = Reader::new(Arc::new(store), ipam.pools().clone(), ipam.stats());
+    let hub = Hub::new(ipam.revision(), watch);
+    let (queue, writer) = writer::spawn(ipam, queue, hub.clone())?;
+    Ok((Handle { queue, reader, hub }, writer))
+}
+
+impl Handle {
+    /// The configured pools.
+    pub fn pools(&self) -> &Pools {
+        self.reader.pools()
+    }
+
+    /// Shared counters.
+    pub fn stats(&self) -> &Stats {
+        self.reader.stats()
+    }
+
+    /// Where watchers subscribe.
+    pub fn hub(&self) -> &Arc<Hub> {
+        &self.hub
+    }
+
+    /// Ends every watch stream (on shutdown, before draining requests).
+    pub fn close_watchers(&self) {
+        self.hub.close();
+    }
+
+    /// The store revision once every write applied so far is durable and
+    /// published to watchers.
+    pub async fn barrier(&self) -> Result<u64> {
+        self.queue.barrier().await
+    }
+
+    /// Whether the writer still takes requests.
+    pub fn is_ready(&self) -> bool {
+        self.stats().writer_alive.load(Ordering::Relaxed) && !self.queue.is_closed()
+    }
+
+    /// Allocates; answered once durable.
+    pub async fn allocate(&self, args: AllocateArgs) -> Result<Allocation> {
+        self.queue.allocate(args).await
+    }
+
+    /// Releases; answered once durable.
+    pub async fn release(&self, args: ReleaseArgs) -> Result<Option<Allocation>> {
+        self.queue.release(args).await
+    }
+
+    /// The allocation held by an owner.
+    pub fn get_by_owner(&self, owner: &str) -> Result<Allocation> {
+        self.reader.get_by_owner(owner)
+    }
+
+    /// The allocation at an address.
+    pub fn get_by_address(&self, ip: IpAddr) -> Result<Allocation> {
+        self.reader.get_by_address(ip)
+    }
+
+    /// One page of allocations, by address.
+    pub fn list(&self, args: &ListArgs) -> Result<Page> {
+        self.reader.list(args)
+    }
+
+    /// Figures of every pool, and the first allocations outside them.
+    pub fn pools_report(&self) -> Result<PoolsReport> {
+        self.reader.pools_report()
+    }
+
+    /// Starts a watch. Fails at once for an unknown pool, a `since`
+    /// revision outside the kept history, too many watchers, or shutdown;
+    /// later failures end the stream.
+    pub async fn watch(&self, args: WatchArgs) -> Result<WatchStream> {
+        watch::start(&self.reader, &self.queue, &self.hub, args).await
+    }
+}

@@ -1,0 +1,200 @@
+//! The read side: allocations by owner and by address, List pages, pool
+//! reports and the change history as events, read from the committed state
+//! of whichever engine runs (through `dyn Store`), on any thread, never
+//! waiting for the writer.
+
+use std::{net::IpAddr, sync::Arc, sync::atomic::Ordering};
+
+use crate::{
+    error::{Error, Result},
+    hub::Event,
+    intervals::Span,
+    pool::{Family, Pools, to_int},
+    request::{Allocation, ListArgs, MAX_PAGE_SIZE, Page, PoolReport, PoolsReport},
+    stats::Stats,
+    store::{Record, Scan, Store},
+};
+
+/// Most records one List call reads before it returns a (possibly short) page.
+pub const MAX_SCAN_PER_PAGE: usize = 10_000;
+/// Most allocations outside pools that a pool report lists.
+pub const OUTSIDE_LISTED: usize = 100;
+
+/// Reads over the store; clones share it.
+#[derive(Clone)]
+pub struct Reader {
+    store: Arc<dyn Store>,
+    pools: Arc<Pools>,
+    stats: Arc<Stats>,
+}
+
+impl Reader {
+    /// Reads over `store`, placing addresses in `pools`, with the writer's
+    /// counters `stats`.
+    pub fn new(store: Arc<dyn Store>, pools: Arc<Pools>, stats: Arc<Stats>) -> Reader {
+        Reader {
+            store,
+            pools,
+            stats,
+        }
+    }
+
+    /// The configured pools.
+    pub fn pools(&self) -> &Arc<Pools> {
+        &self.pools
+    }
+
+    /// Shared counters.
+    pub fn stats(&self) -> &Arc<Stats> {
+        &self.stats
+    }
+
+    fn allocation(&self, address: IpAddr, record: Record) -> Allocation {
+        Allocation::at(&self.pools, address, record)
+    }
+
+    /// The allocation held by an owner.
+    pub fn get_by_owner(&self, owner: &str) -> Result<Allocation> {
+        let not_found = || Error::NotFound {
+            what: format!("owner {owner:?}"),
+        };
+        let ip = self.store.owner_address(owner)?.ok_or_else(not_found)?;
+        let record = self.store.get(ip)?.ok_or_else(not_found)?;
+        Ok(self.allocation(ip, record))
+    }
+
+    /// The allocation at an address.
+    pub fn get_by_address(&self, ip: IpAddr) -> Result<Allocation> {
+        let record = self.store.get(ip)?.ok_or_else(|| Error::NotFound {
+            what: format!("address {ip}"),
+        })?;
+        Ok(self.allocation(ip, record))
+    }
+
+    /// One page of allocations, by address.
+    pub fn list(&self, args: &ListArgs) -> Result<Page> {
+        let ListArgs {
+            pool,
+            owner_prefix,
+            page_size,
+            after,
+        } = args;
+        let page_size = (*page_size).clamp(1, MAX_PAGE_SIZE);
+        let entries: Scan<(IpAddr, Record)> = match pool {
+            None => self.store.scan_after(*after),
+            Some(name) => {
+                let index = self
+                    .pools
+                    .index_of(name)
+                    .ok_or_else(|| Error::UnknownPool { pool: name.clone() })?;
+                let pool = self.pools.at(index);
+                let store = self.store.clone();
+                let after = after.map(to_int);
+                let spans: Vec<(Family, Span)> = Family::ALL
+                    .into_iter()
+                    .flat_map(|f| pool.covered(f).iter().map(move |s| (f, *s)))
+                    .collect();
+                Box::new(spans.into_iter().flat_map(move |(family, span)| {
+                    // Where this span's scan starts, or None when the page
+                    // token is already past it.
+                    let first = match after {
+                        Some((f, x)) if f == family && x >= span.last => None,
+                        Some((f, x)) if f == family => Some((x + 1).max(span.first)),
+                        Some((f, _)) if f > family => None,
+                        _ => Some(span.first),
+                    };
+                    let store = store.clone();
+                    first
+                        .into_iter()
+                        .flat_map(move |first| store.scan(family, first, span.last))
+                }))
+            }
+        };
+        let mut page = Page::default();
+        let mut last_seen = None;
+        for (scanned, entry) in entries.enumerate() {
+            if scanned == MAX_SCAN_PER_PAGE {
+                page.next_after = last_seen;
+                return Ok(page);
+            }
+            let (ip, record) = entry?;
+            last_seen = Some(ip);
+            if record.owner.starts_with(owner_prefix.as_str()) {
+                page.allocations.push(self.allocation(ip, record));
+                if page.allocations.len() == page_size {
+                    page.next_after = Some(ip);
+                    return Ok(page);
+                }
+            }
+        }
+        Ok(page)
+    }
+
+    /// Figures of every pool, and the first allocations outside them.
+    pub fn pools_report(&self) -> Result<PoolsReport> {
+        let pools = self
+            .pools
+            .iter()
+            .enumerate()
+            .map(|(index, pool)| {
+                let size = pool.size();
+                let usable_taken =
+                    u128::from(self.stats.usable_in_pool[index].load(Ordering::Relaxed));
+                PoolReport {
+                    index,
+                    size,
+                    allocated: self.stats.in_pool[index].load(Ordering::Relaxed),
+                    free: size.saturating_sub(usable_taken),
+                }
+            })
+            .collect();
+        let mut outside = Vec::new();
+        'families: for family in Family::ALL {
+            for span in self.pools.outside(family) {
+                for entry in self.store.scan(family, span.first, span.last) {
+                    if outside.len() == OUTSIDE_LISTED {
+                        break 'families;
+                    }
+                    let (ip, record) = entry?;
+                    outside.push(self.allocation(ip, record));
+                }
+            }
+        }
+        Ok(PoolsReport {
+            pools,
+            outside_count: self.stats.outside.load(Ordering::Relaxed),
+            outside,
+        })
+    }
+
+    /// The oldest revision a watch can resume from, given the last one
+    /// `published`.
+    pub fn oldest_resumable(&self, published: u64) -> Result<u64> {
+        Ok(match self.store.first_change()? {
+            Some(first) => first.saturating_sub(1).min(published),
+            None => published,
+        })
+    }
+
+    /// The changes after `after` up to `last`, which the history must hold
+    /// without a gap.
+    pub fn read_changes(&self, after: u64, last: u64) -> Result<Vec<Event>> {
+        let mut out = Vec::new();
+        let mut expect = after + 1;
+        for change in self.store.changes(after, last) {
+            let change = change?;
+            if change.revision != expect {
+                break;
+            }
+            expect += 1;
+            out.push(Event::from_change(&self.pools, change));
+        }
+        if expect != last + 1 {
+            return Err(Error::HistoryTrimmed {
+                since: after,
+                oldest: self.oldest_resumable(last)?,
+            });
+        }
+        Ok(out)
+    }
+}

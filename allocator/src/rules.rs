@@ -1,0 +1,447 @@
+//! The allocation rules, as pure decisions: given what the store holds (a
+//! [`View`]), the addresses taken, the pools and a request, the write to make
+//! and the answer. Idempotency per owner and one address per owner come
+//! first; then an explicit address must be free and not excluded, or the
+//! lowest free address of the pool is taken. Nothing here writes: the writer
+//! ([`crate::ipam`]) applies the decision.
+
+use std::{net::IpAddr, sync::Arc};
+
+use crate::{
+    error::{Error, Result, invalid},
+    intervals::IntervalSet,
+    pool::{Family, Pools, from_int, to_int},
+    request::{AllocateArgs, ReleaseArgs},
+    store::{Record, Store, StoreError},
+};
+
+/// What the rules read: the allocations as the writer last decided them
+/// (its own uncommitted writes included).
+pub trait View {
+    /// The address `owner` holds.
+    fn held_by(&self, owner: &str) -> Result<Option<IpAddr>, StoreError>;
+    /// The allocation at `ip`.
+    fn record_at(&self, ip: IpAddr) -> Result<Option<Record>, StoreError>;
+}
+
+impl<S: Store> View for S {
+    fn held_by(&self, owner: &str) -> Result<Option<IpAddr>, StoreError> {
+        self.owner_address_latest(owner)
+    }
+
+    fn record_at(&self, ip: IpAddr) -> Result<Option<Record>, StoreError> {
+        self.get_latest(ip)
+    }
+}
+
+/// What an Allocate decided.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Allocate {
+    /// The owner already holds this allocation: answer it, write nothing.
+    Holds(IpAddr, Record),
+    /// Write this allocation, then answer it.
+    Put(IpAddr, Record),
+}
+
+/// What a Release decided.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Release {
+    /// Nothing matched: answer so, write nothing.
+    Nothing,
+    /// Remove this allocation, then answer it.
+    Delete(IpAddr, Record),
+}
+
+/// The pools and the addresses taken in them (and outside them).
+pub struct Rules {
+    pools: Arc<Pools>,
+    taken: [IntervalSet; 2],
+}
+
+impl Rules {
+    /// Rules over `pools` with nothing taken yet.
+    pub fn new(pools: Arc<Pools>) -> Rules {
+        Rules {
+            pools,
+            taken: Default::default(),
+        }
+    }
+
+    /// The configured pools.
+    pub fn pools(&self) -> &Arc<Pools> {
+        &self.pools
+    }
+
+    /// Marks `ip` as taken.
+    pub fn take(&mut self, ip: IpAddr) {
+        let (f, x) = to_int(ip);
+        self.taken[f.index()].insert(x);
+    }
+
+    /// Marks `ip` as free.
+    pub fn free(&mut self, ip: IpAddr) {
+        let (f, x) = to_int(ip);
+        self.taken[f.index()].remove(x);
+    }
+
+    /// Decides an Allocate; a new allocation gets `revision` and the time
+    /// `now` (nanoseconds since the Unix epoch).
+    pub fn allocate(
+        &self,
+        view: &impl View,
+        args: AllocateArgs,
+        revision: u64,
+        now: u64,
+    ) -> Result<Allocate> {
+        let AllocateArgs {
+            pool,
+            owner,
+            address,
+            labels,
+            family,
+        } = args;
+        if let (Some(ip), Some(f)) = (address, family)
+            && Family::of(ip) != f
+        {
+            return Err(invalid(
+                "family",
+                &format!("{f}"),
+                format!("does not match address {ip}"),
+            ));
+        }
+        let named = match &pool {
+            Some(name) => Some(
+                self.pools
+                    .index_of(name)
+                    .ok_or_else(|| Error::UnknownPool { pool: name.clone() })?,
+            ),
+            None => None,
+        };
+
+        // Idempotency, and one address per owner, come before anything else.
+        if let Some(held) = view.held_by(&owner)? {
+            let record = view.record_at(held)?.ok_or_else(|| StoreError::Corrupt {
+                key: format!("o{owner}"),
+                why: format!("owner index points to {held}, which holds no allocation"),
+            })?;
+            let held_pool = self.pools.containing(held);
+            let same_address = address.is_none_or(|a| a == held);
+            let same_pool = named.is_none_or(|n| held_pool == Some(n));
+            let same_family = family.is_none_or(|f| f == Family::of(held));
+            if same_address && same_pool && same_family {
+                return Ok(Allocate::Holds(held, record));
+            }
+            return Err(Error::OwnerHoldsOther {
+                owner,
+                held,
+                pool: held_pool.map(|i| self.pools.at(i).name().to_string()),
+            });
+        }
+
+        let ip = match address {
+            Some(ip) => self.check_explicit(view, ip, named)?,
+            None => self.lowest_free(named.unwrap_or(self.pools.default_index()), family)?,
+        };
+        Ok(Allocate::Put(
+            ip,
+            Record {
+                owner,
+                labels,
+                created_unix_nanos: now,
+                revision,
+            },
+        ))
+    }
+
+    fn check_explicit(&self, view: &impl View, ip: IpAddr, named: Option<usize>) -> Result<IpAddr> {
+        let pool = match named {
+            Some(i) => {
+                let pool = self.pools.at(i);
+                if !pool.covers(ip) {
+                    return Err(Error::NotInPool {
+                        address: ip,
+                        pool: pool.name().to_string(),
+                    });
+                }
+                Some(pool)
+            }
+            None => self.pools.containing(ip).map(|i| self.pools.at(i)),
+        };
+        if let Some(pool) = pool
+            && let Some(why) = pool.exclusion(ip)
+        {
+            return Err(Error::Excluded {
+                address: ip,
+                pool: pool.name().to_string(),
+                why,
+            });
+        }
+        if let Some(holder) = view.record_at(ip)? {
+            return Err(Error::Held {
+                address: ip,
+                holder: holder.owner,
+            });
+        }
+        Ok(ip)
+    }
+
+    fn lowest_free(&self, index: usize, family: Option<Family>) -> Result<IpAddr> {
+        let pool = self.pools.at(index);
+        if pool.explicit_only() {
+            return Err(Error::ExplicitOnly {
+                pool: pool.name().to_string(),
+            });
+        }
+        let family = family.unwrap_or_else(|| pool.default_family());
+        if !pool.has_family(family) {
+            return Err(Error::NoFamily {
+                pool: pool.name().to_string(),
+                family,
+            });
+        }
+        let x = self.taken[family.index()]
+            .first_free_in(pool.usable(family))
+            .ok_or_else(|| Error::Exhausted {
+                pool: pool.name().to_string(),
+                family,
+            })?;
+        Ok(from_int(family, x))
+    }
+
+    /// Decides a Release by owner, address or both.
+    pub fn release(&self, view: &impl View, args: ReleaseArgs) -> Result<Release> {
+        let ReleaseArgs { owner, address } = args;
+        let ip = match (address, &owner) {
+            (Some(ip), _) => ip,
+            (None, Some(owner)) => match view.held_by(owner)? {
+                Some(ip) => ip,
+                None => return Ok(Release::Nothing),
+            },
+            (None, None) => return Err(invalid("owner", "", "give an owner, an address, or both")),
+        };
+        let Some(record) = view.record_at(ip)? else {
+            return Ok(Release::Nothing);
+        };
+        if let Some(owner) = owner
+            && owner != record.owner
+        {
+            return Err(Error::HeldByOther {
+                address: ip,
+                holder: record.owner,
+                owner,
+            });
+        }
+        Ok(Release::Delete(ip, record))
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::pool::PoolDef;
+    use std::collections::{BTreeMap, HashMap};
+
+    /// The store's state as plain maps.
+    #[derive(Default)]
+    struct MemView {
+        records: HashMap<IpAddr, Record>,
+        owners: HashMap<String, IpAddr>,
+    }
+
+    impl View for MemView {
+        fn held_by(&self, owner: &str) -> Result<Option<IpAddr>, StoreError> {
+            Ok(self.owners.get(owner).copied())
+        }
+
+        fn record_at(&self, ip: IpAddr) -> Result<Option<Record>, StoreError> {
+            Ok(self.records.get(&ip).cloned())
+        }
+    }
+
+    impl MemView {
+        fn hold(&mut self, rules: &mut Rules, ip: IpAddr, record: Record) {
+            rules.take(ip);
+            self.owners.insert(record.owner.clone(), ip);
+            self.records.insert(ip, record);
+        }
+    }
+
+    /// An address from its text.
+    pub(crate) fn ip(s: &str) -> IpAddr {
+        s.parse().expect("test address")
+    }
+
+    /// Pools from their flag values.
+    pub(crate) fn mk_pools(specs: &[&str]) -> Arc<Pools> {
+        let defs: Vec<PoolDef> = specs
+            .iter()
+            .map(|s| s.parse().expect("test pool"))
+            .collect();
+        Arc::new(Pools::new(defs, None).expect("test pools"))
+    }
+
+    fn mk_rules(specs: &[&str]) -> Rules {
+        Rules::new(mk_pools(specs))
+    }
+
+    /// Rules over the pool `a=10.0.0.0/24` in which `owner` holds `address`
+    /// (written at revision 1).
+    fn mk_holding(owner: &str, address: &str) -> (Rules, MemView) {
+        let mut rules = mk_rules(&["a=10.0.0.0/24"]);
+        let mut view = MemView::default();
+        view.hold(&mut rules, ip(address), mk_record(owner, 1));
+        (rules, view)
+    }
+
+    fn mk_record(owner: &str, revision: u64) -> Record {
+        Record {
+            owner: owner.to_string(),
+            labels: BTreeMap::new(),
+            created_unix_nanos: 7,
+            revision,
+        }
+    }
+
+    /// An Allocate request of `owner` for any address of the default pool.
+    pub(crate) fn mk_args(owner: &str) -> AllocateArgs {
+        AllocateArgs {
+            owner: owner.to_string(),
+            ..Default::default()
+        }
+    }
+
+    fn mk_explicit(owner: &str, address: &str) -> AllocateArgs {
+        AllocateArgs {
+            address: Some(ip(address)),
+            ..mk_args(owner)
+        }
+    }
+
+    #[test]
+    fn a_new_owner_gets_the_lowest_free_address_at_the_given_revision_and_time() {
+        let (rules, view) = mk_holding("first", "10.0.0.1");
+        let decided = rules
+            .allocate(&view, mk_args("svc"), 2, 7)
+            .expect("allocate");
+        assert_eq!(decided, Allocate::Put(ip("10.0.0.2"), mk_record("svc", 2)));
+    }
+
+    #[test]
+    fn an_owner_that_holds_its_address_gets_it_again_without_a_write() {
+        let (rules, view) = mk_holding("svc", "10.0.0.9");
+        let decided = rules
+            .allocate(&view, mk_args("svc"), 2, 7)
+            .expect("allocate");
+        assert_eq!(
+            decided,
+            Allocate::Holds(ip("10.0.0.9"), mk_record("svc", 1))
+        );
+    }
+
+    #[test]
+    fn an_owner_asking_for_another_address_is_refused_naming_the_one_it_holds() {
+        let (rules, view) = mk_holding("svc", "10.0.0.9");
+        let err = rules
+            .allocate(&view, mk_explicit("svc", "10.0.0.20"), 2, 7)
+            .expect_err("must fail");
+        assert!(
+            matches!(&err, Error::OwnerHoldsOther { held, pool, .. }
+                if *held == ip("10.0.0.9") && pool.as_deref() == Some("a")),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn an_explicit_address_held_by_another_owner_is_refused_naming_the_holder() {
+        let (rules, view) = mk_holding("other", "10.0.0.9");
+        let err = rules
+            .allocate(&view, mk_explicit("svc", "10.0.0.9"), 2, 7)
+            .expect_err("must fail");
+        assert!(
+            matches!(&err, Error::Held { holder, .. } if holder == "other"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn an_explicit_address_outside_the_named_pool_or_excluded_by_it_is_refused() {
+        let rules = mk_rules(&["a=10.0.0.0/24", "b=10.0.1.0/24"]);
+        let view = MemView::default();
+        let outside = AllocateArgs {
+            pool: Some("a".into()),
+            address: Some(ip("10.0.1.5")),
+            ..mk_args("svc")
+        };
+        let err = rules.allocate(&view, outside, 1, 7).expect_err("not in a");
+        assert!(matches!(err, Error::NotInPool { .. }), "{err}");
+        let err = rules
+            .allocate(&view, mk_explicit("svc", "10.0.0.255"), 1, 7)
+            .expect_err("excluded");
+        assert!(matches!(err, Error::Excluded { .. }), "{err}");
+    }
+
+    #[test]
+    fn an_address_of_the_other_family_than_the_one_asked_for_is_invalid() {
+        let rules = mk_rules(&["a=10.0.0.0/24"]);
+        let args = AllocateArgs {
+            address: Some(ip("10.0.0.5")),
+            family: Some(Family::V6),
+            ..mk_args("svc")
+        };
+        let err = rules
+            .allocate(&MemView::default(), args, 1, 7)
+            .expect_err("must fail");
+        assert!(
+            matches!(
+                err,
+                Error::Invalid {
+                    field: "family",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_full_pool_is_exhausted() {
+        let mut rules = mk_rules(&["a=10.0.0.1-10.0.0.2"]);
+        let mut view = MemView::default();
+        view.hold(&mut rules, ip("10.0.0.1"), mk_record("x", 1));
+        view.hold(&mut rules, ip("10.0.0.2"), mk_record("y", 2));
+        let err = rules
+            .allocate(&view, mk_args("svc"), 3, 7)
+            .expect_err("full");
+        assert!(matches!(err, Error::Exhausted { .. }), "{err}");
+    }
+
+    #[test]
+    fn release_deletes_the_owners_allocation_and_refuses_another_holder() {
+        let (rules, view) = mk_holding("svc", "10.0.0.9");
+        let by_owner = ReleaseArgs {
+            owner: Some("svc".into()),
+            address: None,
+        };
+        assert_eq!(
+            rules.release(&view, by_owner).expect("release"),
+            Release::Delete(ip("10.0.0.9"), mk_record("svc", 1))
+        );
+        let wrong_owner = ReleaseArgs {
+            owner: Some("other".into()),
+            address: Some(ip("10.0.0.9")),
+        };
+        let err = rules.release(&view, wrong_owner).expect_err("held by svc");
+        assert!(matches!(err, Error::HeldByOther { .. }), "{err}");
+        let nobody = ReleaseArgs {
+            owner: Some("nobody".into()),
+            address: None,
+        };
+        assert_eq!(
+            rules.release(&view, nobody).expect("release"),
+            Release::Nothing
+        );
+        let neither = ReleaseArgs::default();
+        let err = rules.release(&view, neither).expect_err("needs a key");
+        assert!(matches!(err, Error::Invalid { .. }), "{err}");
+    }
+}

@@ -1,0 +1,56 @@
+//! Counters the writer keeps and readers show: allocations per pool and
+//! outside pools, flushes, writes answered, the store revision, and whether
+//! the writer still runs. Lock-free, so reading them never waits for a write.
+
+use std::{
+    net::IpAddr,
+    sync::atomic::{AtomicBool, AtomicU64, Ordering},
+};
+
+use crate::pool::Pools;
+
+/// Counters shared between the writer and readers.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub(crate) in_pool: Vec<AtomicU64>,
+    pub(crate) usable_in_pool: Vec<AtomicU64>,
+    pub(crate) outside: AtomicU64,
+    /// Flushes made.
+    pub flushes: AtomicU64,
+    /// Requests answered by the writer.
+    pub writes: AtomicU64,
+    /// Current store revision.
+    pub revision: AtomicU64,
+    /// False once the writer has stopped.
+    pub writer_alive: AtomicBool,
+}
+
+impl Stats {
+    pub(crate) fn new(pools: usize) -> Self {
+        Stats {
+            in_pool: (0..pools).map(|_| AtomicU64::new(0)).collect(),
+            usable_in_pool: (0..pools).map(|_| AtomicU64::new(0)).collect(),
+            writer_alive: AtomicBool::new(true),
+            ..Default::default()
+        }
+    }
+
+    pub(crate) fn count(&self, pools: &Pools, ip: IpAddr, delta: i64) {
+        let add = |c: &AtomicU64| {
+            if delta > 0 {
+                c.fetch_add(1, Ordering::Relaxed);
+            } else {
+                c.fetch_sub(1, Ordering::Relaxed);
+            }
+        };
+        match pools.containing(ip) {
+            Some(i) => {
+                add(&self.in_pool[i]);
+                if pools.at(i).is_usable(ip) {
+                    add(&self.usable_in_pool[i]);
+                }
+            }
+            None => add(&self.outside),
+        }
+    }
+}

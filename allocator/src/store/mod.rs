@@ -1,0 +1,149 @@
+//! The store seam: what the allocation rules, the writer and the readers need
+//! from a database, as the [`Store`] trait, with the types every engine
+//! shares ([`Record`], [`Change`], [`StoreError`]). The engines live in the
+//! submodules ([`sled`], the embedded default); nothing outside them knows
+//! which one runs, and only an engine's own file names its database.
+//!
+//! The contract, which the suite in `contract.rs` checks against every
+//! engine:
+//!
+//! - Writes are staged ([`Store::put`], [`Store::delete`]) and committed
+//!   together by [`Store::flush`]: atomically (all staged writes or none) and
+//!   durably (on disk, or acknowledged by a quorum, before it returns). One
+//!   flush covers any number of writes: that is the group commit. When it
+//!   fails, none of the staged writes is applied and the error says why.
+//! - The writer decides on its own staged writes: [`Store::get_latest`],
+//!   [`Store::owner_address_latest`] and [`Store::revision`] see them. Every
+//!   other read sees committed writes only.
+//! - Scans are ordered by address, IPv4 before IPv6.
+//! - Every write has a revision, one higher than the one before, and leaves
+//!   a [`Change`] in a change history that Watch replays; the history keeps
+//!   the most recent revisions without gaps.
+
+pub mod sled;
+
+#[cfg(test)]
+pub(crate) mod contract;
+
+use std::{collections::BTreeMap, net::IpAddr};
+
+use serde::{Deserialize, Serialize};
+
+use crate::pool::Family;
+
+pub use self::sled::SledStore;
+
+/// Revisions of change history kept when none is configured.
+pub const DEFAULT_HISTORY: u64 = 100_000;
+
+/// What the store keeps of an allocation.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Record {
+    /// The owner holding the address.
+    pub owner: String,
+    /// Labels given at allocation.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Allocation time, nanoseconds since the Unix epoch.
+    pub created_unix_nanos: u64,
+    /// Store revision of the write that created the allocation.
+    pub revision: u64,
+}
+
+/// What a write did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChangeKind {
+    /// An allocation was created.
+    Allocated,
+    /// An allocation was removed.
+    Released,
+}
+
+/// One entry of the change history: what the write of `revision` did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Change {
+    /// The revision of the write.
+    pub revision: u64,
+    /// Allocated or released.
+    pub kind: ChangeKind,
+    /// The address.
+    pub address: IpAddr,
+    /// The allocation created, or the one removed as it was.
+    pub record: Record,
+}
+
+/// Store failures.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database failed (I/O, corruption it detected, a lost connection).
+    #[error("store: {0}")]
+    Engine(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// A key or value this version cannot read.
+    #[error("store: unreadable entry {key}: {why}")]
+    Corrupt {
+        /// The key, escaped.
+        key: String,
+        /// What is wrong with it.
+        why: String,
+    },
+}
+
+/// Result of store operations.
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// The items of a scan, in order; each read may fail on its own.
+pub type Scan<T> = Box<dyn Iterator<Item = Result<T>>>;
+
+/// A store engine: allocations by address, an index by owner, the store
+/// revision and the change history, with staged writes committed in atomic,
+/// durable batches. See the module documentation for the contract.
+pub trait Store: Send + Sync + 'static {
+    /// The allocation at `ip`, as committed.
+    fn get(&self, ip: IpAddr) -> Result<Option<Record>>;
+
+    /// The address held by `owner`, as committed.
+    fn owner_address(&self, owner: &str) -> Result<Option<IpAddr>>;
+
+    /// The allocation at `ip`, staged writes included: what the writer
+    /// decides on.
+    fn get_latest(&self, ip: IpAddr) -> Result<Option<Record>>;
+
+    /// The address held by `owner`, staged writes included: what the writer
+    /// decides on.
+    fn owner_address_latest(&self, owner: &str) -> Result<Option<IpAddr>>;
+
+    /// The revision of the last write, staged or not (0 for a new store).
+    fn revision(&self) -> Result<u64>;
+
+    /// Stages an allocation, its owner index and its change, at the store
+    /// revision `record.revision`.
+    fn put(&self, ip: IpAddr, record: &Record) -> Result<()>;
+
+    /// Stages the removal of the allocation `record` at `ip` and of its owner
+    /// index, and its change, at the store revision `revision`.
+    fn delete(&self, ip: IpAddr, record: &Record, revision: u64) -> Result<()>;
+
+    /// Commits every staged write as one atomic batch and makes every write
+    /// so far durable. When it fails, none of the staged writes is applied.
+    fn flush(&self) -> Result<()>;
+
+    /// Committed allocations of a family from `first` to `last`
+    /// (inclusive), by address.
+    fn scan(&self, family: Family, first: u128, last: u128) -> Scan<(IpAddr, Record)>;
+
+    /// Every committed allocation after `after` (or from the first), by
+    /// address.
+    fn scan_after(&self, after: Option<IpAddr>) -> Scan<(IpAddr, Record)>;
+
+    /// Every committed allocated address, by address.
+    fn addresses(&self) -> Scan<IpAddr>;
+
+    /// The committed changes after revision `after` up to `last`
+    /// (inclusive), by revision. Gaps mean the history no longer holds those
+    /// revisions.
+    fn changes(&self, after: u64, last: u64) -> Scan<Change>;
+
+    /// The oldest revision whose change the history still holds, `None` when
+    /// it holds none.
+    fn first_change(&self) -> Result<Option<u64>>;
+}
