@@ -230,6 +230,7 @@ mod tests {
             ipam.release(ReleaseArgs {
                 owner: Some("s1".into()),
                 address: None,
+                scope: Default::default(),
             })
             .expect("release");
             ipam.flush().expect("flush");
@@ -308,12 +309,12 @@ mod tests {
                         }
                     }
                     Op::Release { owner } => {
-                        let released = ipam.release(ReleaseArgs { owner: Some(format!("o{owner}")), address: None }).expect("release");
+                        let released = ipam.release(ReleaseArgs { owner: Some(format!("o{owner}")), address: None, scope: Default::default() }).expect("release");
                         prop_assert_eq!(released.map(|a| host(a.address)), by_owner.remove(&owner));
                     }
                     Op::ReleaseAddress { address } => {
                         let released = ipam
-                            .release(ReleaseArgs { owner: None, address: Some(IpAddr::from([10, 0, 0, address])) })
+                            .release(ReleaseArgs { owner: None, address: Some(IpAddr::from([10, 0, 0, address])), scope: Default::default() })
                             .expect("release");
                         let holder = by_owner.iter().find(|(_, h)| **h == address).map(|(o, _)| *o);
                         prop_assert_eq!(released.is_some(), holder.is_some());

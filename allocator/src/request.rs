@@ -117,6 +117,8 @@ pub struct AllocateArgs {
     pub labels: BTreeMap<String, String>,
     /// Family when no address is given.
     pub family: Option<Family>,
+    /// Who asks, and what they may touch.
+    pub scope: Scope,
 }
 
 /// A checked Release request: owner, address or both.
@@ -126,6 +128,22 @@ pub struct ReleaseArgs {
     pub owner: Option<String>,
     /// The address to release.
     pub address: Option<IpAddr>,
+    /// Who asks, and what they may touch.
+    pub scope: Scope,
+}
+
+/// Who is calling and what it may touch: the owners (by prefix) it may
+/// allocate and release, and the pools it may draw from. The default scope,
+/// a caller on the unauthenticated local listener, may touch everything.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Scope {
+    /// The credential's name, for errors and logs; empty for a caller
+    /// without one.
+    pub credential: String,
+    /// Owner prefixes it may allocate and release; `None` means every owner.
+    pub owners: Option<Vec<String>>,
+    /// Pools it may draw from; `None` means every pool.
+    pub pools: Option<Vec<String>>,
 }
 
 /// An allocation as clients see it.

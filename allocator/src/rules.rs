@@ -99,6 +99,7 @@ impl Rules {
             address,
             labels,
             family,
+            scope: _,
         } = args;
         if let (Some(ip), Some(f)) = (address, family)
             && Family::of(ip) != f
@@ -210,7 +211,11 @@ impl Rules {
 
     /// Decides a Release by owner, address or both.
     pub fn release(&self, view: &impl View, args: ReleaseArgs) -> Result<Release> {
-        let ReleaseArgs { owner, address } = args;
+        let ReleaseArgs {
+            owner,
+            address,
+            scope: _,
+        } = args;
         let ip = match (address, &owner) {
             (Some(ip), _) => ip,
             (None, Some(owner)) => match view.held_by(owner)? {
@@ -421,6 +426,7 @@ pub(crate) mod tests {
         let by_owner = ReleaseArgs {
             owner: Some("svc".into()),
             address: None,
+            scope: Default::default(),
         };
         assert_eq!(
             rules.release(&view, by_owner).expect("release"),
@@ -429,12 +435,14 @@ pub(crate) mod tests {
         let wrong_owner = ReleaseArgs {
             owner: Some("other".into()),
             address: Some(ip("10.0.0.9")),
+            scope: Default::default(),
         };
         let err = rules.release(&view, wrong_owner).expect_err("held by svc");
         assert!(matches!(err, Error::HeldByOther { .. }), "{err}");
         let nobody = ReleaseArgs {
             owner: Some("nobody".into()),
             address: None,
+            scope: Default::default(),
         };
         assert_eq!(
             rules.release(&view, nobody).expect("release"),

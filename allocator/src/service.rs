@@ -17,7 +17,7 @@ use crate::{
     metrics::Metrics,
     pool::Family,
     request::{
-        AllocateArgs, Allocation, DEFAULT_PAGE_SIZE, ListArgs, MAX_PAGE_SIZE, ReleaseArgs,
+        AllocateArgs, Allocation, DEFAULT_PAGE_SIZE, ListArgs, MAX_PAGE_SIZE, ReleaseArgs, Scope,
         parse_address, parse_labels, parse_owner, parse_pool,
     },
     store::ChangeKind,
@@ -181,6 +181,7 @@ fn allocate_args(request: pb::AllocateRequest) -> Result<AllocateArgs, Error> {
             .transpose()?,
         labels: parse_labels(labels)?,
         family,
+        scope: Scope::default(),
     })
 }
 
@@ -193,6 +194,7 @@ fn release_args(request: pb::ReleaseRequest) -> Result<ReleaseArgs, Error> {
         address: optional(&address)
             .map(|a| parse_address("address", a))
             .transpose()?,
+        scope: Scope::default(),
     })
 }
 
