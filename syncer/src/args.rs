@@ -354,14 +354,11 @@ async fn serve_probes(
     listen: SocketAddr,
     metrics: &Arc<Metrics>,
     identity: &str,
-) -> Result<(), ConfigError> {
+) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|e| ConfigError(format!("--listen {listen}: cannot bind: {e}")))?;
-    let local = listener
-        .local_addr()
-        .map_err(|e| ConfigError(format!("--listen {listen}: {e}")))?;
-    tracing::info!(listen = %local, identity, "serving /healthz, /readyz, /metrics");
+    tracing::info!(listen = %listener.local_addr()?, identity, "serving /healthz, /readyz, /metrics");
     running.spawn_until_stopped("HTTP endpoint", http::serve(listener, metrics.clone()));
     Ok(())
 }
