@@ -1,9 +1,13 @@
 //! The public API of the vipam address allocator: the Rust code generated from
 //! `proto/vipam/v1/allocator.proto` and the file descriptor set that the
 //! allocator serves through gRPC reflection, and a typed [`client::Client`].
+//! With the `runtime` feature, also what both programs share to run as
+//! services (`runtime`).
 
 pub mod client;
 pub mod names;
+#[cfg(feature = "runtime")]
+pub mod runtime;
 
 /// Generated messages, client and server of package `vipam.v1`.
 pub mod v1 {

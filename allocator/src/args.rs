@@ -1,19 +1,27 @@
 //! Command-line flags (each with an environment form) and the wiring of the
 //! allocator from them.
 
-use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
 
 use anyhow::Context;
 use clap::Parser;
+pub use vipam::runtime::ConfigError;
+use vipam::runtime::{self, Supervisor, parse_duration};
 
 use crate::{
-    handle,
+    handle::{self, Handle},
     ipam::Ipam,
     pool::{self, Element, PoolDef, Pools},
-    server::{self, Listener, Settings},
+    server::{self, Bound, Listener, Settings},
     service::Token,
     store::{SledStore, Store},
     watch::{DEFAULT_PROGRESS_INTERVAL, WatchSettings},
+    writer::Writer,
 };
 
 /// How long to wait for the writer to stop after the servers have.
@@ -60,47 +68,8 @@ pub struct Args {
     )]
     pub data_dir: PathBuf,
 
-    /// A pool: NAME=SPEC[,SPEC...], each SPEC a CIDR (10.0.0.0/24), a range
-    /// (10.0.0.10-10.0.0.20) or an address, IPv4 or IPv6. Repeat the flag for
-    /// more pools; in the environment separate pools with ';'.
-    #[arg(long = "pool", env = "VIPAM_POOLS", value_name = "NAME=SPEC[,SPEC...]", value_delimiter = ';', value_parser = parse_pool_def)]
-    pub pools: Vec<PoolDef>,
-
-    /// The pool used when a request names none. Defaults to the first pool.
-    #[arg(long, env = "VIPAM_DEFAULT_POOL", value_name = "NAME")]
-    pub default_pool: Option<String>,
-
-    /// The default pool, named "default", when no --pool is given (the
-    /// keepalived-cloud-provider setting). Host bits are ignored:
-    /// 10.210.38.100/26 means 10.210.38.64/26.
-    #[arg(long, env = "KEEPALIVED_SERVICE_CIDR", value_name = "CIDR", value_parser = parse_element)]
-    pub keepalived_service_cidr: Option<Element>,
-
-    /// Addresses a pool never hands out: NAME=SPEC[,SPEC...]. Repeatable; in
-    /// the environment separate entries with ';'.
-    #[arg(long = "reserved", env = "VIPAM_RESERVED", value_name = "NAME=SPEC[,SPEC...]", value_delimiter = ';', value_parser = parse_reserved)]
-    pub reserved: Vec<(String, Vec<Element>)>,
-
-    /// Pools that only serve requests for a specific address. Repeatable or
-    /// comma-separated.
-    #[arg(
-        long = "explicit-only",
-        env = "VIPAM_EXPLICIT_ONLY",
-        value_name = "NAME",
-        value_delimiter = ','
-    )]
-    pub explicit_only: Vec<String>,
-
-    /// Pools that also hand out the network and broadcast addresses of their
-    /// IPv4 CIDRs and the first address of their IPv6 CIDRs. Repeatable or
-    /// comma-separated.
-    #[arg(
-        long = "all-addresses",
-        env = "VIPAM_ALL_ADDRESSES",
-        value_name = "NAME",
-        value_delimiter = ','
-    )]
-    pub all_addresses: Vec<String>,
+    #[command(flatten)]
+    pub pool_flags: PoolFlags,
 
     /// File holding a bearer token. When set, Allocate and Release need the
     /// header "authorization: Bearer <token>".
@@ -167,132 +136,18 @@ fn parse_element(s: &str) -> Result<Element, String> {
     s.parse().map_err(|e: pool::ConfigError| e.to_string())
 }
 
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    let d = humantime::parse_duration(s)
-        .map_err(|e| format!("{e} (use a duration such as 10s or 500ms)"))?;
-    if d.is_zero() {
-        return Err("must be longer than zero".to_string());
-    }
-    Ok(d)
-}
-
-/// A configuration error found after parsing; the binary exits with code 2.
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct ConfigError(pub String);
-
 impl Args {
-    /// The checked pools.
-    pub fn pools(&self) -> Result<Pools, ConfigError> {
-        let mut defs = self.pools.clone();
-        if defs.is_empty() {
-            let Some(cidr) = &self.keepalived_service_cidr else {
-                return Err(ConfigError(
-                    "no pool configured: give --pool NAME=CIDR (or VIPAM_POOLS) or KEEPALIVED_SERVICE_CIDR".to_string(),
-                ));
-            };
-            defs.push(PoolDef {
-                name: KEEPALIVED_POOL.to_string(),
-                elements: vec![cidr.clone()],
-                reserved: Vec::new(),
-                explicit_only: false,
-                all_addresses: false,
-            });
-        } else if let Some(cidr) = &self.keepalived_service_cidr {
-            tracing::info!(%cidr, "KEEPALIVED_SERVICE_CIDR is ignored because --pool is given");
-        }
-        pool::apply_settings(
-            &mut defs,
-            self.reserved.clone(),
-            &self.explicit_only,
-            &self.all_addresses,
-        )
-        .map_err(|e| ConfigError(format!("pool settings: {e}")))?;
-        Pools::new(defs, self.default_pool.as_deref())
-            .map_err(|e| ConfigError(format!("--pool: {e}")))
-    }
-
-    fn token(&self) -> Result<Option<Token>, ConfigError> {
-        let Some(path) = &self.token_file else {
-            return Ok(None);
-        };
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| ConfigError(format!("--token-file {}: {e}", path.display())))?;
-        Token::new(&text).map(Some).ok_or_else(|| {
-            ConfigError(format!(
-                "--token-file {}: the file is empty",
-                path.display()
-            ))
-        })
-    }
-
-    /// The listeners: --listen, and --listen-authenticated when given.
-    pub fn listeners(&self, token: Option<Token>) -> Result<Vec<Listener>, ConfigError> {
-        let Some(authenticated) = self.listen_authenticated else {
-            return Ok(vec![Listener {
-                addr: self.listen,
-                flag: "--listen",
-                token,
-            }]);
-        };
-        let Some(token) = token else {
-            return Err(ConfigError(format!(
-                "--listen-authenticated {authenticated} needs --token-file (VIPAM_TOKEN_FILE): mutating calls on it always need the token"
-            )));
-        };
-        if !self.listen.ip().is_loopback() {
-            return Err(ConfigError(format!(
-                "--listen {} is not a loopback address: with --listen-authenticated, --listen serves Allocate and Release without the token, so it must be 127.0.0.1 or ::1",
-                self.listen
-            )));
-        }
-        Ok(vec![
-            Listener {
-                addr: self.listen,
-                flag: "--listen",
-                token: None,
-            },
-            Listener {
-                addr: authenticated,
-                flag: "--listen-authenticated",
-                token: Some(token),
-            },
-        ])
-    }
-
-    fn init_logging(&self) -> Result<(), ConfigError> {
-        let filter = tracing_subscriber::EnvFilter::try_new(&self.log)
-            .map_err(|e| ConfigError(format!("--log {:?}: {e}", self.log)))?;
-        let builder = tracing_subscriber::fmt()
-            .with_env_filter(filter)
-            .with_writer(std::io::stderr)
-            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-        // Another subscriber may already be set (tests run several servers).
-        let _ = match self.log_format.as_str() {
-            "json" => builder.json().try_init(),
-            _ => builder.try_init(),
-        };
-        Ok(())
-    }
-
-    /// Runs the allocator until SIGTERM or SIGINT.
+    /// Runs the allocator until SIGTERM or SIGINT: checks the settings,
+    /// opens the store, starts its writer, binds the listeners and serves,
+    /// supervising the server and the writer.
     pub async fn run(self) -> anyhow::Result<()> {
-        self.init_logging()?;
-        let pools = Arc::new(self.pools()?);
-        let token = self.token()?;
-        let listeners = self.listeners(token.clone())?;
         let Self {
-            listen: _,
-            listen_authenticated: _,
+            listen,
+            listen_authenticated,
             http_listen,
             data_dir,
-            pools: _,
-            default_pool: _,
-            keepalived_service_cidr: _,
-            reserved: _,
-            explicit_only: _,
-            all_addresses: _,
-            token_file: _,
+            pool_flags,
+            token_file,
             request_timeout,
             max_concurrent_requests,
             max_message_bytes,
@@ -301,135 +156,282 @@ impl Args {
             max_watchers,
             cache_bytes,
             shutdown_grace,
-            log: _,
-            log_format: _,
+            log,
+            log_format,
             check,
         } = self;
+        runtime::init_logging(&log, &log_format)?;
+        let pools = Arc::new(pool_flags.check()?);
+        let token = read_token(token_file.as_deref())?;
+        let listeners = check_listeners(listen, listen_authenticated, token.clone())?;
         if check {
-            for pool in pools.iter() {
-                let ranges: Vec<String> = pool.elements().iter().map(ToString::to_string).collect();
-                println!(
-                    "pool {}: {} ({} addresses)",
-                    pool.name(),
-                    ranges.join(","),
-                    pool.size()
-                );
-            }
-            println!("vipam-allocator: the settings are valid");
+            print_pools(&pools);
             return Ok(());
         }
-
-        std::fs::create_dir_all(&data_dir)
-            .map_err(|e| ConfigError(format!("--data-dir {}: {e}", data_dir.display())))?;
-        let store = SledStore::open(&data_dir, cache_bytes)
-            .map_err(|e| {
-                ConfigError(format!(
-                    "--data-dir {}: cannot open the database (is another allocator using it?): {e}",
-                    data_dir.display()
-                ))
-            })?
-            .with_history(watch_history);
-        let trimmed = store
-            .trim_history()
-            .context("trimming the change history")?;
-        if trimmed > 0 {
-            store.flush().context("trimming the change history")?;
-            tracing::info!(
-                trimmed,
-                watch_history,
-                "dropped change history older than --watch-history"
-            );
-        }
-        let ipam = Ipam::load(store.clone(), pools.clone()).context("loading allocations")?;
+        let store = open_store(&data_dir, cache_bytes, watch_history)?;
         let watch = WatchSettings {
             buffer: usize::try_from(watch_buffer).unwrap_or(usize::MAX),
             max_watchers: usize::try_from(max_watchers).unwrap_or(usize::MAX),
             progress_interval: DEFAULT_PROGRESS_INTERVAL,
         };
-        let (handle, writer) =
-            handle::start_with(ipam, store, 4096, watch).context("starting the store writer")?;
-        let report = handle.pools_report()?;
-        for r in &report.pools {
-            let pool = pools.at(r.index);
-            tracing::info!(pool = pool.name(), size = %r.size, allocated = r.allocated, free = %r.free, default = r.index == pools.default_index(), "pool");
-        }
-        if report.outside_count > 0 {
-            tracing::warn!(
-                count = report.outside_count,
-                "allocations lie outside every configured pool; they stay allocated"
-            );
-        }
-
+        let (handle, writer) = start_writer(store, &pools, watch)?;
         let settings = Settings {
             max_message_bytes: max_message_bytes as usize,
             request_timeout,
             max_concurrent_requests: max_concurrent_requests as usize,
             token,
         };
-        let mut bound = server::bind_all(listeners, handle.clone(), settings).await?;
-        if let Some(addr) = http_listen {
-            bound = bound.with_http_listener(addr).await?;
-            if let Some(addr) = bound.http_addr() {
-                tracing::info!(http_listen = %addr?, "serving /healthz, /readyz, /metrics");
-            }
-        }
-        match bound.local_addrs()?.as_slice() {
-            [listen, authenticated] => tracing::info!(
-                listen = %listen,
-                listen_authenticated = %authenticated,
-                data_dir = %data_dir.display(),
-                "serving"
-            ),
-            _ => {
-                tracing::info!(listen = %bound.local_addr()?, data_dir = %data_dir.display(), "serving");
-            }
-        }
-        drop(handle);
-
-        let mut writer = tokio::spawn(writer.wait());
-        let mut writer_stopped = None;
-        let shutdown = async {
-            tokio::select! {
-                () = signal() => {}
-                result = &mut writer => writer_stopped = Some(result),
-            }
-        };
-        bound.serve(shutdown, shutdown_grace).await?;
-        // Every request handler is gone: the writer flushes and stops.
-        let result = match writer_stopped {
-            Some(result) => result,
-            // Connections that outlived the grace period still hold the
-            // writer's queue open; it answers only after its flush, so every
-            // acknowledged write is on disk and the process may go.
-            None => match tokio::time::timeout(WRITER_STOP_TIMEOUT, writer).await {
-                Ok(result) => result,
-                Err(_) => {
-                    tracing::warn!(
-                        "connections are still open after the grace period; stopping anyway (every acknowledged write is on disk)"
-                    );
-                    return Ok(());
-                }
-            },
-        };
-        result
-            .context("store writer")?
-            .context("store writer failed")?;
-        tracing::info!("stopped; every write is on disk");
-        Ok(())
+        let bound = bind(listeners, http_listen, handle, settings, &data_dir).await?;
+        serve_until_signal(bound, writer, shutdown_grace).await
     }
 }
 
-async fn signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!("cannot listen for SIGTERM/SIGINT; stop the allocator with SIGKILL");
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM"),
-        _ = int.recv() => tracing::info!("SIGINT"),
+/// The flags that make the pools.
+#[derive(Debug, clap::Args)]
+pub struct PoolFlags {
+    /// A pool: NAME=SPEC[,SPEC...], each SPEC a CIDR (10.0.0.0/24), a range
+    /// (10.0.0.10-10.0.0.20) or an address, IPv4 or IPv6. Repeat the flag for
+    /// more pools; in the environment separate pools with ';'.
+    #[arg(long = "pool", env = "VIPAM_POOLS", value_name = "NAME=SPEC[,SPEC...]", value_delimiter = ';', value_parser = parse_pool_def)]
+    pub pools: Vec<PoolDef>,
+
+    /// The pool used when a request names none. Defaults to the first pool.
+    #[arg(long, env = "VIPAM_DEFAULT_POOL", value_name = "NAME")]
+    pub default_pool: Option<String>,
+
+    /// The default pool, named "default", when no --pool is given (the
+    /// keepalived-cloud-provider setting). Host bits are ignored:
+    /// 10.210.38.100/26 means 10.210.38.64/26.
+    #[arg(long, env = "KEEPALIVED_SERVICE_CIDR", value_name = "CIDR", value_parser = parse_element)]
+    pub keepalived_service_cidr: Option<Element>,
+
+    /// Addresses a pool never hands out: NAME=SPEC[,SPEC...]. Repeatable; in
+    /// the environment separate entries with ';'.
+    #[arg(long = "reserved", env = "VIPAM_RESERVED", value_name = "NAME=SPEC[,SPEC...]", value_delimiter = ';', value_parser = parse_reserved)]
+    pub reserved: Vec<(String, Vec<Element>)>,
+
+    /// Pools that only serve requests for a specific address. Repeatable or
+    /// comma-separated.
+    #[arg(
+        long = "explicit-only",
+        env = "VIPAM_EXPLICIT_ONLY",
+        value_name = "NAME",
+        value_delimiter = ','
+    )]
+    pub explicit_only: Vec<String>,
+
+    /// Pools that also hand out the network and broadcast addresses of their
+    /// IPv4 CIDRs and the first address of their IPv6 CIDRs. Repeatable or
+    /// comma-separated.
+    #[arg(
+        long = "all-addresses",
+        env = "VIPAM_ALL_ADDRESSES",
+        value_name = "NAME",
+        value_delimiter = ','
+    )]
+    pub all_addresses: Vec<String>,
+}
+
+impl PoolFlags {
+    /// The checked pools.
+    fn check(self) -> Result<Pools, ConfigError> {
+        let PoolFlags {
+            pools: mut defs,
+            default_pool,
+            keepalived_service_cidr,
+            reserved,
+            explicit_only,
+            all_addresses,
+        } = self;
+        if defs.is_empty() {
+            let Some(cidr) = keepalived_service_cidr else {
+                return Err(ConfigError(
+                    "no pool configured: give --pool NAME=CIDR (or VIPAM_POOLS) or KEEPALIVED_SERVICE_CIDR".to_string(),
+                ));
+            };
+            defs.push(PoolDef {
+                name: KEEPALIVED_POOL.to_string(),
+                elements: vec![cidr],
+                reserved: Vec::new(),
+                explicit_only: false,
+                all_addresses: false,
+            });
+        } else if let Some(cidr) = &keepalived_service_cidr {
+            tracing::info!(%cidr, "KEEPALIVED_SERVICE_CIDR is ignored because --pool is given");
+        }
+        pool::apply_settings(&mut defs, reserved, &explicit_only, &all_addresses)
+            .map_err(|e| ConfigError(format!("pool settings: {e}")))?;
+        Pools::new(defs, default_pool.as_deref()).map_err(|e| ConfigError(format!("--pool: {e}")))
     }
+}
+
+/// The bearer token of `--token-file`, if given.
+fn read_token(path: Option<&Path>) -> Result<Option<Token>, ConfigError> {
+    let Some(path) = path else {
+        return Ok(None);
+    };
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ConfigError(format!("--token-file {}: {e}", path.display())))?;
+    Token::new(&text).map(Some).ok_or_else(|| {
+        ConfigError(format!(
+            "--token-file {}: the file is empty",
+            path.display()
+        ))
+    })
+}
+
+/// The listeners: --listen, and --listen-authenticated when given.
+fn check_listeners(
+    listen: SocketAddr,
+    listen_authenticated: Option<SocketAddr>,
+    token: Option<Token>,
+) -> Result<Vec<Listener>, ConfigError> {
+    let Some(authenticated) = listen_authenticated else {
+        return Ok(vec![Listener {
+            addr: listen,
+            flag: "--listen",
+            token,
+        }]);
+    };
+    let Some(token) = token else {
+        return Err(ConfigError(format!(
+            "--listen-authenticated {authenticated} needs --token-file (VIPAM_TOKEN_FILE): mutating calls on it always need the token"
+        )));
+    };
+    if !listen.ip().is_loopback() {
+        return Err(ConfigError(format!(
+            "--listen {listen} is not a loopback address: with --listen-authenticated, --listen serves Allocate and Release without the token, so it must be 127.0.0.1 or ::1"
+        )));
+    }
+    Ok(vec![
+        Listener {
+            addr: listen,
+            flag: "--listen",
+            token: None,
+        },
+        Listener {
+            addr: authenticated,
+            flag: "--listen-authenticated",
+            token: Some(token),
+        },
+    ])
+}
+
+/// What `--check` prints.
+fn print_pools(pools: &Pools) {
+    for pool in pools.iter() {
+        let ranges: Vec<String> = pool.elements().iter().map(ToString::to_string).collect();
+        println!(
+            "pool {}: {} ({} addresses)",
+            pool.name(),
+            ranges.join(","),
+            pool.size()
+        );
+    }
+    println!("vipam-allocator: the settings are valid");
+}
+
+/// Opens (creating) the database in `data_dir` and trims its change
+/// history to `watch_history` revisions.
+fn open_store(data_dir: &Path, cache_bytes: u64, watch_history: u64) -> anyhow::Result<SledStore> {
+    std::fs::create_dir_all(data_dir)
+        .map_err(|e| ConfigError(format!("--data-dir {}: {e}", data_dir.display())))?;
+    let store = SledStore::open(data_dir, cache_bytes)
+        .map_err(|e| {
+            ConfigError(format!(
+                "--data-dir {}: cannot open the database (is another allocator using it?): {e}",
+                data_dir.display()
+            ))
+        })?
+        .with_history(watch_history);
+    let trimmed = store
+        .trim_history()
+        .context("trimming the change history")?;
+    if trimmed > 0 {
+        store.flush().context("trimming the change history")?;
+        tracing::info!(
+            trimmed,
+            watch_history,
+            "dropped change history older than --watch-history"
+        );
+    }
+    Ok(store)
+}
+
+/// Loads the allocations, starts the store writer and logs each pool's
+/// figures.
+fn start_writer(
+    store: SledStore,
+    pools: &Arc<Pools>,
+    watch: WatchSettings,
+) -> anyhow::Result<(Handle, Writer)> {
+    let ipam = Ipam::load(store.clone(), pools.clone()).context("loading allocations")?;
+    let (handle, writer) =
+        handle::start_with(ipam, store, 4096, watch).context("starting the store writer")?;
+    let report = handle.pools_report()?;
+    for r in &report.pools {
+        let pool = pools.at(r.index);
+        tracing::info!(pool = pool.name(), size = %r.size, allocated = r.allocated, free = %r.free, default = r.index == pools.default_index(), "pool");
+    }
+    if report.outside_count > 0 {
+        tracing::warn!(
+            count = report.outside_count,
+            "allocations lie outside every configured pool; they stay allocated"
+        );
+    }
+    Ok((handle, writer))
+}
+
+/// Binds every listener (and `--http-listen`) and logs where it serves.
+async fn bind(
+    listeners: Vec<Listener>,
+    http_listen: Option<SocketAddr>,
+    handle: Handle,
+    settings: Settings,
+    data_dir: &Path,
+) -> anyhow::Result<Bound> {
+    let mut bound = server::bind_all(listeners, handle, settings).await?;
+    if let Some(addr) = http_listen {
+        bound = bound.with_http_listener(addr).await?;
+        if let Some(addr) = bound.http_addr() {
+            tracing::info!(http_listen = %addr?, "serving /healthz, /readyz, /metrics");
+        }
+    }
+    match bound.local_addrs()?.as_slice() {
+        [listen, authenticated] => tracing::info!(
+            listen = %listen,
+            listen_authenticated = %authenticated,
+            data_dir = %data_dir.display(),
+            "serving"
+        ),
+        _ => {
+            tracing::info!(listen = %bound.local_addr()?, data_dir = %data_dir.display(), "serving");
+        }
+    }
+    Ok(bound)
+}
+
+/// Serves until SIGTERM or SIGINT, or until the server or the store writer
+/// ends (an error naming it). Either way the server then drains for at most
+/// `grace`; once every request handler is gone the writer flushes and
+/// stops.
+async fn serve_until_signal(bound: Bound, writer: Writer, grace: Duration) -> anyhow::Result<()> {
+    let mut running = Supervisor::new();
+    let stopping = running.stopping();
+    running.spawn("server", bound.serve(stopping, grace));
+    running.spawn("store writer", writer.wait());
+    let ended = running.run_until(runtime::shutdown_signal()).await;
+    // Connections that outlive the grace period still hold the writer's
+    // queue open; it answers only after its flush, so every acknowledged
+    // write is on disk and the process may go.
+    let drained = running.stop(grace + WRITER_STOP_TIMEOUT).await;
+    ended?;
+    if !drained? {
+        tracing::warn!(
+            "connections are still open after the grace period; stopping anyway (every acknowledged write is on disk)"
+        );
+        return Ok(());
+    }
+    tracing::info!("stopped; every write is on disk");
+    Ok(())
 }

@@ -14,7 +14,6 @@ use std::{
     time::Duration,
 };
 
-use axum::{extract::State, http::StatusCode, response::IntoResponse, routing::get};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{service::Routes, transport::Server};
@@ -55,43 +54,21 @@ pub struct Listener {
 /// of a client that vanished end.
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 
-#[derive(Clone)]
-struct HttpState {
-    ipam: Handle,
-    metrics: Arc<Metrics>,
-    shutting_down: Arc<AtomicBool>,
-}
-
-async fn healthz() -> &'static str {
-    "ok\n"
-}
-
-async fn readyz(State(s): State<HttpState>) -> impl IntoResponse {
-    if s.shutting_down.load(Ordering::Relaxed) {
-        (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n")
-    } else if !s.ipam.is_ready() {
-        (StatusCode::SERVICE_UNAVAILABLE, "store writer stopped\n")
-    } else {
-        (StatusCode::OK, "ok\n")
-    }
-}
-
-async fn metrics_page(State(s): State<HttpState>) -> axum::response::Response {
-    match s.metrics.render() {
-        Ok(body) => (
-            [(
-                http::header::CONTENT_TYPE,
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            )],
-            body,
-        )
-            .into_response(),
-        Err(e) => (
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("encoding metrics failed: {e}\n"),
-        )
-            .into_response(),
-    }
+/// `/healthz`, `/readyz` and `/metrics`: not ready while shutting down or
+/// once the store writer has stopped.
+fn probes(ipam: Handle, metrics: Arc<Metrics>, shutting_down: Arc<AtomicBool>) -> axum::Router {
+    vipam::runtime::probe_router(
+        move || {
+            if shutting_down.load(Ordering::Relaxed) {
+                Err("shutting down")
+            } else if !ipam.is_ready() {
+                Err("store writer stopped")
+            } else {
+                Ok(())
+            }
+        },
+        move || metrics.render(),
+    )
 }
 
 /// A bound, not yet serving, server.
@@ -132,15 +109,7 @@ pub async fn bind_all(
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
     };
     let shutting_down = Arc::new(AtomicBool::new(false));
-    let http = axum::Router::new()
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics_page))
-        .with_state(HttpState {
-            ipam: ipam.clone(),
-            metrics: metrics.clone(),
-            shutting_down: shutting_down.clone(),
-        });
+    let http = probes(ipam.clone(), metrics.clone(), shutting_down.clone());
     let mut bound = Vec::with_capacity(listeners.len());
     for Listener { addr, flag, token } in listeners {
         let service = Service::new(ipam.clone(), token, metrics.clone())

@@ -2,7 +2,13 @@
 //! syncer: HTTP endpoints, leader election, adoption, the ConfigMap writer and
 //! the Service controller.
 
-use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
 
 use anyhow::Context as _;
 use clap::Parser;
@@ -10,8 +16,11 @@ use futures::StreamExt;
 use k8s_openapi::api::core::v1::Service;
 use kube::{
     Api,
-    runtime::{Controller, controller, watcher},
+    runtime::{Controller, controller, reflector::ObjectRef, watcher},
 };
+use tokio::sync::watch;
+pub use vipam::runtime::ConfigError;
+use vipam::runtime::{self, EndedError, Supervisor, parse_duration, supervisor::BoxError};
 
 use crate::{
     adopt::Adoptable,
@@ -139,15 +148,6 @@ fn parse_method(s: &str) -> Result<DefaultMethod, String> {
     s.parse().map(|m| DefaultMethod(Some(m)))
 }
 
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    let d = humantime::parse_duration(s)
-        .map_err(|e| format!("{e} (use a duration such as 10s or 500ms)"))?;
-    if d.is_zero() {
-        return Err("must be longer than zero".to_string());
-    }
-    Ok(d)
-}
-
 fn parse_seconds(s: &str) -> Result<Duration, String> {
     let d = parse_duration(s)?;
     if d < Duration::from_secs(2) {
@@ -155,11 +155,6 @@ fn parse_seconds(s: &str) -> Result<Duration, String> {
     }
     Ok(d)
 }
-
-/// A configuration error; the binary exits with code 2.
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct ConfigError(pub String);
 
 /// Whether `name` is a DNS-1123 label, as namespaces and these objects' names are.
 fn valid_object_name(name: &str) -> bool {
@@ -181,24 +176,33 @@ fn host_name() -> String {
         .unwrap_or_else(|| format!("vipam-syncer-{}", std::process::id()))
 }
 
-impl Args {
-    fn init_logging(&self) -> Result<(), ConfigError> {
-        let filter = tracing_subscriber::EnvFilter::try_new(&self.log)
-            .map_err(|e| ConfigError(format!("--log {:?}: {e}", self.log)))?;
-        let builder = tracing_subscriber::fmt()
-            .with_env_filter(filter)
-            .with_writer(std::io::stderr)
-            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-        let _ = match self.log_format.as_str() {
-            "json" => builder.json().try_init(),
-            _ => builder.try_init(),
-        };
-        Ok(())
-    }
+/// Longest wait, after SIGTERM or the loss of the Lease, for reconciles in
+/// flight to finish and the Lease to be released.
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
-    /// Runs the syncer until SIGTERM/SIGINT or the loss of the Lease.
+/// Why the syncer stops when nothing failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Stop {
+    Signal,
+    LostLease,
+}
+
+/// SIGTERM or SIGINT, listened for once for the whole run.
+type Signal = std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// The Lease that elects the one active syncer.
+struct LeaseFlags {
+    name: String,
+    namespace: String,
+    duration: Duration,
+    identity: String,
+}
+
+impl Args {
+    /// Runs the syncer until SIGTERM/SIGINT, the loss of the Lease, or the
+    /// unexpected end of its HTTP endpoint, Lease manager, ConfigMap writer
+    /// or Service controller (an error naming it).
     pub async fn run(self) -> anyhow::Result<()> {
-        self.init_logging()?;
         let Self {
             allocator,
             allocator_token_file,
@@ -213,173 +217,344 @@ impl Args {
             listen,
             resync,
             configmap_coalesce,
-            log: _,
-            log_format: _,
+            log,
+            log_format,
             check,
         } = self;
-        for (flag, value) in [
-            ("--keepalived-namespace", &keepalived_namespace),
-            ("--keepalived-config-map", &keepalived_config_map),
-            ("--lease-name", &lease_name),
-        ] {
-            if !valid_object_name(value) {
-                return Err(ConfigError(format!(
-                    "{flag} {value:?}: not a valid Kubernetes object name"
-                ))
-                .into());
-            }
-        }
-        let identity = identity.unwrap_or_else(host_name);
-        let lease_namespace = lease_namespace.unwrap_or_else(|| keepalived_namespace.clone());
-        let mut builder = vipam::client::Client::builder(allocator.clone());
-        if let Some(path) = &allocator_token_file {
-            let token = std::fs::read_to_string(path).map_err(|e| {
-                ConfigError(format!("--allocator-token-file {}: {e}", path.display()))
-            })?;
-            if token.trim().is_empty() {
-                return Err(ConfigError(format!(
-                    "--allocator-token-file {}: the file is empty",
-                    path.display()
-                ))
-                .into());
-            }
-            builder = builder.token(token.trim());
-        }
-        let allocator_client = builder
-            .build()
-            .map_err(|e| ConfigError(format!("--allocator: {e}")))?;
-        if check {
-            println!("vipam-syncer: the settings are valid");
-            return Ok(());
-        }
-
-        let metrics = Arc::new(Metrics::new());
-        let listener = tokio::net::TcpListener::bind(listen)
-            .await
-            .map_err(|e| ConfigError(format!("--listen {listen}: cannot bind: {e}")))?;
-        tracing::info!(listen = %listener.local_addr()?, identity, "serving /healthz, /readyz, /metrics");
-        tokio::spawn(http::serve(listener, metrics.clone()));
-
-        let client = kube::Client::try_default()
-            .await
-            .context("connecting to the Kubernetes API (in-cluster or KUBECONFIG)")?;
-
-        let lease = kube_lease_manager::LeaseManagerBuilder::new(client.clone(), &lease_name)
-            .with_namespace(&lease_namespace)
-            .with_identity(&identity)
-            .with_duration(lease_duration.as_secs())
-            .with_grace((lease_duration.as_secs() / 3).max(1))
-            .build()
-            .await
-            .with_context(|| format!("lease {lease_namespace}/{lease_name}"))?;
-        let (mut leading, _lease_task) = lease.watch().await;
-        tracing::info!(lease = %format!("{lease_namespace}/{lease_name}"), "waiting to lead");
-        tokio::select! {
-            r = leading.wait_for(|l| *l) => { r.context("lease manager stopped")?; }
-            () = signal() => return Ok(()),
-        }
-        metrics.set_leader(true);
-        tracing::info!("leading");
-
-        let events = Events::new(client.clone(), identity.clone(), metrics.clone());
-        let index = Arc::new(Index::default());
-        let writer = Writer::new(
-            client.clone(),
-            &keepalived_namespace,
-            &keepalived_config_map,
-            index.clone(),
-            events.clone(),
-            metrics.clone(),
-            configmap_coalesce,
-        );
-        let adoptable = loop {
-            match writer.read().await {
-                Ok(cm) => break adoptable_from(cm.as_ref()),
-                Err(e) => {
-                    tracing::warn!(error = %e, "reading the ConfigMap failed; retrying");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                }
-            }
+        runtime::init_logging(&log, &log_format)?;
+        check_names(&keepalived_namespace, &keepalived_config_map, &lease_name)?;
+        let lease = LeaseFlags {
+            namespace: lease_namespace.unwrap_or_else(|| keepalived_namespace.clone()),
+            name: lease_name,
+            duration: lease_duration,
+            identity: identity.unwrap_or_else(host_name),
         };
-
-        let controller = Controller::new(
-            Api::<Service>::all(client.clone()),
-            watcher::Config::default(),
-        )
-        .with_config(controller::Config::default().concurrency(64));
-        let (retrigger, retriggered) = futures::channel::mpsc::unbounded();
+        let allocator_client = allocator_client(allocator, allocator_token_file.as_deref())?;
+        let config_map = ConfigMapFlags {
+            namespace: keepalived_namespace,
+            name: keepalived_config_map,
+            coalesce: configmap_coalesce,
+        };
         let settings = Settings {
             load_balancer_class,
             default_forward_method: default_forward_method.and_then(|d| d.0),
         };
-        let clients = Clients {
-            kube: client.clone(),
-            allocator: Allocator::new(allocator_client, metrics.clone()),
-            events,
+        if check {
+            println!("vipam-syncer: the settings are valid");
+            return Ok(());
+        }
+        let mut signal: Signal = Box::pin(runtime::shutdown_signal());
+        let metrics = Arc::new(Metrics::new());
+        let mut running = Supervisor::new();
+        serve_probes(&mut running, listen, &metrics, &lease.identity).await?;
+        let client = kube::Client::try_default()
+            .await
+            .context("connecting to the Kubernetes API (in-cluster or KUBECONFIG)")?;
+        let mut leading = start_lease(&mut running, client.clone(), &lease).await?;
+        let lead = wait_to_lead(&mut leading, &lease);
+        let Some(led) = or_signal(&mut running, &mut signal, lead).await? else {
+            return stop(running, leading, Ok(Stop::Signal), &lease).await;
         };
-        let state = Shared::new(index, controller.store(), adoptable, retrigger);
-        let ctx = Arc::new(Context::new(settings, clients, state, metrics.clone()));
+        led?;
+        metrics.set_leader(true);
+        tracing::info!("leading");
 
-        // Adopt every address in use before the ConfigMap is written or a new
-        // address is handed out; then clean up after Services that are gone.
-        tokio::spawn({
-            let ctx = ctx.clone();
-            let metrics = metrics.clone();
-            async move {
-                while let Err(e) = ctx.adopt_all().await {
-                    tracing::warn!(error = %e, "adopting the addresses in use failed; retrying");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                }
-                tokio::spawn(writer.run());
-                metrics.set_ready(true);
-                match reconcile::release_orphans(&ctx).await {
-                    Ok(n) => tracing::info!(released = n, "first full sync done"),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "releasing addresses of deleted Services failed; the next start tries again")
-                    }
+        let (writer, index, events) = new_writer(&client, &config_map, &lease.identity, &metrics);
+        let Some(adoptable) = or_signal(&mut running, &mut signal, read_adoptable(&writer)).await?
+        else {
+            return stop(running, leading, Ok(Stop::Signal), &lease).await;
+        };
+        let (controller, ctx, retriggered) = controller_and_context(
+            client,
+            allocator_client,
+            index,
+            events,
+            settings,
+            metrics.clone(),
+            adoptable,
+        );
+        start_configmap_writer(&mut running, ctx.clone(), writer, metrics.clone());
+        let holder = leading.clone();
+        start_controller(&mut running, controller, ctx, retriggered, resync, holder);
+        let why = running.run_until(stop_reason(&mut leading, signal)).await;
+        metrics.set_ready(false);
+        stop(running, leading, why, &lease).await
+    }
+}
+
+/// The kube-keepalived-vip ConfigMap and how its writes are coalesced.
+struct ConfigMapFlags {
+    namespace: String,
+    name: String,
+    coalesce: Duration,
+}
+
+/// The ConfigMap writer, the index of addresses it renders and the Event
+/// publisher it reports with.
+fn new_writer(
+    client: &kube::Client,
+    config_map: &ConfigMapFlags,
+    identity: &str,
+    metrics: &Arc<Metrics>,
+) -> (Writer, Arc<Index>, Events) {
+    let events = Events::new(client.clone(), identity.to_string(), metrics.clone());
+    let index = Arc::new(Index::default());
+    let writer = Writer::new(
+        client.clone(),
+        &config_map.namespace,
+        &config_map.name,
+        index.clone(),
+        events.clone(),
+        metrics.clone(),
+        config_map.coalesce,
+    );
+    (writer, index, events)
+}
+
+/// Refuses object names Kubernetes would refuse.
+fn check_names(namespace: &str, config_map: &str, lease: &str) -> Result<(), ConfigError> {
+    for (flag, value) in [
+        ("--keepalived-namespace", namespace),
+        ("--keepalived-config-map", config_map),
+        ("--lease-name", lease),
+    ] {
+        if !valid_object_name(value) {
+            return Err(ConfigError(format!(
+                "{flag} {value:?}: not a valid Kubernetes object name"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The allocator's client, with the token of `--allocator-token-file`.
+fn allocator_client(
+    url: String,
+    token_file: Option<&Path>,
+) -> Result<vipam::client::Client, ConfigError> {
+    let mut builder = vipam::client::Client::builder(url);
+    if let Some(path) = token_file {
+        let token = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError(format!("--allocator-token-file {}: {e}", path.display())))?;
+        if token.trim().is_empty() {
+            return Err(ConfigError(format!(
+                "--allocator-token-file {}: the file is empty",
+                path.display()
+            )));
+        }
+        builder = builder.token(token.trim());
+    }
+    builder
+        .build()
+        .map_err(|e| ConfigError(format!("--allocator: {e}")))
+}
+
+/// Binds `--listen` and serves `/healthz`, `/readyz` and `/metrics` on it.
+async fn serve_probes(
+    running: &mut Supervisor,
+    listen: SocketAddr,
+    metrics: &Arc<Metrics>,
+    identity: &str,
+) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| ConfigError(format!("--listen {listen}: cannot bind: {e}")))?;
+    tracing::info!(listen = %listener.local_addr()?, identity, "serving /healthz, /readyz, /metrics");
+    running.spawn_until_stopped("HTTP endpoint", http::serve(listener, metrics.clone()));
+    Ok(())
+}
+
+/// Starts the Lease manager; the returned receiver says whether this
+/// syncer leads, and the Lease is released once every clone of it is gone.
+async fn start_lease(
+    running: &mut Supervisor,
+    client: kube::Client,
+    lease: &LeaseFlags,
+) -> anyhow::Result<watch::Receiver<bool>> {
+    let LeaseFlags {
+        name,
+        namespace,
+        duration,
+        identity,
+    } = lease;
+    let manager = kube_lease_manager::LeaseManagerBuilder::new(client, name)
+        .with_namespace(namespace)
+        .with_identity(identity)
+        .with_duration(duration.as_secs())
+        .with_grace((duration.as_secs() / 3).max(1))
+        .build()
+        .await
+        .with_context(|| format!("lease {namespace}/{name}"))?;
+    let (leading, manager) = manager.watch().await;
+    running.spawn("Lease manager", async move {
+        manager.await?.map(drop).map_err(BoxError::from)
+    });
+    Ok(leading)
+}
+
+async fn wait_to_lead(
+    leading: &mut watch::Receiver<bool>,
+    lease: &LeaseFlags,
+) -> anyhow::Result<()> {
+    tracing::info!(lease = %format!("{}/{}", lease.namespace, lease.name), "waiting to lead");
+    leading
+        .wait_for(|l| *l)
+        .await
+        .context("lease manager stopped")?;
+    Ok(())
+}
+
+/// Runs `step` under supervision; `None` when SIGTERM or SIGINT comes first.
+async fn or_signal<T>(
+    running: &mut Supervisor,
+    signal: &mut Signal,
+    step: impl Future<Output = T>,
+) -> Result<Option<T>, EndedError> {
+    running
+        .run_until(async {
+            tokio::select! {
+                value = step => Some(value),
+                () = signal => None,
+            }
+        })
+        .await
+}
+
+/// Reads the ConfigMap, retrying until it can, for the addresses to adopt.
+async fn read_adoptable(writer: &Writer) -> Adoptable {
+    loop {
+        match writer.read().await {
+            Ok(cm) => return adoptable_from(cm.as_ref()),
+            Err(e) => {
+                tracing::warn!(error = %e, "reading the ConfigMap failed; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+}
+
+/// The Service controller and the context its reconciles share.
+fn controller_and_context(
+    client: kube::Client,
+    allocator_client: vipam::client::Client,
+    index: Arc<Index>,
+    events: Events,
+    settings: Settings,
+    metrics: Arc<Metrics>,
+    adoptable: Adoptable,
+) -> (Controller<Service>, Arc<Context>, Retriggered) {
+    let controller = Controller::new(
+        Api::<Service>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .with_config(controller::Config::default().concurrency(64));
+    let (retrigger, retriggered) = futures::channel::mpsc::unbounded();
+    let clients = Clients {
+        kube: client.clone(),
+        allocator: Allocator::new(allocator_client, metrics.clone()),
+        events,
+    };
+    let state = Shared::new(index, controller.store(), adoptable, retrigger);
+    let ctx = Arc::new(Context::new(settings, clients, state, metrics.clone()));
+    (controller, ctx, retriggered)
+}
+
+/// Requests to reconcile a Service again, sent from within reconciles.
+type Retriggered = futures::channel::mpsc::UnboundedReceiver<ObjectRef<Service>>;
+
+/// Adopts every address in use before the ConfigMap is written or a new
+/// address is handed out, then writes the ConfigMap and cleans up after
+/// Services that are gone.
+fn start_configmap_writer(
+    running: &mut Supervisor,
+    ctx: Arc<Context>,
+    writer: Writer,
+    metrics: Arc<Metrics>,
+) {
+    running.spawn_until_stopped("ConfigMap writer", async move {
+        while let Err(e) = ctx.adopt_all().await {
+            tracing::warn!(error = %e, "adopting the addresses in use failed; retrying");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        let first_sync = async {
+            metrics.set_ready(true);
+            match reconcile::release_orphans(&ctx).await {
+                Ok(n) => tracing::info!(released = n, "first full sync done"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "releasing addresses of deleted Services failed; the next start tries again")
                 }
             }
-        });
+        };
+        futures::join!(writer.run(), first_sync);
+        Ok::<(), Infallible>(())
+    });
+}
 
-        let lost = async move {
-            let _ = leading.wait_for(|l| !*l).await;
-        };
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<&'static str>();
-        tokio::spawn(async move {
-            let why = tokio::select! {
-                () = lost => "lost the lease",
-                () = signal() => "signal",
-            };
-            let _ = stop_tx.send(why);
-        });
-        let (why_tx, why_rx) = tokio::sync::oneshot::channel::<&'static str>();
-        let shutdown = async move {
-            let why = stop_rx.await.unwrap_or("signal");
-            let _ = why_tx.send(why);
-        };
-        let resync_ticks = futures::stream::unfold(
-            tokio::time::interval_at(tokio::time::Instant::now() + resync, resync),
-            |mut i| async move {
-                i.tick().await;
-                Some(((), i))
-            },
-        );
+/// Runs the Service controller until the supervisor stops, then lets the
+/// reconciles in flight finish.
+fn start_controller(
+    running: &mut Supervisor,
+    controller: Controller<Service>,
+    ctx: Arc<Context>,
+    retriggered: Retriggered,
+    resync: Duration,
+    lease_holder: watch::Receiver<bool>,
+) {
+    let stopping = running.stopping();
+    let resync_ticks = futures::stream::unfold(
+        tokio::time::interval_at(tokio::time::Instant::now() + resync, resync),
+        |mut i| async move {
+            i.tick().await;
+            Some(((), i))
+        },
+    );
+    running.spawn("Service controller", async move {
         controller
             .reconcile_on(retriggered)
             .reconcile_all_on(resync_ticks)
-            .graceful_shutdown_on(shutdown)
+            .graceful_shutdown_on(stopping)
             .run(reconcile::reconcile, reconcile::error_policy, ctx)
             .for_each(|_| futures::future::ready(()))
             .await;
-        metrics.set_ready(false);
-        match why_rx.await {
-            Ok("lost the lease") => anyhow::bail!(
-                "lost the lease {lease_namespace}/{lease_name}; stopping so that only the new leader acts"
-            ),
-            _ => {
-                tracing::info!("stopped");
-                Ok(())
-            }
+        // The Lease is released only now, so that a new leader never acts
+        // while reconciles of this one are still in flight.
+        drop(lease_holder);
+        Ok::<(), Infallible>(())
+    });
+}
+
+/// Completes on SIGTERM/SIGINT or when this syncer no longer leads.
+async fn stop_reason(leading: &mut watch::Receiver<bool>, signal: Signal) -> Stop {
+    tokio::select! {
+        _ = leading.wait_for(|l| !*l) => Stop::LostLease,
+        () = signal => Stop::Signal,
+    }
+}
+
+/// Stops everything (reconciles in flight finish, then the Lease is
+/// released) and says why: an error when supervised work ended or the
+/// Lease was lost.
+async fn stop(
+    mut running: Supervisor,
+    leading: watch::Receiver<bool>,
+    why: Result<Stop, EndedError>,
+    lease: &LeaseFlags,
+) -> anyhow::Result<()> {
+    drop(leading);
+    let drained = running.stop(STOP_TIMEOUT).await;
+    let why = why?;
+    if !drained? {
+        tracing::warn!(timeout = ?STOP_TIMEOUT, "reconciles or the Lease release did not finish in time; stopping anyway");
+    }
+    match why {
+        Stop::LostLease => anyhow::bail!(
+            "lost the lease {}/{}; stopping so that only the new leader acts",
+            lease.namespace,
+            lease.name
+        ),
+        Stop::Signal => {
+            tracing::info!("stopped");
+            Ok(())
         }
     }
 }
@@ -412,19 +587,4 @@ fn adoptable_from(cm: Option<&k8s_openapi::api::core::v1::ConfigMap>) -> Adoptab
         .for_each(|b| tracing::warn!("ConfigMap data: {b}"));
     entries.extend(good);
     Adoptable::new(entries)
-}
-
-async fn signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!("cannot listen for SIGTERM/SIGINT");
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM"),
-        _ = int.recv() => tracing::info!("SIGINT"),
-    }
 }

@@ -3,7 +3,8 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use vipam_syncer::args::{Args, ConfigError};
+use vipam::runtime::ConfigError;
+use vipam_syncer::args::Args;
 
 #[tokio::main]
 async fn main() -> ExitCode {
