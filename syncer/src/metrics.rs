@@ -177,10 +177,25 @@ mod tests {
     #[test]
     fn readiness_is_exported_as_a_gauge() {
         let metrics = Metrics::new();
-        assert!(metrics.render().expect("render").contains("vipam_syncer_ready 0"));
+        assert!(
+            metrics
+                .render()
+                .expect("render")
+                .contains("vipam_syncer_ready 0")
+        );
         metrics.set_ready(true);
-        assert!(metrics.render().expect("render").contains("vipam_syncer_ready 1"));
+        assert!(
+            metrics
+                .render()
+                .expect("render")
+                .contains("vipam_syncer_ready 1")
+        );
         metrics.set_ready(false);
-        assert!(metrics.render().expect("render").contains("vipam_syncer_ready 0"));
+        assert!(
+            metrics
+                .render()
+                .expect("render")
+                .contains("vipam_syncer_ready 0")
+        );
     }
 }

@@ -869,7 +869,10 @@ fn rendered_exposed() -> Vec<Value> {
 fn kind_and_name(doc: &Value) -> (String, String) {
     (
         doc["kind"].as_str().unwrap_or_default().to_string(),
-        doc["metadata"]["name"].as_str().unwrap_or_default().to_string(),
+        doc["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string(),
     )
 }
 
@@ -878,12 +881,13 @@ fn the_base_renders_alone_with_each_component_and_with_all_of_them() {
     let base: BTreeSet<_> = rendered().iter().map(kind_and_name).collect();
     let names = components();
     assert!(
-        names.contains(&"expose-allocator".to_string()) && names.contains(&"monitoring".to_string()),
+        names.contains(&"expose-allocator".to_string())
+            && names.contains(&"monitoring".to_string()),
         "{names:?}"
     );
     let mut each = Vec::new();
     for name in &names {
-        let docs = rendered_with(&[name]);
+        let docs = rendered_with(&[name.as_str()]);
         let objects: BTreeSet<_> = docs.iter().map(kind_and_name).collect();
         assert!(
             objects.is_superset(&base),
@@ -893,7 +897,8 @@ fn the_base_renders_alone_with_each_component_and_with_all_of_them() {
         assert!(objects.len() > base.len(), "{name} adds nothing");
         for doc in docs.iter().filter(|d| !base.contains(&kind_and_name(d))) {
             assert_eq!(
-                doc["metadata"]["namespace"], NAMESPACE,
+                doc["metadata"]["namespace"],
+                NAMESPACE,
                 "{name}: {:?} is outside {NAMESPACE}",
                 kind_and_name(doc)
             );
@@ -903,7 +908,10 @@ fn the_base_renders_alone_with_each_component_and_with_all_of_them() {
     let all: Vec<&str> = names.iter().map(String::as_str).collect();
     let together: BTreeSet<_> = rendered_with(&all).iter().map(kind_and_name).collect();
     let union: BTreeSet<_> = each.into_iter().flatten().collect();
-    assert_eq!(together, union, "the components together render each one's objects");
+    assert_eq!(
+        together, union,
+        "the components together render each one's objects"
+    );
 }
 
 #[test]
@@ -942,7 +950,12 @@ fn the_monitoring_component_scrapes_both_programs_on_the_ports_that_serve_metric
         let container = pod
             .containers
             .iter()
-            .find(|c| c.ports.iter().flatten().any(|p| p.name.as_deref() == Some(port)))
+            .find(|c| {
+                c.ports
+                    .iter()
+                    .flatten()
+                    .any(|p| p.name.as_deref() == Some(port))
+            })
             .unwrap_or_else(|| panic!("no container has the port {port}"));
         // The port is the one the program serves /metrics on: the
         // allocator's --http-listen, the syncer's --listen.
