@@ -21,6 +21,8 @@ use vipam_e2e::{
     workspace_dir,
 };
 
+mod common;
+
 fn component() -> PathBuf {
     workspace_dir().join("deploy/components/monitoring")
 }
@@ -138,6 +140,15 @@ fn every_alert_has_a_unit_test_and_a_troubleshooting_section() {
             "{alert} has no runbook_url to {anchor}"
         );
     }
+}
+
+#[test]
+fn the_readme_alert_table_names_every_alert() {
+    let readme = std::fs::read_to_string(workspace_dir().join("README.md")).expect("README.md");
+    assert_eq!(
+        common::table_keys(&readme, "### Monitoring (opt-in)"),
+        alert_names()
+    );
 }
 
 /// A free loopback port: bound, read and released for Prometheus to take.

@@ -10,32 +10,11 @@ use std::{
 
 use vipam_e2e::workspace_dir;
 
+mod common;
+
 fn page() -> String {
     std::fs::read_to_string(workspace_dir().join("docs/troubleshooting.md"))
         .expect("docs/troubleshooting.md")
-}
-
-/// The first cells of the rows of the table under `heading`: the
-/// backquoted words of each.
-fn table_keys(text: &str, heading: &str) -> BTreeSet<String> {
-    let mut lines = text.lines().skip_while(|l| l.trim() != heading);
-    assert!(
-        lines.next().is_some(),
-        "the page has no {heading:?} section"
-    );
-    lines
-        .take_while(|l| !l.starts_with("## "))
-        .filter(|l| l.starts_with("| `"))
-        .flat_map(|row| {
-            let first = row.split(" | ").next().unwrap_or_default().to_string();
-            first
-                .split('`')
-                .skip(1)
-                .step_by(2)
-                .map(str::to_string)
-                .collect::<Vec<_>>()
-        })
-        .collect()
 }
 
 /// Every `.rs` file below `dir`.
@@ -89,7 +68,7 @@ fn the_page_explains_every_event_reason_the_syncer_declares() {
             "{r} not found in the reason module's text: {declared:?}"
         );
     }
-    let documented = table_keys(&page(), "## Events");
+    let documented = common::table_keys(&page(), "## Events");
     assert_eq!(
         documented, declared,
         "the Events table vs the syncer's reasons"
@@ -121,7 +100,7 @@ fn the_page_explains_every_grpc_code_the_allocator_returns() {
     );
     // The request timeout (`--request-timeout`) is tonic's: CANCELLED.
     returned.insert(vipam::names::code_name(tonic::Code::Cancelled).to_string());
-    let documented = table_keys(&page(), "## Error codes of the allocator");
+    let documented = common::table_keys(&page(), "## Error codes of the allocator");
     assert_eq!(
         documented, returned,
         "the error code table vs the allocator"
