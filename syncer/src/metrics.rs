@@ -50,6 +50,8 @@ pub struct Metrics {
     /// 1 while this syncer holds the Lease.
     pub leader: Gauge,
     ready: AtomicBool,
+    /// 1 while ready, for alerting on a syncer that never becomes ready.
+    ready_gauge: Gauge,
 }
 
 fn latency() -> Histogram {
@@ -79,6 +81,7 @@ impl Metrics {
             allocator_calls: Family::new_with_constructor(latency),
             leader: Gauge::default(),
             ready: AtomicBool::new(false),
+            ready_gauge: Gauge::default(),
         };
         registry.register(
             "vipam_syncer_managed_services",
@@ -120,6 +123,11 @@ impl Metrics {
             "1 while this syncer holds the Lease",
             m.leader.clone(),
         );
+        registry.register(
+            "vipam_syncer_ready",
+            "1 while this syncer leads and has done its first full sync",
+            m.ready_gauge.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -141,6 +149,7 @@ impl Metrics {
     /// Marks the syncer ready (leader with the first full sync done).
     pub fn set_ready(&self, ready: bool) {
         self.ready.store(ready, Ordering::Relaxed);
+        self.ready_gauge.set(i64::from(ready));
     }
 
     /// Whether the syncer is ready.
@@ -158,5 +167,35 @@ impl Metrics {
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry)?;
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn readiness_is_exported_as_a_gauge() {
+        let metrics = Metrics::new();
+        assert!(
+            metrics
+                .render()
+                .expect("render")
+                .contains("vipam_syncer_ready 0")
+        );
+        metrics.set_ready(true);
+        assert!(
+            metrics
+                .render()
+                .expect("render")
+                .contains("vipam_syncer_ready 1")
+        );
+        metrics.set_ready(false);
+        assert!(
+            metrics
+                .render()
+                .expect("render")
+                .contains("vipam_syncer_ready 0")
+        );
     }
 }

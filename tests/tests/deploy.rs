@@ -813,12 +813,21 @@ async fn rbac_grants_exactly_what_the_syncer_calls() {
     }
 }
 
-/// The base with the opt-in `expose-allocator` component, as an operator's
-/// overlay would render it.
-fn rendered_exposed() -> Vec<Value> {
+/// The opt-in components under `deploy/components`.
+fn components() -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(repo().join("deploy/components"))
+        .expect("deploy/components")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().to_string())
+        .collect();
+    names.sort();
+    names
+}
+
+/// The base with the opt-in `components`, as an operator's overlay would
+/// render it.
+fn rendered_with(components: &[&str]) -> Vec<Value> {
     let dir = tempfile::tempdir().expect("tempdir");
     let deploy = repo().join("deploy");
-    let component = deploy.join("components/expose-allocator");
     // kustomize takes paths relative to the overlay.
     let up = "../".repeat(dir.path().components().count().saturating_sub(1));
     let rel = |p: &Path| {
@@ -827,12 +836,15 @@ fn rendered_exposed() -> Vec<Value> {
             p.strip_prefix("/").expect("absolute path").display()
         )
     };
+    let listed: String = components
+        .iter()
+        .map(|c| format!("  - {}\n", rel(&deploy.join("components").join(c))))
+        .collect();
     std::fs::write(
         dir.path().join("kustomization.yaml"),
         format!(
-            "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources:\n  - {}\ncomponents:\n  - {}\n",
+            "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources:\n  - {}\ncomponents:\n{listed}",
             rel(&deploy),
-            rel(&component)
         ),
     )
     .expect("write overlay");
@@ -843,10 +855,141 @@ fn rendered_exposed() -> Vec<Value> {
         .expect("run kubectl kustomize");
     assert!(
         out.status.success(),
-        "kubectl kustomize (exposed) failed: {}",
+        "kubectl kustomize with {components:?} failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
     yaml_docs(&String::from_utf8(out.stdout).expect("utf-8"))
+}
+
+/// The base with the opt-in `expose-allocator` component.
+fn rendered_exposed() -> Vec<Value> {
+    rendered_with(&["expose-allocator"])
+}
+
+fn kind_and_name(doc: &Value) -> (String, String) {
+    (
+        doc["kind"].as_str().unwrap_or_default().to_string(),
+        doc["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string(),
+    )
+}
+
+#[test]
+fn the_base_renders_alone_with_each_component_and_with_all_of_them() {
+    let base: BTreeSet<_> = rendered().iter().map(kind_and_name).collect();
+    let names = components();
+    assert!(
+        names.contains(&"expose-allocator".to_string())
+            && names.contains(&"monitoring".to_string()),
+        "{names:?}"
+    );
+    let mut each = Vec::new();
+    for name in &names {
+        let docs = rendered_with(&[name.as_str()]);
+        let objects: BTreeSet<_> = docs.iter().map(kind_and_name).collect();
+        assert!(
+            objects.is_superset(&base),
+            "{name} drops objects of the base: {:?}",
+            base.difference(&objects).collect::<Vec<_>>()
+        );
+        assert!(objects.len() > base.len(), "{name} adds nothing");
+        for doc in docs.iter().filter(|d| !base.contains(&kind_and_name(d))) {
+            assert_eq!(
+                doc["metadata"]["namespace"],
+                NAMESPACE,
+                "{name}: {:?} is outside {NAMESPACE}",
+                kind_and_name(doc)
+            );
+        }
+        each.push(objects);
+    }
+    let all: Vec<&str> = names.iter().map(String::as_str).collect();
+    let together: BTreeSet<_> = rendered_with(&all).iter().map(kind_and_name).collect();
+    let union: BTreeSet<_> = each.into_iter().flatten().collect();
+    assert_eq!(
+        together, union,
+        "the components together render each one's objects"
+    );
+}
+
+#[test]
+fn the_monitoring_component_scrapes_both_programs_on_the_ports_that_serve_metrics() {
+    let docs = rendered_with(&["monitoring"]);
+    let d = deployment(&docs);
+    let pod_labels = d
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.metadata.clone())
+        .and_then(|m| m.labels)
+        .expect("pod labels");
+    let pod = pod(&d);
+    let monitors = of_kind(&docs, "PodMonitor");
+    assert_eq!(monitors.len(), 1, "{monitors:?}");
+    let monitor = &monitors[0];
+    assert_eq!(monitor["apiVersion"], "monitoring.coreos.com/v1");
+    let selector = monitor["spec"]["selector"]["matchLabels"]
+        .as_object()
+        .expect("matchLabels");
+    assert!(!selector.is_empty());
+    for (k, v) in selector {
+        assert_eq!(
+            pod_labels.get(k).map(String::as_str),
+            v.as_str(),
+            "the PodMonitor selects the vipam pod"
+        );
+    }
+    let mut scraped = BTreeSet::new();
+    for endpoint in monitor["spec"]["podMetricsEndpoints"]
+        .as_array()
+        .expect("podMetricsEndpoints")
+    {
+        let port = endpoint["port"].as_str().expect("a named port");
+        assert_eq!(endpoint["path"], "/metrics");
+        let container = pod
+            .containers
+            .iter()
+            .find(|c| {
+                c.ports
+                    .iter()
+                    .flatten()
+                    .any(|p| p.name.as_deref() == Some(port))
+            })
+            .unwrap_or_else(|| panic!("no container has the port {port}"));
+        // The port is the one the program serves /metrics on: the
+        // allocator's --http-listen, the syncer's --listen.
+        let number = port_number(container, &IntOrString::String(port.to_string()));
+        let args = container.args.clone().unwrap_or_default();
+        let flag = match binary_of(container).as_str() {
+            "vipam-allocator" => "--http-listen",
+            "vipam-syncer" => "--listen",
+            other => panic!("unexpected container {other}"),
+        };
+        let listen = flag_value(&args, flag).unwrap_or_else(|| panic!("{flag}"));
+        assert_eq!(
+            listen.rsplit_once(':').map(|(_, p)| p),
+            Some(number.to_string().as_str()),
+            "{port} is where {} serves /metrics",
+            container.name
+        );
+        scraped.insert(binary_of(container));
+    }
+    assert_eq!(
+        scraped,
+        BTreeSet::from(["vipam-allocator".to_string(), "vipam-syncer".to_string()])
+    );
+    let rules = of_kind(&docs, "PrometheusRule");
+    assert_eq!(rules.len(), 1);
+    assert_eq!(rules[0]["apiVersion"], "monitoring.coreos.com/v1");
+    assert!(
+        rules[0]["spec"]["groups"]
+            .as_array()
+            .is_some_and(|g| !g.is_empty())
+    );
+    // The base alone needs no monitoring CRDs.
+    assert!(of_kind(&rendered(), "PodMonitor").is_empty());
+    assert!(of_kind(&rendered(), "PrometheusRule").is_empty());
 }
 
 #[test]
