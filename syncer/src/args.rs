@@ -18,7 +18,7 @@ use crate::{
     allocation::Allocator,
     configmap::{self, Writer},
     context::{Clients, Context, Shared},
-    desired::{ForwardMethod, Settings},
+    desired::{self, ForwardMethod, Settings},
     events::Events,
     http,
     index::Index,
@@ -68,6 +68,11 @@ pub struct Args {
     /// ConfigMap entries carry no method; empty is the same as unset.
     #[arg(long, env = "KEEPALIVED_DEFAULT_FORWARD_METHOD", value_name = "METHOD", value_parser = parse_method)]
     pub default_forward_method: Option<DefaultMethod>,
+
+    /// kube-keepalived-vip runs with --proxy-protocol-mode: only then is the
+    /// forward method PROXY written; without it, PROXY is refused.
+    #[arg(long, env = "VIPAM_PROXY_PROTOCOL_MODE")]
+    pub proxy_protocol_mode: bool,
 
     /// Only handle Services of this spec.loadBalancerClass. Without it, only
     /// Services without a class.
@@ -205,6 +210,7 @@ impl Args {
             keepalived_namespace,
             keepalived_config_map,
             default_forward_method,
+            proxy_protocol_mode,
             load_balancer_class,
             lease_name,
             lease_namespace,
@@ -229,6 +235,11 @@ impl Args {
                 .into());
             }
         }
+        desired::check_default_method(
+            default_forward_method.and_then(|d| d.0),
+            proxy_protocol_mode,
+        )
+        .map_err(ConfigError)?;
         let identity = identity.unwrap_or_else(host_name);
         let lease_namespace = lease_namespace.unwrap_or_else(|| keepalived_namespace.clone());
         let mut builder = vipam::client::Client::builder(allocator.clone());
@@ -311,6 +322,7 @@ impl Args {
         let settings = Settings {
             load_balancer_class,
             default_forward_method: default_forward_method.and_then(|d| d.0),
+            proxy_protocol_mode,
         };
         let clients = Clients {
             kube: client.clone(),

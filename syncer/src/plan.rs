@@ -14,7 +14,10 @@ use kube::runtime::events::EventType;
 use crate::{
     adopt::Adoptable,
     allocation::{AllocError, Allocated},
-    desired::{self, Desired, ForwardMethod, Request, Settings, Subject, has_finalizer, status_ip},
+    desired::{
+        self, Desired, ForwardMethod, PortRewrite, Request, Settings, Subject, has_finalizer,
+        status_ip,
+    },
     events::reason,
     index::ServiceKey,
     render::Entry,
@@ -103,6 +106,8 @@ pub struct Apply {
     pub adopted: Option<IpAddr>,
     /// The forward method of its ConfigMap entry.
     pub forward_method: Option<ForwardMethod>,
+    /// The ports keepalived rewrites to the virtual port (forward method DR).
+    pub port_rewrites: Vec<PortRewrite>,
 }
 
 /// A failed call to the allocator: its Event, and what else it means.
@@ -141,7 +146,7 @@ pub enum Outcome {
         note: Note,
     },
     /// Record the entry; with `announce`, write the address to the status,
-    /// then publish the Event.
+    /// then publish the Event; then settle the `notes`.
     Publish {
         /// The address.
         ip: IpAddr,
@@ -149,6 +154,9 @@ pub enum Outcome {
         entry: Entry,
         /// The Event of a new address in the status.
         announce: Option<Note>,
+        /// The warnings of the entry (a port rewrite) and of an address
+        /// outside every pool, or the forgetting of earlier ones.
+        notes: Notes,
     },
 }
 
@@ -246,7 +254,44 @@ fn apply(svc: &Service, d: Desired, adoptable: &Adoptable) -> Plan {
         ask,
         adopted,
         forward_method: d.forward_method,
+        port_rewrites: d.port_rewrites,
     })
+}
+
+fn port_rewrite(rewrites: &[PortRewrite]) -> Note {
+    let ports: Vec<String> = rewrites.iter().map(ToString::to_string).collect();
+    Note::warning(
+        reason::PORT_REWRITE,
+        "Validate",
+        format!(
+            "the forward method DR cannot translate ports: keepalived will rewrite each real server's port to the virtual port, so {} reach the pods on the Service port, not on the targetPort",
+            ports.join(", ")
+        ),
+    )
+}
+
+/// The warnings about what the Service is given: the ports keepalived
+/// rewrites, an address outside every pool. A warning that no longer holds
+/// is forgotten, so that it is published again if it comes back.
+fn given(ip: IpAddr, pool: &str, rewrites: &[PortRewrite]) -> Notes {
+    let mut notes = Notes::default();
+    if rewrites.is_empty() {
+        notes.clear.push(reason::PORT_REWRITE);
+    } else {
+        notes.publish.push(port_rewrite(rewrites));
+    }
+    if pool.is_empty() {
+        notes.publish.push(Note::warning(
+            reason::OUTSIDE_POOLS,
+            "Allocate",
+            format!(
+                "{ip} lies outside every pool of the allocator: the Service keeps it, but no pool reserves it for Services; make sure nothing else on the network uses it, or add it to a pool"
+            ),
+        ));
+    } else {
+        notes.clear.push(reason::OUTSIDE_POOLS);
+    }
+    notes
 }
 
 /// What a failed allocator call means for the Service.
@@ -310,6 +355,7 @@ impl Apply {
         };
         Outcome::Publish {
             ip,
+            notes: given(ip, pool, &self.port_rewrites),
             entry: Entry::of(&self.subject, self.forward_method),
             announce: (self.status != Some(ip)).then(|| {
                 Note::normal(

@@ -126,6 +126,7 @@ async fn apply(svc: &Service, ctx: &Context, mut p: Apply) -> Result<(), Error> 
             ip,
             entry,
             announce,
+            notes,
         } => {
             ctx.state.index.upsert(s.key(), ip, entry);
             index::record_managed(&ctx.state.index, &ctx.metrics);
@@ -133,6 +134,7 @@ async fn apply(svc: &Service, ctx: &Context, mut p: Apply) -> Result<(), Error> 
                 own.wrote(&patch_status(&api, svc, Some(ip)).await?);
                 tell(ctx, svc, note).await;
             }
+            publish(ctx, svc, notes).await;
             own.settle(&ctx.state.services, svc).await;
             Ok(())
         }
