@@ -264,7 +264,7 @@ fn port_rewrite(rewrites: &[PortRewrite]) -> Note {
         reason::PORT_REWRITE,
         "Validate",
         format!(
-            "the forward method DR cannot translate ports: keepalived will rewrite each real server's port to the virtual port, so {} reach the pods on the Service port, not on the targetPort",
+            "the forward method DR cannot translate ports: keepalived will rewrite each real server's port to the virtual port, so the pods are reached on the Service port, not on the targetPort, for {}",
             ports.join(", ")
         ),
     )
