@@ -126,6 +126,17 @@ pub struct Request {
     pub pool: Option<String>,
 }
 
+impl Request {
+    /// The request for an address the Service already has, wherever it
+    /// lies.
+    pub fn keep(ip: IpAddr) -> Self {
+        Request {
+            address: Some(ip),
+            pool: None,
+        }
+    }
+}
+
 /// Everything vipam derives from a Service.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Desired {

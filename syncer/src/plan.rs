@@ -123,6 +123,10 @@ pub struct Failure {
     /// Whether the Service is reconciled again after the next release: its
     /// pool is full.
     pub wait_for_release: bool,
+    /// The address the Service held before a refused move, claimed back so
+    /// that it keeps it (its status and entry still name it) and no other
+    /// Service is handed it.
+    pub reclaim: Option<IpAddr>,
 }
 
 /// What to do with the allocator's answer.
@@ -230,17 +234,13 @@ fn apply(svc: &Service, d: Desired, adoptable: &Adoptable) -> Plan {
     let subject = Subject::of(svc);
     let status = status_ip(svc);
     let adopted = status.is_none().then(|| adoptable.of(&subject)).flatten();
-    let keep = |ip| Request {
-        address: Some(ip),
-        pool: None,
-    };
     let (ask, release_first, adopt_first) = match (status, request.address) {
         // The user asks for another address: move (and only then).
         (Some(have), Some(want)) if have != want => (request, true, false),
-        (Some(have), _) => (keep(have), false, false),
+        (Some(have), _) => (Request::keep(have), false, false),
         (None, Some(_)) => (request, false, false),
         (None, None) => match adopted {
-            Some(ip) => (keep(ip), false, false),
+            Some(ip) => (Request::keep(ip), false, false),
             None => (request, false, true),
         },
     };
@@ -300,6 +300,7 @@ pub fn failure(error: &AllocError) -> Failure {
         note: Note::warning(reason::ALLOCATION_FAILED, "Allocate", error.to_string()),
         adopt_again: matches!(error, AllocError::Unreachable(_)),
         wait_for_release: false,
+        reclaim: None,
         error: error.clone(),
     }
 }
@@ -323,9 +324,13 @@ impl Apply {
         let Allocated { ip, pool } = match answer {
             Ok(a) => a,
             Err(e) => {
+                let f = failure(e);
                 return Outcome::Failed(Failure {
                     wait_for_release: matches!(e, AllocError::Exhausted(_)),
-                    ..failure(e)
+                    // An unreachable allocator is not asked again now: the
+                    // adoption it requires claims the status address.
+                    reclaim: self.status.filter(|_| self.release_first && !f.adopt_again),
+                    ..f
                 });
             }
         };

@@ -14,7 +14,7 @@ use kube::{
 
 use crate::{
     context::Context,
-    desired::{self, Subject},
+    desired::{self, Request, Subject},
     error::Error,
     events::reason,
     index,
@@ -65,6 +65,18 @@ async fn failed(ctx: &Context, svc: &Service, f: Failure) -> Error {
     }
     if f.adopt_again {
         ctx.state.adoption.require();
+    }
+    if let Some(ip) = f.reclaim {
+        let keep = Request::keep(ip);
+        if let Err(e) = ctx
+            .clients
+            .allocator
+            .allocate(&Subject::of(svc), &keep)
+            .await
+        {
+            tracing::warn!(address = %ip, error = %e, "claiming back the address of a refused move failed; adopting every address again");
+            ctx.state.adoption.require();
+        }
     }
     tell(ctx, svc, f.note).await;
     Error::Alloc(f.error)

@@ -498,6 +498,59 @@ async fn a_refused_request_gives_one_warning_with_the_allocators_reason_and_chan
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_move_keeps_the_address_held_before_and_hands_it_to_nobody_else() -> Result<()> {
+    let kube = Kube::start("refused-move").await?;
+    kube.create(kube.lb("mover").annotation(ADDRESS, "10.20.30.1"))
+        .await?;
+    kube.create(kube.lb("holder").annotation(ADDRESS, "10.20.30.2"))
+        .await?;
+    let allocator = kube.allocator(&[POOL_DEFAULT])?;
+    let _syncer = kube.syncer(&allocator, &[])?;
+    for (name, ip) in [("mover", "10.20.30.1"), ("holder", "10.20.30.2")] {
+        assert_eq!(kube.wait_ip(name).await?, ip, "{name}");
+    }
+    // The move to an address another Service holds is refused.
+    kube.patch(
+        "mover",
+        json!({"metadata": {"annotations": {ADDRESS: "10.20.30.2"}}}),
+    )
+    .await?;
+    let holder = format!("{}/holder", kube.namespace);
+    kube.wait_event(
+        "mover",
+        "Warning",
+        "AllocationFailed",
+        &["10.20.30.2", &holder],
+    )
+    .await?;
+    // A new Service gets the lowest free address: not the one mover keeps.
+    kube.create(kube.lb("fresh")).await?;
+    assert_eq!(kube.wait_ip("fresh").await?, "10.20.30.3");
+    quiet_period().await;
+    let expected = [
+        ("mover", "10.20.30.1"),
+        ("holder", "10.20.30.2"),
+        ("fresh", "10.20.30.3"),
+    ];
+    let held = allocations(&allocator).await?;
+    for (name, ip) in expected {
+        assert_eq!(kube.ip(name).await?.as_deref(), Some(ip), "{name}");
+        assert_eq!(
+            held.get(&owner(&kube.namespace, name)).map(String::as_str),
+            Some(ip),
+            "{name} in the allocator: {held:#?}"
+        );
+    }
+    let entries: Vec<_> = expected
+        .iter()
+        .map(|(name, ip)| (*ip, kube.entry(name, None)))
+        .collect();
+    assert_eq!(kube.data().await?, mk_data(&entries));
+    assert_eq!(count_events(&kube, "mover", "AllocationFailed").await?, 1);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requested_addresses_inside_and_outside_the_pool_are_honoured() -> Result<()> {
     let kube = Kube::start("requested").await?;
     let allocator = kube.allocator(&[POOL_DEFAULT])?;

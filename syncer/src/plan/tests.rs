@@ -552,6 +552,14 @@ fn an_address_in_a_pool_forgets_an_earlier_outside_pools_warning() {
     );
 }
 
+/// What the plan does when the allocator answers with `error`.
+fn mk_failed(p: &Apply, error: &AllocError) -> Failure {
+    match p.outcome(Err(error), None) {
+        Outcome::Failed(f) => f,
+        other => panic!("expected Failed, got {other:?}"),
+    }
+}
+
 #[test]
 fn a_denied_or_invalid_request_is_a_refusal_of_the_service_with_the_allocators_reason() {
     let p = mk_apply(&mk_service("web").annotation(POOL_ANNOTATION, "dmz").build());
@@ -560,9 +568,7 @@ fn a_denied_or_invalid_request_is_a_refusal_of_the_service_with_the_allocators_r
         AllocError::Invalid("address 127.0.0.1 is special-purpose".into()),
         AllocError::Refused("FailedPrecondition: 10.0.0.0 is the network address".into()),
     ] {
-        let Outcome::Failed(f) = p.outcome(Err(&refused), None) else {
-            panic!("expected Failed");
-        };
+        let f = mk_failed(&p, &refused);
         assert!(
             !f.adopt_again && !f.wait_for_release,
             "not the allocator being down: {refused}"
@@ -574,4 +580,33 @@ fn a_denied_or_invalid_request_is_a_refusal_of_the_service_with_the_allocators_r
         assert_eq!(f.note.message, refused.to_string());
         assert_eq!(f.error, refused);
     }
+}
+
+#[test]
+fn a_refused_move_claims_back_the_address_held_before_and_a_refused_new_request_claims_nothing() {
+    let mover = mk_service("web")
+        .finalized()
+        .status("10.0.0.1")
+        .annotation(ADDRESS_ANNOTATION, "10.0.0.9")
+        .build();
+    let moving = mk_apply(&mover);
+    let fresh = mk_apply(
+        &mk_service("web")
+            .annotation(ADDRESS_ANNOTATION, "10.0.0.9")
+            .build(),
+    );
+    for refused in [
+        AllocError::Held("10.0.0.9 is held by shop/db".into()),
+        AllocError::Denied("address 10.0.0.9 is not for owner service:shop/web".into()),
+        AllocError::Exhausted("pool \"dmz\" has no free address".into()),
+    ] {
+        let reclaims = |p| mk_failed(p, &refused).reclaim;
+        assert_eq!(reclaims(&moving), Some(mk_ip("10.0.0.1")), "{refused}");
+        assert_eq!(reclaims(&fresh), None, "{refused}");
+    }
+    // An unreachable allocator is not asked again: adoption claims it back.
+    let down = AllocError::Unreachable("connection refused".into());
+    let f = mk_failed(&moving, &down);
+    assert_eq!(f.reclaim, None);
+    assert!(f.adopt_again);
 }
