@@ -1,9 +1,10 @@
 //! The syncer's acceptance scenarios (issue 4), each against the real
 //! `vipam-allocator` and `vipam-syncer` binaries and the Kubernetes API test
 //! server, or a real cluster when `VIPAM_E2E_KUBECONFIG` names a kubeconfig:
-//! a new Service, forward methods, requested addresses, pools, release,
-//! `loadBalancerClass`, restarts and the steady state, hand edits of the
-//! ConfigMap, IPv6 and the size limit of the ConfigMap.
+//! a new Service, forward methods (PROXY only in proxy-protocol mode, DR
+//! port rewrites), requested addresses, refusals by the allocator, pools,
+//! release, `loadBalancerClass`, restarts and the steady state, hand edits of
+//! the ConfigMap, IPv6 and the size limit of the ConfigMap.
 //!
 //! Recovery from a lost allocator, adoption from the Go provider, two
 //! syncers and API faults are in `syncer_recovery.rs`.

@@ -1,6 +1,7 @@
 //! The syncer's acceptance scenarios about recovery (issue 4): a wiped
-//! allocator, the Go keepalived-cloud-provider's ConfigMap, two syncers and
-//! the Lease, and faults of the Kubernetes API. Each runs the real binaries
+//! allocator, the Go keepalived-cloud-provider's ConfigMap, an adopted
+//! address outside every pool, two syncers and the Lease, and faults of the
+//! Kubernetes API. Each runs the real binaries
 //! against the Kubernetes API test server, or a real cluster when
 //! `VIPAM_E2E_KUBECONFIG` names a kubeconfig (the fault tests need the test
 //! server and say so when skipped).
