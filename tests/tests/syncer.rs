@@ -980,7 +980,8 @@ async fn restarting_the_syncer_changes_no_ip_and_a_steady_state_makes_no_writes(
 async fn a_hand_edit_of_the_configmap_is_reverted_and_a_deleted_one_is_recreated() -> Result<()> {
     let kube = Kube::start("hand-edit").await?;
     let allocator = kube.allocator(&[POOL_DEFAULT])?;
-    let _syncer = kube.syncer(&allocator, &[])?;
+    // The method PROXY below is written only in proxy-protocol mode.
+    let _syncer = kube.syncer(&allocator, &["--proxy-protocol-mode"])?;
     kube.create(kube.lb("a")).await?;
     kube.create(kube.lb("b").annotation(FORWARD_METHOD, "proxy"))
         .await?;

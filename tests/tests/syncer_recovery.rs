@@ -519,7 +519,8 @@ async fn dropped_watches_and_expired_resource_versions_end_in_the_same_state_and
     let allocator = kube.allocator(&[POOL_DEFAULT])?;
     let versions = kube.record_services();
     versions.wait_listed().await?;
-    let mut syncer = kube.syncer(&allocator, &[])?;
+    // The method PROXY below is written only in proxy-protocol mode.
+    let mut syncer = kube.syncer(&allocator, &["--proxy-protocol-mode"])?;
     kube.create(kube.lb("a")).await?;
     assert_eq!(kube.wait_ip("a").await?, "10.20.30.1");
     kube.create(kube.lb("b")).await?;
