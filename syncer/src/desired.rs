@@ -1,7 +1,7 @@
 //! What a Service asks of vipam, as a pure function of the Service and the
 //! syncer's settings: whether it is managed, which address or pool it asks
-//! for, its keepalived forward method, and what is wrong with its
-//! annotations.
+//! for, its keepalived forward method (`PROXY` only in proxy-protocol mode)
+//! and the ports DR would rewrite, and what is wrong with its annotations.
 
 use std::{fmt, net::IpAddr, str::FromStr};
 
