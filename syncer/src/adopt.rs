@@ -197,11 +197,7 @@ async fn wait_ready(services: &Store<Service>) -> Result<(), Error> {
 /// unreachable allocator stops adoption: other refusals are reported on the
 /// Service by its own reconcile.
 async fn claim(allocator: &Allocator, index: &Index, c: Candidate) -> Result<bool, Error> {
-    let request = Request {
-        address: Some(c.ip),
-        pool: None,
-    };
-    match allocator.allocate(&c.subject, &request).await {
+    match allocator.allocate(&c.subject, &Request::keep(c.ip)).await {
         Ok(a) if a.ip == c.ip => {
             index.upsert(c.subject.key(), c.ip, c.entry);
             Ok(true)

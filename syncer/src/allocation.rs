@@ -23,6 +23,14 @@ pub enum AllocError {
     /// The pool does not exist.
     #[error("unknown pool: {0}")]
     UnknownPool(String),
+    /// The Service may not use the pool, the address or the owner it asks
+    /// for.
+    #[error("not permitted: {0}")]
+    Denied(String),
+    /// The allocator found the request invalid (the address, the owner or
+    /// the pool name).
+    #[error("invalid request: {0}")]
+    Invalid(String),
     /// The allocator cannot be reached (retried with backoff).
     #[error("allocator unreachable: {0}")]
     Unreachable(String),
@@ -38,21 +46,35 @@ impl AllocError {
             AllocError::Exhausted(_) => "pool_exhausted",
             AllocError::Held(_) => "address_held",
             AllocError::UnknownPool(_) => "unknown_pool",
+            AllocError::Denied(_) => "permission_denied",
+            AllocError::Invalid(_) => "invalid_request",
             AllocError::Unreachable(_) => "allocator_unreachable",
             AllocError::Refused(_) => "refused",
         }
     }
 
+    /// What an allocator's status means for the Service. Every refusal of
+    /// the request as it stands is the Service's (an Event, a retry later);
+    /// only transient faults are the allocator's being unreachable.
     fn from_status(s: &tonic::Status) -> Self {
         let message = s.message().to_string();
         match s.code() {
             Code::ResourceExhausted => AllocError::Exhausted(message),
             Code::AlreadyExists => AllocError::Held(message),
             Code::NotFound => AllocError::UnknownPool(message),
+            Code::PermissionDenied => AllocError::Denied(message),
+            Code::InvalidArgument => AllocError::Invalid(message),
             Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown => {
                 AllocError::Unreachable(message)
             }
-            _ => AllocError::Refused(format!("{:?}: {message}", s.code())),
+            code @ (Code::Ok
+            | Code::FailedPrecondition
+            | Code::Aborted
+            | Code::OutOfRange
+            | Code::Unimplemented
+            | Code::Internal
+            | Code::DataLoss
+            | Code::Unauthenticated) => AllocError::Refused(format!("{code:?}: {message}")),
         }
     }
 }
@@ -141,5 +163,51 @@ impl Allocator {
             .into_iter()
             .map(|a| (a.owner, a.address))
             .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::Error;
+
+    #[test]
+    fn each_refusal_of_the_allocator_keeps_its_message_and_only_transient_faults_are_unreachable() {
+        let msg = "the allocator's reason";
+        for (code, want) in [
+            (Code::ResourceExhausted, AllocError::Exhausted(msg.into())),
+            (Code::AlreadyExists, AllocError::Held(msg.into())),
+            (Code::NotFound, AllocError::UnknownPool(msg.into())),
+            (Code::PermissionDenied, AllocError::Denied(msg.into())),
+            (Code::InvalidArgument, AllocError::Invalid(msg.into())),
+            (
+                Code::FailedPrecondition,
+                AllocError::Refused(format!("FailedPrecondition: {msg}")),
+            ),
+            (
+                Code::Unauthenticated,
+                AllocError::Refused(format!("Unauthenticated: {msg}")),
+            ),
+            (Code::Unavailable, AllocError::Unreachable(msg.into())),
+            (Code::DeadlineExceeded, AllocError::Unreachable(msg.into())),
+        ] {
+            let got = AllocError::from_status(&tonic::Status::new(code, msg));
+            assert_eq!(got, want, "{code:?}");
+            assert!(got.to_string().contains(msg), "{got}");
+        }
+    }
+
+    #[test]
+    fn a_denied_or_invalid_request_is_retried_after_a_refusals_backoff_not_at_once() {
+        let refusal = Error::Alloc(AllocError::Held("x".into())).retry_after();
+        for e in [
+            AllocError::Denied("pool \"dmz\" is not for owner service:b/web".into()),
+            AllocError::Invalid("address \"127.0.0.1\" is special-purpose".into()),
+        ] {
+            let unreachable = Error::Alloc(AllocError::Unreachable("down".into())).retry_after();
+            let e = Error::Alloc(e);
+            assert_eq!(e.retry_after(), refusal, "{e}");
+            assert!(e.retry_after() > unreachable, "{e}");
+        }
     }
 }

@@ -27,7 +27,7 @@ use crate::{
     allocation::Allocator,
     configmap::{self, Writer},
     context::{Clients, Context, Shared},
-    desired::{ForwardMethod, Settings},
+    desired::{self, ForwardMethod, Settings},
     events::Events,
     http,
     index::Index,
@@ -77,6 +77,11 @@ pub struct Args {
     /// ConfigMap entries carry no method; empty is the same as unset.
     #[arg(long, env = "KEEPALIVED_DEFAULT_FORWARD_METHOD", value_name = "METHOD", value_parser = parse_method)]
     pub default_forward_method: Option<DefaultMethod>,
+
+    /// kube-keepalived-vip runs with --proxy-protocol-mode: only then is the
+    /// forward method PROXY written; without it, PROXY is refused.
+    #[arg(long, env = "VIPAM_PROXY_PROTOCOL_MODE")]
+    pub proxy_protocol_mode: bool,
 
     /// Only handle Services of this spec.loadBalancerClass. Without it, only
     /// Services without a class.
@@ -209,6 +214,7 @@ impl Args {
             keepalived_namespace,
             keepalived_config_map,
             default_forward_method,
+            proxy_protocol_mode,
             load_balancer_class,
             lease_name,
             lease_namespace,
@@ -223,6 +229,11 @@ impl Args {
         } = self;
         runtime::init_logging(&log, &log_format)?;
         check_names(&keepalived_namespace, &keepalived_config_map, &lease_name)?;
+        desired::check_default_method(
+            default_forward_method.and_then(|d| d.0),
+            proxy_protocol_mode,
+        )
+        .map_err(ConfigError)?;
         let lease = LeaseFlags {
             namespace: lease_namespace.unwrap_or_else(|| keepalived_namespace.clone()),
             name: lease_name,
@@ -238,6 +249,7 @@ impl Args {
         let settings = Settings {
             load_balancer_class,
             default_forward_method: default_forward_method.and_then(|d| d.0),
+            proxy_protocol_mode,
         };
         if check {
             println!("vipam-syncer: the settings are valid");

@@ -1,11 +1,11 @@
 //! What a Service asks of vipam, as a pure function of the Service and the
 //! syncer's settings: whether it is managed, which address or pool it asks
-//! for, its keepalived forward method, and what is wrong with its
-//! annotations.
+//! for, its keepalived forward method (`PROXY` only in proxy-protocol mode)
+//! and the ports DR would rewrite, and what is wrong with its annotations.
 
 use std::{fmt, net::IpAddr, str::FromStr};
 
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::{api::core::v1::Service, apimachinery::pkg::util::intstr::IntOrString};
 use kube::ResourceExt;
 
 /// The forward-method annotation of keepalived-cloud-provider.
@@ -19,6 +19,9 @@ pub const FINALIZER: &str = "service.kubernetes.io/load-balancer-cleanup";
 /// Prefix of every owner the syncer creates in the allocator. Other tools
 /// must not use it.
 pub const OWNER_PREFIX: &str = "service:";
+/// The syncer setting that declares kube-keepalived-vip's proxy-protocol
+/// mode, as messages name it.
+pub const PROXY_PROTOCOL_SETTING: &str = "--proxy-protocol-mode (VIPAM_PROXY_PROTOCOL_MODE)";
 /// Label keys recorded with each allocation.
 pub const LABEL_NAMESPACE: &str = "namespace";
 /// See [`LABEL_NAMESPACE`].
@@ -70,6 +73,31 @@ pub struct Settings {
     /// Forward method of Services without the annotation; `None` writes no
     /// suffix.
     pub default_forward_method: Option<ForwardMethod>,
+    /// Whether kube-keepalived-vip runs with `--proxy-protocol-mode`, the
+    /// only mode in which it understands `PROXY`.
+    pub proxy_protocol_mode: bool,
+}
+
+/// Why PROXY is not written without the proxy-protocol mode.
+fn proxy_needs_the_mode() -> String {
+    format!(
+        "PROXY needs kube-keepalived-vip's proxy-protocol mode (its --proxy-protocol-mode; without it keepalived rejects the method and uses NAT), declared to vipam-syncer with {PROXY_PROTOCOL_SETTING}, which is off"
+    )
+}
+
+/// Refuses a default forward method the consumer cannot apply: `PROXY`
+/// without the proxy-protocol mode.
+pub fn check_default_method(
+    default: Option<ForwardMethod>,
+    proxy_protocol_mode: bool,
+) -> Result<(), String> {
+    match default {
+        Some(ForwardMethod::Proxy) if !proxy_protocol_mode => Err(format!(
+            "KEEPALIVED_DEFAULT_FORWARD_METHOD (--default-forward-method) \"PROXY\": {}; set {PROXY_PROTOCOL_SETTING} when kube-keepalived-vip runs in that mode, or choose NAT or DR",
+            proxy_needs_the_mode()
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// An annotation or field with a value that cannot be used.
@@ -98,6 +126,17 @@ pub struct Request {
     pub pool: Option<String>,
 }
 
+impl Request {
+    /// The request for an address the Service already has, wherever it
+    /// lies.
+    pub fn keep(ip: IpAddr) -> Self {
+        Request {
+            address: Some(ip),
+            pool: None,
+        }
+    }
+}
+
 /// Everything vipam derives from a Service.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Desired {
@@ -111,6 +150,49 @@ pub struct Desired {
     /// Problems that do not block allocation (an invalid forward method
     /// falls back to the default).
     pub warnings: Vec<Problem>,
+    /// With the forward method DR, the ports whose target port differs.
+    pub port_rewrites: Vec<PortRewrite>,
+}
+
+/// A Service port whose numeric `targetPort` differs from its `port`, which
+/// keepalived rewrites to the virtual port in DR mode (DR cannot translate
+/// ports).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PortRewrite {
+    /// The port's name, if it has one.
+    pub name: Option<String>,
+    /// The Service port (the virtual port).
+    pub port: i32,
+    /// Its target port.
+    pub target_port: i32,
+}
+
+impl fmt::Display for PortRewrite {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "port {}", self.port)?;
+        if let Some(name) = &self.name {
+            write!(f, " ({name})")?;
+        }
+        write!(f, " with targetPort {}", self.target_port)
+    }
+}
+
+/// The ports of the Service whose numeric `targetPort` differs from the
+/// `port`. A named `targetPort` is left out: its number is known only from
+/// the Endpoints, so it cannot be compared here.
+pub fn port_rewrites(svc: &Service) -> Vec<PortRewrite> {
+    svc.spec
+        .iter()
+        .flat_map(|s| s.ports.iter().flatten())
+        .filter_map(|p| match p.target_port {
+            Some(IntOrString::Int(target)) if target != p.port => Some(PortRewrite {
+                name: p.name.clone().filter(|n| !n.is_empty()),
+                port: p.port,
+                target_port: target,
+            }),
+            _ => None,
+        })
+        .collect()
 }
 
 fn annotation<'a>(svc: &'a Service, key: &str) -> Option<&'a str> {
@@ -195,6 +277,15 @@ fn requested_pool(svc: &Service) -> Result<Option<String>, Problem> {
     }
 }
 
+/// The forward method of an annotation's value, if kube-keepalived-vip can
+/// apply it with these settings.
+fn usable_method(value: &str, settings: &Settings) -> Result<ForwardMethod, String> {
+    match value.parse()? {
+        ForwardMethod::Proxy if !settings.proxy_protocol_mode => Err(proxy_needs_the_mode()),
+        method => Ok(method),
+    }
+}
+
 /// What vipam derives from the Service.
 pub fn desired(svc: &Service, settings: &Settings) -> Desired {
     let managed = is_managed(svc, settings);
@@ -205,30 +296,37 @@ pub fn desired(svc: &Service, settings: &Settings) -> Desired {
         })
     });
     let mut warnings = Vec::new();
+    let fallback = || {
+        settings
+            .default_forward_method
+            .map_or("no forward method".to_string(), |m| {
+                format!("the default {m}")
+            })
+    };
     let forward_method = match annotation(svc, FORWARD_METHOD_ANNOTATION) {
         None => settings.default_forward_method,
-        Some(value) => match value.parse() {
+        Some(value) => match usable_method(value, settings) {
             Ok(method) => Some(method),
             Err(why) => {
-                let fallback = settings
-                    .default_forward_method
-                    .map_or("no forward method".to_string(), |m| {
-                        format!("the default {m}")
-                    });
                 warnings.push(Problem {
                     field: FORWARD_METHOD_ANNOTATION,
                     value: value.to_string(),
-                    why: format!("{why}; using {fallback}"),
+                    why: format!("{why}; using {}", fallback()),
                 });
                 settings.default_forward_method
             }
         },
+    };
+    let port_rewrites = match forward_method {
+        Some(ForwardMethod::Dr) => port_rewrites(svc),
+        _ => Vec::new(),
     };
     Desired {
         managed,
         request,
         forward_method,
         warnings,
+        port_rewrites,
     }
 }
 
@@ -302,7 +400,7 @@ pub fn has_finalizer(svc: &Service) -> bool {
 mod tests {
     use super::*;
     use k8s_openapi::api::core::v1::{
-        LoadBalancerIngress, LoadBalancerStatus, ServiceSpec, ServiceStatus,
+        LoadBalancerIngress, LoadBalancerStatus, ServicePort, ServiceSpec, ServiceStatus,
     };
     use std::collections::BTreeMap;
 
@@ -370,6 +468,7 @@ mod tests {
     fn forward_method_is_case_insensitive_and_defaults() {
         let settings = Settings {
             default_forward_method: Some(ForwardMethod::Dr),
+            proxy_protocol_mode: true,
             ..Default::default()
         };
         assert_eq!(
@@ -420,6 +519,146 @@ mod tests {
             d.request.is_ok(),
             "a bad forward method does not block allocation"
         );
+    }
+
+    /// What a Service annotated `proxy` gets under the settings.
+    fn mk_proxy(settings: Settings) -> Desired {
+        desired(
+            &mk_service(&[(FORWARD_METHOD_ANNOTATION, "proxy")]),
+            &settings,
+        )
+    }
+
+    #[test]
+    fn proxy_without_the_proxy_protocol_mode_warns_and_uses_the_default() {
+        for (default, fallback) in [
+            (Some(ForwardMethod::Nat), "the default NAT"),
+            (None, "no forward method"),
+        ] {
+            let d = mk_proxy(Settings {
+                default_forward_method: default,
+                ..Default::default()
+            });
+            assert_eq!(d.forward_method, default);
+            assert_eq!(d.warnings.len(), 1, "{:?}", d.warnings);
+            let message = d.warnings[0].to_string();
+            for word in [
+                FORWARD_METHOD_ANNOTATION,
+                "\"proxy\"",
+                "proxy-protocol mode",
+                PROXY_PROTOCOL_SETTING,
+                fallback,
+            ] {
+                assert!(message.contains(word), "{word:?} not in {message}");
+            }
+            assert!(d.request.is_ok(), "PROXY does not block allocation");
+        }
+    }
+
+    #[test]
+    fn proxy_with_the_proxy_protocol_mode_is_kept_without_a_warning() {
+        let d = mk_proxy(Settings {
+            proxy_protocol_mode: true,
+            ..Default::default()
+        });
+        assert_eq!(d.forward_method, Some(ForwardMethod::Proxy));
+        assert!(d.warnings.is_empty(), "{:?}", d.warnings);
+    }
+
+    #[test]
+    fn a_default_proxy_method_is_refused_without_the_proxy_protocol_mode() {
+        let error = check_default_method(Some(ForwardMethod::Proxy), false).expect_err("refused");
+        for word in [
+            "KEEPALIVED_DEFAULT_FORWARD_METHOD",
+            "\"PROXY\"",
+            PROXY_PROTOCOL_SETTING,
+        ] {
+            assert!(error.contains(word), "{word:?} not in {error}");
+        }
+        assert_eq!(
+            check_default_method(Some(ForwardMethod::Proxy), true),
+            Ok(())
+        );
+        for method in [None, Some(ForwardMethod::Nat), Some(ForwardMethod::Dr)] {
+            assert_eq!(check_default_method(method, false), Ok(()), "{method:?}");
+        }
+    }
+
+    fn mk_ports(svc: &mut Service, ports: &[(Option<&str>, i32, Option<IntOrString>)]) {
+        svc.spec.as_mut().expect("spec").ports = Some(
+            ports
+                .iter()
+                .map(|(name, port, target)| ServicePort {
+                    name: name.map(Into::into),
+                    port: *port,
+                    target_port: target.clone(),
+                    ..Default::default()
+                })
+                .collect(),
+        );
+    }
+
+    #[test]
+    fn dr_lists_the_numeric_target_ports_that_differ_and_skips_named_ones() {
+        let mut svc = mk_service(&[(FORWARD_METHOD_ANNOTATION, "DR")]);
+        mk_ports(
+            &mut svc,
+            &[
+                (Some("http"), 80, Some(IntOrString::Int(8080))),
+                (Some("https"), 443, Some(IntOrString::Int(443))),
+                (None, 53, None),
+                (
+                    Some("metrics"),
+                    9090,
+                    Some(IntOrString::String("web".into())),
+                ),
+                (None, 25, Some(IntOrString::Int(2525))),
+            ],
+        );
+        let d = desired(&svc, &Settings::default());
+        assert_eq!(
+            d.port_rewrites,
+            vec![
+                PortRewrite {
+                    name: Some("http".into()),
+                    port: 80,
+                    target_port: 8080
+                },
+                PortRewrite {
+                    name: None,
+                    port: 25,
+                    target_port: 2525
+                },
+            ]
+        );
+        assert_eq!(
+            d.port_rewrites[0].to_string(),
+            "port 80 (http) with targetPort 8080"
+        );
+        assert_eq!(
+            d.port_rewrites[1].to_string(),
+            "port 25 with targetPort 2525"
+        );
+    }
+
+    #[test]
+    fn only_the_effective_method_dr_lists_port_rewrites() {
+        let ports = [(None, 80, Some(IntOrString::Int(8080)))];
+        let dr_default = Settings {
+            default_forward_method: Some(ForwardMethod::Dr),
+            ..Default::default()
+        };
+        let mut plain = mk_service(&[]);
+        mk_ports(&mut plain, &ports);
+        assert_eq!(desired(&plain, &dr_default).port_rewrites.len(), 1);
+        assert!(
+            desired(&plain, &Settings::default())
+                .port_rewrites
+                .is_empty()
+        );
+        let mut nat = mk_service(&[(FORWARD_METHOD_ANNOTATION, "nat")]);
+        mk_ports(&mut nat, &ports);
+        assert!(desired(&nat, &dr_default).port_rewrites.is_empty());
     }
 
     #[test]

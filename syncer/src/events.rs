@@ -20,12 +20,18 @@ pub mod reason {
     /// An address was released (Normal).
     pub const RELEASED: &str = "Released";
     /// Allocation failed: pool exhausted, address held, unknown pool,
-    /// allocator unreachable (Warning).
+    /// not permitted, refused, allocator unreachable (Warning).
     pub const ALLOCATION_FAILED: &str = "AllocationFailed";
     /// An annotation or field has an unusable value (Warning).
     pub const INVALID_ANNOTATION: &str = "InvalidAnnotation";
     /// The address is IPv6, which the keepalived ConfigMap cannot hold (Warning).
     pub const IPV6_NOT_SUPPORTED: &str = "IPv6NotSupported";
+    /// The forward method is DR and a port differs from its target port:
+    /// keepalived rewrites it to the virtual port (Warning).
+    pub const PORT_REWRITE: &str = "PortRewrite";
+    /// The Service's address lies outside every pool of the allocator; it
+    /// is kept (Warning).
+    pub const OUTSIDE_POOLS: &str = "OutsidePools";
     /// The rendered ConfigMap would exceed the 1 MiB object limit (Warning,
     /// on the ConfigMap).
     pub const CONFIGMAP_TOO_LARGE: &str = "ConfigMapTooLarge";

@@ -3,8 +3,10 @@
 use std::{collections::BTreeMap, net::IpAddr};
 
 use k8s_openapi::{
-    api::core::v1::{LoadBalancerIngress, LoadBalancerStatus, Service, ServiceSpec, ServiceStatus},
-    apimachinery::pkg::apis::meta::v1::Time,
+    api::core::v1::{
+        LoadBalancerIngress, LoadBalancerStatus, Service, ServicePort, ServiceSpec, ServiceStatus,
+    },
+    apimachinery::pkg::{apis::meta::v1::Time, util::intstr::IntOrString},
 };
 
 use crate::{desired::FINALIZER, render::Legacy};
@@ -58,6 +60,19 @@ impl MkService {
     /// With `spec.loadBalancerIP`.
     pub fn load_balancer_ip(mut self, ip: &str) -> Self {
         self.spec().load_balancer_ip = Some(ip.into());
+        self
+    }
+
+    /// With a port and its numeric `targetPort`.
+    pub fn port(mut self, port: i32, target_port: i32) -> Self {
+        self.spec()
+            .ports
+            .get_or_insert_with(Vec::new)
+            .push(ServicePort {
+                port,
+                target_port: Some(IntOrString::Int(target_port)),
+                ..Default::default()
+            });
         self
     }
 

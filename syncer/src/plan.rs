@@ -14,7 +14,10 @@ use kube::runtime::events::EventType;
 use crate::{
     adopt::Adoptable,
     allocation::{AllocError, Allocated},
-    desired::{self, Desired, ForwardMethod, Request, Settings, Subject, has_finalizer, status_ip},
+    desired::{
+        self, Desired, ForwardMethod, PortRewrite, Request, Settings, Subject, has_finalizer,
+        status_ip,
+    },
     events::reason,
     index::ServiceKey,
     render::Entry,
@@ -103,6 +106,8 @@ pub struct Apply {
     pub adopted: Option<IpAddr>,
     /// The forward method of its ConfigMap entry.
     pub forward_method: Option<ForwardMethod>,
+    /// The ports keepalived rewrites to the virtual port (forward method DR).
+    pub port_rewrites: Vec<PortRewrite>,
 }
 
 /// A failed call to the allocator: its Event, and what else it means.
@@ -118,6 +123,10 @@ pub struct Failure {
     /// Whether the Service is reconciled again after the next release: its
     /// pool is full.
     pub wait_for_release: bool,
+    /// The address the Service held before a refused move, claimed back so
+    /// that it keeps it (its status and entry still name it) and no other
+    /// Service is handed it.
+    pub reclaim: Option<IpAddr>,
 }
 
 /// What to do with the allocator's answer.
@@ -141,7 +150,7 @@ pub enum Outcome {
         note: Note,
     },
     /// Record the entry; with `announce`, write the address to the status,
-    /// then publish the Event.
+    /// then publish the Event; then settle the `notes`.
     Publish {
         /// The address.
         ip: IpAddr,
@@ -149,6 +158,9 @@ pub enum Outcome {
         entry: Entry,
         /// The Event of a new address in the status.
         announce: Option<Note>,
+        /// The warnings of the entry (a port rewrite) and of an address
+        /// outside every pool, or the forgetting of earlier ones.
+        notes: Notes,
     },
 }
 
@@ -222,17 +234,13 @@ fn apply(svc: &Service, d: Desired, adoptable: &Adoptable) -> Plan {
     let subject = Subject::of(svc);
     let status = status_ip(svc);
     let adopted = status.is_none().then(|| adoptable.of(&subject)).flatten();
-    let keep = |ip| Request {
-        address: Some(ip),
-        pool: None,
-    };
     let (ask, release_first, adopt_first) = match (status, request.address) {
         // The user asks for another address: move (and only then).
         (Some(have), Some(want)) if have != want => (request, true, false),
-        (Some(have), _) => (keep(have), false, false),
+        (Some(have), _) => (Request::keep(have), false, false),
         (None, Some(_)) => (request, false, false),
         (None, None) => match adopted {
-            Some(ip) => (keep(ip), false, false),
+            Some(ip) => (Request::keep(ip), false, false),
             None => (request, false, true),
         },
     };
@@ -246,7 +254,44 @@ fn apply(svc: &Service, d: Desired, adoptable: &Adoptable) -> Plan {
         ask,
         adopted,
         forward_method: d.forward_method,
+        port_rewrites: d.port_rewrites,
     })
+}
+
+fn port_rewrite(rewrites: &[PortRewrite]) -> Note {
+    let ports: Vec<String> = rewrites.iter().map(ToString::to_string).collect();
+    Note::warning(
+        reason::PORT_REWRITE,
+        "Validate",
+        format!(
+            "the forward method DR cannot translate ports: keepalived will rewrite each real server's port to the virtual port, so the pods are reached on the Service port, not on the targetPort, for {}",
+            ports.join(", ")
+        ),
+    )
+}
+
+/// The warnings about what the Service is given: the ports keepalived
+/// rewrites, an address outside every pool. A warning that no longer holds
+/// is forgotten, so that it is published again if it comes back.
+fn given(ip: IpAddr, pool: &str, rewrites: &[PortRewrite]) -> Notes {
+    let mut notes = Notes::default();
+    if rewrites.is_empty() {
+        notes.clear.push(reason::PORT_REWRITE);
+    } else {
+        notes.publish.push(port_rewrite(rewrites));
+    }
+    if pool.is_empty() {
+        notes.publish.push(Note::warning(
+            reason::OUTSIDE_POOLS,
+            "Allocate",
+            format!(
+                "{ip} lies outside every pool of the allocator: the Service keeps it, but no pool reserves it for Services; make sure nothing else on the network uses it, or add it to a pool"
+            ),
+        ));
+    } else {
+        notes.clear.push(reason::OUTSIDE_POOLS);
+    }
+    notes
 }
 
 /// What a failed allocator call means for the Service.
@@ -255,6 +300,7 @@ pub fn failure(error: &AllocError) -> Failure {
         note: Note::warning(reason::ALLOCATION_FAILED, "Allocate", error.to_string()),
         adopt_again: matches!(error, AllocError::Unreachable(_)),
         wait_for_release: false,
+        reclaim: None,
         error: error.clone(),
     }
 }
@@ -278,9 +324,13 @@ impl Apply {
         let Allocated { ip, pool } = match answer {
             Ok(a) => a,
             Err(e) => {
+                let f = failure(e);
                 return Outcome::Failed(Failure {
                     wait_for_release: matches!(e, AllocError::Exhausted(_)),
-                    ..failure(e)
+                    // An unreachable allocator is not asked again now: the
+                    // adoption it requires claims the status address.
+                    reclaim: self.status.filter(|_| self.release_first && !f.adopt_again),
+                    ..f
                 });
             }
         };
@@ -310,6 +360,7 @@ impl Apply {
         };
         Outcome::Publish {
             ip,
+            notes: given(ip, pool, &self.port_rewrites),
             entry: Entry::of(&self.subject, self.forward_method),
             announce: (self.status != Some(ip)).then(|| {
                 Note::normal(

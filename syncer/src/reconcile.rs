@@ -14,7 +14,7 @@ use kube::{
 
 use crate::{
     context::Context,
-    desired::{self, Subject},
+    desired::{self, Request, Subject},
     error::Error,
     events::reason,
     index,
@@ -65,6 +65,18 @@ async fn failed(ctx: &Context, svc: &Service, f: Failure) -> Error {
     }
     if f.adopt_again {
         ctx.state.adoption.require();
+    }
+    if let Some(ip) = f.reclaim {
+        let keep = Request::keep(ip);
+        if let Err(e) = ctx
+            .clients
+            .allocator
+            .allocate(&Subject::of(svc), &keep)
+            .await
+        {
+            tracing::warn!(address = %ip, error = %e, "claiming back the address of a refused move failed; adopting every address again");
+            ctx.state.adoption.require();
+        }
     }
     tell(ctx, svc, f.note).await;
     Error::Alloc(f.error)
@@ -126,6 +138,7 @@ async fn apply(svc: &Service, ctx: &Context, mut p: Apply) -> Result<(), Error> 
             ip,
             entry,
             announce,
+            notes,
         } => {
             ctx.state.index.upsert(s.key(), ip, entry);
             index::record_managed(&ctx.state.index, &ctx.metrics);
@@ -133,6 +146,7 @@ async fn apply(svc: &Service, ctx: &Context, mut p: Apply) -> Result<(), Error> 
                 own.wrote(&patch_status(&api, svc, Some(ip)).await?);
                 tell(ctx, svc, note).await;
             }
+            publish(ctx, svc, notes).await;
             own.settle(&ctx.state.services, svc).await;
             Ok(())
         }

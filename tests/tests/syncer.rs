@@ -1,9 +1,10 @@
 //! The syncer's acceptance scenarios (issue 4), each against the real
 //! `vipam-allocator` and `vipam-syncer` binaries and the Kubernetes API test
 //! server, or a real cluster when `VIPAM_E2E_KUBECONFIG` names a kubeconfig:
-//! a new Service, forward methods, requested addresses, pools, release,
-//! `loadBalancerClass`, restarts and the steady state, hand edits of the
-//! ConfigMap, IPv6 and the size limit of the ConfigMap.
+//! a new Service, forward methods (PROXY only in proxy-protocol mode, DR
+//! port rewrites), requested addresses, refusals by the allocator, pools,
+//! release, `loadBalancerClass`, restarts and the steady state, hand edits of
+//! the ConfigMap, IPv6 and the size limit of the ConfigMap.
 //!
 //! Recovery from a lost allocator, adoption from the Go provider, two
 //! syncers and API faults are in `syncer_recovery.rs`.
@@ -186,7 +187,8 @@ async fn the_forward_method_given_at_create_is_in_the_first_configmap_write() ->
     // One Service exists before the syncer starts, one is created while it runs.
     kube.create(kube.lb("early").annotation(FORWARD_METHOD, "dr"))
         .await?;
-    let _syncer = kube.syncer(&allocator, &[])?;
+    // PROXY is written only when kube-keepalived-vip runs in proxy-protocol mode.
+    let _syncer = kube.syncer(&allocator, &["--proxy-protocol-mode"])?;
     kube.wait_data(&mk_data(&[("10.20.30.1", kube.entry("early", Some("DR")))]))
         .await?;
     kube.create(kube.lb("late").annotation(FORWARD_METHOD, "Proxy"))
@@ -301,6 +303,251 @@ async fn an_invalid_forward_method_warns_and_the_default_method_applies() -> Res
             .collect();
         assert!(warnings.is_empty(), "{name}: {warnings:#?}");
     }
+    Ok(())
+}
+
+/// The number of Events of this reason about a Service.
+async fn count_events(kube: &Kube, name: &str, reason: &str) -> Result<usize> {
+    Ok(kube
+        .events(name)
+        .await?
+        .iter()
+        .filter(|e| e.reason.as_deref() == Some(reason))
+        .count())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_without_the_proxy_protocol_mode_warns_once_and_the_default_method_applies()
+-> Result<()> {
+    let kube = Kube::start("proxy-refused").await?;
+    kube.create(kube.lb("proxied").annotation(FORWARD_METHOD, "PROXY"))
+        .await?;
+    let allocator = kube.allocator(&[POOL_DEFAULT])?;
+    let _syncer = kube.syncer(&allocator, &["--default-forward-method", "nat"])?;
+    let note = kube
+        .wait_event(
+            "proxied",
+            "Warning",
+            "InvalidAnnotation",
+            &[
+                FORWARD_METHOD,
+                "\"PROXY\"",
+                "proxy-protocol mode",
+                "--proxy-protocol-mode",
+                "VIPAM_PROXY_PROTOCOL_MODE",
+                "NAT",
+            ],
+        )
+        .await?;
+    println!("event: {note}");
+    let data = wait_entries(&kube, &[("proxied", "NAT")]).await?;
+    quiet_period().await;
+    assert_eq!(
+        count_events(&kube, "proxied", "InvalidAnnotation").await?,
+        1
+    );
+    assert_eq!(kube.data().await?, data, "PROXY is never written");
+    Ok(())
+}
+
+/// Waits until each Service has an address and the ConfigMap holds exactly
+/// their entries, each with its forward method; the data.
+async fn wait_entries(kube: &Kube, services: &[(&str, &str)]) -> Result<BTreeMap<String, String>> {
+    let mut data = BTreeMap::new();
+    for (name, method) in services {
+        data.insert(kube.wait_ip(name).await?, kube.entry(name, Some(method)));
+    }
+    kube.wait_data(&data).await?;
+    Ok(data)
+}
+
+/// Runs `vipam-syncer --check` with only these environment variables (and
+/// PATH); its exit code and stderr.
+fn check_syncer(envs: &[(&str, &str)]) -> Result<(Option<i32>, String)> {
+    let out = std::process::Command::new(vipam_e2e::binary("vipam-syncer")?)
+        .arg("--check")
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .envs(envs.iter().copied())
+        .output()
+        .context("running vipam-syncer --check")?;
+    Ok((
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
+#[test]
+fn a_default_proxy_method_is_refused_at_start_unless_in_proxy_protocol_mode() -> Result<()> {
+    let (code, stderr) = check_syncer(&[("KEEPALIVED_DEFAULT_FORWARD_METHOD", "proxy")])?;
+    assert_eq!(code, Some(2), "{stderr}");
+    for word in [
+        "KEEPALIVED_DEFAULT_FORWARD_METHOD",
+        "\"PROXY\"",
+        "--proxy-protocol-mode",
+        "VIPAM_PROXY_PROTOCOL_MODE",
+    ] {
+        assert!(stderr.contains(word), "{word:?} not in {stderr}");
+    }
+    let (code, stderr) = check_syncer(&[
+        ("KEEPALIVED_DEFAULT_FORWARD_METHOD", "proxy"),
+        ("VIPAM_PROXY_PROTOCOL_MODE", "true"),
+    ])?;
+    assert_eq!(code, Some(0), "{stderr}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dr_with_a_port_rewrite_warns_once_naming_the_ports_and_still_gets_its_address_and_entry()
+-> Result<()> {
+    let kube = Kube::start("dr-rewrite").await?;
+    let ports = |target: i32| {
+        json!({"spec": {"ports": [
+            {"name": "http", "port": 80, "targetPort": target},
+            {"name": "dns", "port": 53, "targetPort": 53},
+        ]}})
+    };
+    for (name, method, target) in [
+        ("rewritten", "DR", 8080),
+        ("same", "DR", 80),
+        ("nat", "NAT", 8080),
+    ] {
+        kube.create(kube.lb(name).annotation(FORWARD_METHOD, method))
+            .await?;
+        kube.patch(name, ports(target)).await?;
+    }
+    let allocator = kube.allocator(&[POOL_DEFAULT])?;
+    let _syncer = kube.syncer(&allocator, &[])?;
+    let note = kube
+        .wait_event(
+            "rewritten",
+            "Warning",
+            "PortRewrite",
+            &["port 80 (http) with targetPort 8080", "DR", "virtual port"],
+        )
+        .await?;
+    println!("event: {note}");
+    assert!(!note.contains("port 53"), "{note}");
+    wait_entries(
+        &kube,
+        &[("rewritten", "DR"), ("same", "DR"), ("nat", "NAT")],
+    )
+    .await?;
+    quiet_period().await;
+    assert_eq!(count_events(&kube, "rewritten", "PortRewrite").await?, 1);
+    for name in ["same", "nat"] {
+        assert_eq!(count_events(&kube, name, "PortRewrite").await?, 0, "{name}");
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_request_gives_one_warning_with_the_allocators_reason_and_changes_nothing_else()
+-> Result<()> {
+    let kube = Kube::start("refused").await?;
+    kube.create(kube.lb("plain")).await?;
+    let allocator = kube.allocator(&[POOL_DEFAULT, "dmz=10.40.0.0/30"])?;
+    let _syncer = kube.syncer(&allocator, &[])?;
+    let plain = kube.wait_ip("plain").await?;
+    let only_plain = mk_data(&[(&plain, kube.entry("plain", None))]);
+    kube.wait_data(&only_plain).await?;
+    let before = allocations(&allocator).await?;
+
+    // INVALID_ARGUMENT, and FAILED_PRECONDITION twice: the network address
+    // of the pool, and an address outside the pool named.
+    let refused = [
+        (
+            "unspecified",
+            kube.lb("unspecified").load_balancer_ip("0.0.0.0"),
+            "0.0.0.0",
+        ),
+        (
+            "network",
+            kube.lb("network").annotation(ADDRESS, "10.20.30.0"),
+            "10.20.30.0",
+        ),
+        (
+            "elsewhere",
+            kube.lb("elsewhere")
+                .annotation(ADDRESS, "10.20.30.5")
+                .annotation(POOL, "dmz"),
+            "10.20.30.5",
+        ),
+    ];
+    for (_, lb, _) in &refused {
+        kube.create(lb.clone()).await?;
+    }
+    for (name, _, address) in &refused {
+        let note = kube
+            .wait_event(name, "Warning", "AllocationFailed", &[address])
+            .await?;
+        println!("{name}: {note}");
+    }
+    quiet_period().await;
+    for (name, _, _) in &refused {
+        assert_eq!(kube.ip(name).await?, None, "{name}");
+        assert_eq!(
+            count_events(&kube, name, "AllocationFailed").await?,
+            1,
+            "{name}"
+        );
+    }
+    assert_eq!(kube.data().await?, only_plain);
+    assert_eq!(kube.ip("plain").await?.as_deref(), Some(plain.as_str()));
+    assert_eq!(allocations(&allocator).await?, before);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_move_keeps_the_address_held_before_and_hands_it_to_nobody_else() -> Result<()> {
+    let kube = Kube::start("refused-move").await?;
+    kube.create(kube.lb("mover").annotation(ADDRESS, "10.20.30.1"))
+        .await?;
+    kube.create(kube.lb("holder").annotation(ADDRESS, "10.20.30.2"))
+        .await?;
+    let allocator = kube.allocator(&[POOL_DEFAULT])?;
+    let _syncer = kube.syncer(&allocator, &[])?;
+    for (name, ip) in [("mover", "10.20.30.1"), ("holder", "10.20.30.2")] {
+        assert_eq!(kube.wait_ip(name).await?, ip, "{name}");
+    }
+    // The move to an address another Service holds is refused.
+    kube.patch(
+        "mover",
+        json!({"metadata": {"annotations": {ADDRESS: "10.20.30.2"}}}),
+    )
+    .await?;
+    let holder = format!("{}/holder", kube.namespace);
+    kube.wait_event(
+        "mover",
+        "Warning",
+        "AllocationFailed",
+        &["10.20.30.2", &holder],
+    )
+    .await?;
+    // A new Service gets the lowest free address: not the one mover keeps.
+    kube.create(kube.lb("fresh")).await?;
+    assert_eq!(kube.wait_ip("fresh").await?, "10.20.30.3");
+    quiet_period().await;
+    let expected = [
+        ("mover", "10.20.30.1"),
+        ("holder", "10.20.30.2"),
+        ("fresh", "10.20.30.3"),
+    ];
+    let held = allocations(&allocator).await?;
+    for (name, ip) in expected {
+        assert_eq!(kube.ip(name).await?.as_deref(), Some(ip), "{name}");
+        assert_eq!(
+            held.get(&owner(&kube.namespace, name)).map(String::as_str),
+            Some(ip),
+            "{name} in the allocator: {held:#?}"
+        );
+    }
+    let entries: Vec<_> = expected
+        .iter()
+        .map(|(name, ip)| (*ip, kube.entry(name, None)))
+        .collect();
+    assert_eq!(kube.data().await?, mk_data(&entries));
+    assert_eq!(count_events(&kube, "mover", "AllocationFailed").await?, 1);
     Ok(())
 }
 
@@ -733,7 +980,8 @@ async fn restarting_the_syncer_changes_no_ip_and_a_steady_state_makes_no_writes(
 async fn a_hand_edit_of_the_configmap_is_reverted_and_a_deleted_one_is_recreated() -> Result<()> {
     let kube = Kube::start("hand-edit").await?;
     let allocator = kube.allocator(&[POOL_DEFAULT])?;
-    let _syncer = kube.syncer(&allocator, &[])?;
+    // The method PROXY below is written only in proxy-protocol mode.
+    let _syncer = kube.syncer(&allocator, &["--proxy-protocol-mode"])?;
     kube.create(kube.lb("a")).await?;
     kube.create(kube.lb("b").annotation(FORWARD_METHOD, "proxy"))
         .await?;

@@ -1,6 +1,7 @@
 //! The syncer's acceptance scenarios about recovery (issue 4): a wiped
-//! allocator, the Go keepalived-cloud-provider's ConfigMap, two syncers and
-//! the Lease, and faults of the Kubernetes API. Each runs the real binaries
+//! allocator, the Go keepalived-cloud-provider's ConfigMap, an adopted
+//! address outside every pool, two syncers and the Lease, and faults of the
+//! Kubernetes API. Each runs the real binaries
 //! against the Kubernetes API test server, or a real cluster when
 //! `VIPAM_E2E_KUBECONFIG` names a kubeconfig (the fault tests need the test
 //! server and say so when skipped).
@@ -16,8 +17,8 @@ use k8s_openapi::api::{coordination::v1::Lease, core::v1::Service};
 use kube::{Api, api::PostParams};
 use serde_json::json;
 use vipam_e2e::syncer::{
-    ADDRESS, CONFIG_MAP, FORWARD_METHOD, Kube, LEASE, LEASE_DURATION, TIMEOUT, allocations,
-    has_finalizer, owner, quiet_period, status_ip, wait_until,
+    ADDRESS, CONFIG_MAP, FINALIZER, FORWARD_METHOD, Kube, LEASE, LEASE_DURATION, TIMEOUT,
+    allocations, has_finalizer, owner, quiet_period, status_ip, wait_until,
 };
 use vipam_kube_api::Fault;
 
@@ -244,6 +245,49 @@ async fn the_go_providers_configmap_is_adopted_in_both_formats() -> Result<()> {
     .await?;
     kube.wait_event("a", "Normal", "Allocated", &["adopted", "10.20.30.5"])
         .await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_adopted_address_outside_every_pool_is_kept_with_one_warning() -> Result<()> {
+    let kube = Kube::start("outside-pools").await?;
+    // Addresses another implementation gave before: one outside the pools.
+    kube.create(kube.lb("kept").finalizer(FINALIZER)).await?;
+    kube.set_status_ip("kept", "192.168.77.7").await?;
+    kube.create(kube.lb("inside").finalizer(FINALIZER)).await?;
+    kube.set_status_ip("inside", "10.20.30.3").await?;
+    let versions = kube.record_services();
+    versions.wait_listed().await?;
+    let allocator = kube.allocator(&[POOL_DEFAULT])?;
+    let _syncer = kube.syncer(&allocator, &[])?;
+    let note = kube
+        .wait_event("kept", "Warning", "OutsidePools", &["192.168.77.7"])
+        .await?;
+    println!("event: {note}");
+    let data = mk_data(&[
+        ("10.20.30.3", kube.entry("inside", None)),
+        ("192.168.77.7", kube.entry("kept", None)),
+    ]);
+    kube.wait_data(&data).await?;
+    let held = allocations(&allocator).await?;
+    assert_eq!(
+        held.get(&owner(&kube.namespace, "kept"))
+            .map(String::as_str),
+        Some("192.168.77.7")
+    );
+    // Several resyncs later: still kept, still warned only once.
+    quiet_period().await;
+    assert_eq!(kube.ip("kept").await?.as_deref(), Some("192.168.77.7"));
+    assert_eq!(kube.data().await?, data);
+    for (name, warnings) in [("kept", 1), ("inside", 0)] {
+        let events = kube.events(name).await?;
+        let outside: Vec<_> = events
+            .iter()
+            .filter(|e| e.reason.as_deref() == Some("OutsidePools"))
+            .collect();
+        assert_eq!(outside.len(), warnings, "{name}: {outside:#?}");
+    }
+    assert_no_ip_changed(&versions.seen(), &[]);
     Ok(())
 }
 
@@ -475,7 +519,8 @@ async fn dropped_watches_and_expired_resource_versions_end_in_the_same_state_and
     let allocator = kube.allocator(&[POOL_DEFAULT])?;
     let versions = kube.record_services();
     versions.wait_listed().await?;
-    let mut syncer = kube.syncer(&allocator, &[])?;
+    // The method PROXY below is written only in proxy-protocol mode.
+    let mut syncer = kube.syncer(&allocator, &["--proxy-protocol-mode"])?;
     kube.create(kube.lb("a")).await?;
     assert_eq!(kube.wait_ip("a").await?, "10.20.30.1");
     kube.create(kube.lb("b")).await?;
