@@ -16,11 +16,12 @@ use kube::runtime::reflector::Store;
 
 use crate::{
     allocation::{AllocError, Allocator},
+    configmap::{self, Writer},
     desired::{self, Request, Settings, Subject, status_ip},
     error::Error,
     index::{self, Index, ServiceKey},
     metrics::Metrics,
-    render::{Entry, Legacy},
+    render::{self, Entry, Legacy},
 };
 
 /// Addresses known from before vipam: the Go provider's annotation and
@@ -212,6 +213,51 @@ async fn claim(allocator: &Allocator, index: &Index, c: Candidate) -> Result<boo
             Ok(false)
         }
     }
+}
+
+/// Reads the ConfigMap, retrying until it can, for the addresses to adopt.
+pub async fn read_adoptable(writer: &Writer) -> Adoptable {
+    loop {
+        match writer.read().await {
+            Ok(cm) => return adoptable_from(cm.as_ref()),
+            Err(e) => {
+                tracing::warn!(error = %e, "reading the ConfigMap failed; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+}
+
+/// The addresses to adopt from the keepalived ConfigMap: the Go provider's
+/// annotation and the entries of its data.
+fn adoptable_from(cm: Option<&k8s_openapi::api::core::v1::ConfigMap>) -> Adoptable {
+    let Some(cm) = cm else {
+        return Adoptable::default();
+    };
+    let mut entries = Vec::new();
+    if let Some(json) = cm
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(render::LEGACY_ANNOTATION))
+    {
+        match render::parse_legacy_annotation(json) {
+            Ok((good, bad)) => {
+                bad.iter().for_each(|b| tracing::warn!("{b}"));
+                tracing::info!(
+                    entries = good.len(),
+                    "found keepalived-cloud-provider state; adopting its addresses"
+                );
+                entries.extend(good);
+            }
+            Err(e) => tracing::warn!("{e}"),
+        }
+    }
+    let (good, bad) = render::parse_data(&configmap::data_of(cm));
+    bad.iter()
+        .for_each(|b| tracing::warn!("ConfigMap data: {b}"));
+    entries.extend(good);
+    Adoptable::new(entries)
 }
 
 #[cfg(test)]

@@ -23,7 +23,7 @@ pub use vipam::runtime::ConfigError;
 use vipam::runtime::{self, EndedError, Supervisor, parse_duration, supervisor::BoxError};
 
 use crate::{
-    adopt::Adoptable,
+    adopt::{self, Adoptable},
     allocation::Allocator,
     configmap::{self, Writer},
     context::{Clients, Context, Shared},
@@ -229,11 +229,6 @@ impl Args {
         } = self;
         runtime::init_logging(&log, &log_format)?;
         check_names(&keepalived_namespace, &keepalived_config_map, &lease_name)?;
-        desired::check_default_method(
-            default_forward_method.and_then(|d| d.0),
-            proxy_protocol_mode,
-        )
-        .map_err(ConfigError)?;
         let lease = LeaseFlags {
             namespace: lease_namespace.unwrap_or_else(|| keepalived_namespace.clone()),
             name: lease_name,
@@ -246,11 +241,11 @@ impl Args {
             name: keepalived_config_map,
             coalesce: configmap_coalesce,
         };
-        let settings = Settings {
-            load_balancer_class,
-            default_forward_method: default_forward_method.and_then(|d| d.0),
+        let settings = settings(
+            default_forward_method,
             proxy_protocol_mode,
-        };
+            load_balancer_class,
+        )?;
         if check {
             println!("vipam-syncer: the settings are valid");
             return Ok(());
@@ -272,7 +267,8 @@ impl Args {
         tracing::info!("leading");
 
         let (writer, index, events) = new_writer(&client, &config_map, &lease.identity, &metrics);
-        let Some(adoptable) = or_signal(&mut running, &mut signal, read_adoptable(&writer)).await?
+        let Some(adoptable) =
+            or_signal(&mut running, &mut signal, adopt::read_adoptable(&writer)).await?
         else {
             return stop(running, leading, Ok(Stop::Signal), &lease).await;
         };
@@ -286,12 +282,35 @@ impl Args {
             adoptable,
         );
         start_configmap_writer(&mut running, ctx.clone(), writer, metrics.clone());
-        let holder = leading.clone();
-        start_controller(&mut running, controller, ctx, retriggered, resync, holder);
+        start_controller(
+            &mut running,
+            controller,
+            ctx,
+            retriggered,
+            resync,
+            leading.clone(),
+        );
         let why = running.run_until(stop_reason(&mut leading, signal)).await;
         metrics.set_ready(false);
         stop(running, leading, why, &lease).await
     }
+}
+
+/// What reconciles decide with, checked: a default method of PROXY needs
+/// proxy-protocol mode.
+fn settings(
+    default_forward_method: Option<DefaultMethod>,
+    proxy_protocol_mode: bool,
+    load_balancer_class: Option<String>,
+) -> Result<Settings, ConfigError> {
+    let default_forward_method = default_forward_method.and_then(|d| d.0);
+    desired::check_default_method(default_forward_method, proxy_protocol_mode)
+        .map_err(ConfigError)?;
+    Ok(Settings {
+        load_balancer_class,
+        default_forward_method,
+        proxy_protocol_mode,
+    })
 }
 
 /// The kube-keepalived-vip ConfigMap and how its writes are coalesced.
@@ -432,19 +451,6 @@ async fn or_signal<T>(
         .await
 }
 
-/// Reads the ConfigMap, retrying until it can, for the addresses to adopt.
-async fn read_adoptable(writer: &Writer) -> Adoptable {
-    loop {
-        match writer.read().await {
-            Ok(cm) => return adoptable_from(cm.as_ref()),
-            Err(e) => {
-                tracing::warn!(error = %e, "reading the ConfigMap failed; retrying");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-        }
-    }
-}
-
 /// The Service controller and the context its reconciles share.
 fn controller_and_context(
     client: kube::Client,
@@ -569,34 +575,4 @@ async fn stop(
             Ok(())
         }
     }
-}
-
-fn adoptable_from(cm: Option<&k8s_openapi::api::core::v1::ConfigMap>) -> Adoptable {
-    let Some(cm) = cm else {
-        return Adoptable::default();
-    };
-    let mut entries = Vec::new();
-    if let Some(json) = cm
-        .metadata
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(render::LEGACY_ANNOTATION))
-    {
-        match render::parse_legacy_annotation(json) {
-            Ok((good, bad)) => {
-                bad.iter().for_each(|b| tracing::warn!("{b}"));
-                tracing::info!(
-                    entries = good.len(),
-                    "found keepalived-cloud-provider state; adopting its addresses"
-                );
-                entries.extend(good);
-            }
-            Err(e) => tracing::warn!("{e}"),
-        }
-    }
-    let (good, bad) = render::parse_data(&configmap::data_of(cm));
-    bad.iter()
-        .for_each(|b| tracing::warn!("ConfigMap data: {b}"));
-    entries.extend(good);
-    Adoptable::new(entries)
 }
