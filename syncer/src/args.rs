@@ -265,11 +265,9 @@ impl Args {
         led?;
         metrics.set_leader(true);
         tracing::info!("leading");
-
         let (writer, index, events) = new_writer(&client, &config_map, &lease.identity, &metrics);
-        let Some(adoptable) =
-            or_signal(&mut running, &mut signal, adopt::read_adoptable(&writer)).await?
-        else {
+        let read = adopt::read_adoptable(&writer);
+        let Some(adoptable) = or_signal(&mut running, &mut signal, read).await? else {
             return stop(running, leading, Ok(Stop::Signal), &lease).await;
         };
         let (controller, ctx, retriggered) = controller_and_context(
@@ -282,14 +280,8 @@ impl Args {
             adoptable,
         );
         start_configmap_writer(&mut running, ctx.clone(), writer, metrics.clone());
-        start_controller(
-            &mut running,
-            controller,
-            ctx,
-            retriggered,
-            resync,
-            leading.clone(),
-        );
+        let holder = leading.clone();
+        start_controller(&mut running, controller, ctx, retriggered, resync, holder);
         let why = running.run_until(stop_reason(&mut leading, signal)).await;
         metrics.set_ready(false);
         stop(running, leading, why, &lease).await
