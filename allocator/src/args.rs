@@ -122,8 +122,8 @@ pub struct Args {
     #[arg(long, env = "VIPAM_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
 
-    /// Check the settings (pools, token file, listeners) and exit without
-    /// opening the database or binding.
+    /// Check the settings (pools, token files, clients, listeners) and exit
+    /// without opening the database or binding.
     #[arg(long, env = "VIPAM_CHECK")]
     pub check: bool,
 
