@@ -14,6 +14,7 @@ pub use vipam::runtime::ConfigError;
 use vipam::runtime::{self, Supervisor, parse_duration};
 
 use crate::{
+    credentials::{Access, ClientDef, Credentials, Needs},
     handle::{self, Handle},
     ipam::Ipam,
     pool::{self, Element, PoolDef, Pools},
@@ -46,9 +47,10 @@ pub struct Args {
     pub listen: SocketAddr,
 
     /// A second address serving the same gRPC and HTTP endpoints, where
-    /// Allocate and Release always need the bearer token of --token-file
-    /// (required with it). With it, --listen serves them without the token
-    /// and must be a loopback address.
+    /// every allocator call, reads included, needs a credential
+    /// (--token-file or --client, one of them required). With it, --listen
+    /// serves calls without a token with every right and must be a loopback
+    /// address.
     #[arg(long, env = "VIPAM_LISTEN_AUTHENTICATED", value_name = "ADDR:PORT")]
     pub listen_authenticated: Option<SocketAddr>,
 
@@ -71,8 +73,10 @@ pub struct Args {
     #[command(flatten)]
     pub pool_flags: PoolFlags,
 
-    /// File holding a bearer token. When set, Allocate and Release need the
-    /// header "authorization: Bearer <token>".
+    /// File holding a bearer token: the credential "token-file", which may
+    /// touch every owner and pool. With a credential configured and no
+    /// --listen-authenticated, Allocate and Release need the header
+    /// "authorization: Bearer <token>".
     #[arg(long, env = "VIPAM_TOKEN_FILE", value_name = "PATH")]
     pub token_file: Option<PathBuf>,
 
@@ -118,10 +122,22 @@ pub struct Args {
     #[arg(long, env = "VIPAM_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
 
-    /// Check the settings (pools, token file, listeners) and exit without
-    /// opening the database or binding.
+    /// Check the settings (pools, token files, clients, listeners) and exit
+    /// without opening the database or binding.
     #[arg(long, env = "VIPAM_CHECK")]
     pub check: bool,
+
+    /// A client with its own credential:
+    /// name=NAME,token-file=PATH,owners=PREFIX|PREFIX,pools=POOL|POOL ('*'
+    /// for every owner or pool). It may allocate and release only owners
+    /// starting with a prefix, only from its pools. Repeatable; in the
+    /// environment separate clients with ';'.
+    #[arg(long = "client", env = "VIPAM_CLIENTS", value_name = "name=NAME,token-file=PATH,owners=P|P,pools=P|P", value_delimiter = ';', value_parser = parse_client)]
+    pub clients: Vec<ClientDef>,
+}
+
+fn parse_client(s: &str) -> Result<ClientDef, String> {
+    s.parse()
 }
 
 fn parse_pool_def(s: &str) -> Result<PoolDef, String> {
@@ -159,11 +175,13 @@ impl Args {
             log,
             log_format,
             check,
+            clients,
         } = self;
         runtime::init_logging(&log, &log_format)?;
         let pools = Arc::new(pool_flags.check()?);
         let token = read_token(token_file.as_deref())?;
-        let listeners = check_listeners(listen, listen_authenticated, token.clone())?;
+        let credentials = Arc::new(Credentials::load(token, &clients, &pools)?);
+        let listeners = check_listeners(listen, listen_authenticated, credentials)?;
         if check {
             print_pools(&pools);
             return Ok(());
@@ -179,7 +197,8 @@ impl Args {
             max_message_bytes: max_message_bytes as usize,
             request_timeout,
             max_concurrent_requests: max_concurrent_requests as usize,
-            token,
+            // Every listener carries its own access.
+            token: None,
         };
         let bound = bind(listeners, http_listen, handle, settings, &data_dir).await?;
         serve_until_signal(bound, writer, shutdown_grace).await
@@ -284,35 +303,44 @@ fn read_token(path: Option<&Path>) -> Result<Option<Token>, ConfigError> {
 fn check_listeners(
     listen: SocketAddr,
     listen_authenticated: Option<SocketAddr>,
-    token: Option<Token>,
+    credentials: Arc<Credentials>,
 ) -> Result<Vec<Listener>, ConfigError> {
+    let access = |needs| Access {
+        credentials: credentials.clone(),
+        needs,
+    };
     let Some(authenticated) = listen_authenticated else {
+        let needs = if credentials.is_empty() {
+            Needs::Nothing
+        } else {
+            Needs::Changes
+        };
         return Ok(vec![Listener {
             addr: listen,
             flag: "--listen",
-            token,
+            access: access(needs),
         }]);
     };
-    let Some(token) = token else {
+    if credentials.is_empty() {
         return Err(ConfigError(format!(
-            "--listen-authenticated {authenticated} needs --token-file (VIPAM_TOKEN_FILE): mutating calls on it always need the token"
+            "--listen-authenticated {authenticated} needs a credential, --token-file (VIPAM_TOKEN_FILE) or --client (VIPAM_CLIENTS): every call on it needs one"
         )));
-    };
+    }
     if !listen.ip().is_loopback() {
         return Err(ConfigError(format!(
-            "--listen {listen} is not a loopback address: with --listen-authenticated, --listen serves Allocate and Release without the token, so it must be 127.0.0.1 or ::1"
+            "--listen {listen} is not a loopback address: with --listen-authenticated, --listen serves calls without a token with every right, so it must be 127.0.0.1 or ::1"
         )));
     }
     Ok(vec![
         Listener {
             addr: listen,
             flag: "--listen",
-            token: None,
+            access: access(Needs::Nothing),
         },
         Listener {
             addr: authenticated,
             flag: "--listen-authenticated",
-            token: Some(token),
+            access: access(Needs::EveryCall),
         },
     ])
 }

@@ -144,6 +144,33 @@ pub enum Error {
         /// The limit.
         max: usize,
     },
+    /// The caller's credential may not allocate or release this owner, nor
+    /// take or release an address it holds.
+    #[error("credential {credential:?} may not allocate or release owner {owner:?}: its owners start with {}", prefixes.iter().map(|p| format!("{p:?}")).collect::<Vec<_>>().join(" or "))]
+    OwnerNotPermitted {
+        /// The credential's name.
+        credential: String,
+        /// The owner refused.
+        owner: String,
+        /// The owner prefixes the credential has.
+        prefixes: Vec<String>,
+    },
+    /// The caller's credential may not draw from this pool.
+    #[error("credential {credential:?} may not draw from pool {pool:?}")]
+    PoolNotPermitted {
+        /// The credential's name.
+        credential: String,
+        /// The pool refused.
+        pool: String,
+    },
+    /// The caller's credential may not take an address outside every pool.
+    #[error("credential {credential:?} may not allocate {address}, which lies outside every pool")]
+    OutsidePoolsNotPermitted {
+        /// The credential's name.
+        credential: String,
+        /// The address refused.
+        address: IpAddr,
+    },
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),

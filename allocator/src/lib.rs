@@ -5,15 +5,19 @@
 //! [`intervals`], [`family`] and [`pool`] (address arithmetic, no I/O); [`store`] (the
 //! store seam and its engines, the only place that knows a database);
 //! [`error`] and [`request`] (the error enum, input checks, requests and
-//! answers); [`rules`] (the allocation rules, pure decisions); [`stats`],
+//! answers); [`scope`] (what a credential may touch, pure checks);
+//! [`rules`] (the allocation rules, pure decisions); [`stats`],
 //! [`ipam`] (the writer's state: the rules applied to the store) and
 //! [`hub`] (where durable changes are published); [`writer`] (the single
 //! writer thread: batching, group commit, publishing), [`reader`] (reads of
 //! committed state) and [`watch`] (watch sessions); [`handle`] (the one
-//! [`Handle`] over all of them); [`service`] (the only module that builds
-//! `tonic::Status`), [`metrics`], [`server`] and [`args`] (wiring).
+//! [`Handle`] over all of them); [`credentials`] (the configured clients
+//! and what each listener requires of a call); [`service`] (the only module
+//! that builds `tonic::Status`), [`metrics`], [`server`] and [`args`]
+//! (wiring).
 
 pub mod args;
+pub mod credentials;
 pub mod error;
 pub mod family;
 pub mod handle;
@@ -25,6 +29,7 @@ pub mod pool;
 pub mod reader;
 pub mod request;
 pub mod rules;
+pub mod scope;
 pub mod server;
 pub mod service;
 pub mod stats;

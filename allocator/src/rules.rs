@@ -11,7 +11,8 @@ use crate::{
     error::{Error, Result, invalid},
     intervals::IntervalSet,
     pool::{Family, Pools, from_int, to_int},
-    request::{AllocateArgs, ReleaseArgs},
+    request::{AllocateArgs, ReleaseArgs, Scope},
+    scope,
     store::{Record, Store, StoreError},
 };
 
@@ -99,7 +100,7 @@ impl Rules {
             address,
             labels,
             family,
-            scope: _,
+            scope,
         } = args;
         if let (Some(ip), Some(f)) = (address, family)
             && Family::of(ip) != f
@@ -118,6 +119,7 @@ impl Rules {
             ),
             None => None,
         };
+        self.check_scope(view, &scope, &owner, address)?;
 
         // Idempotency, and one address per owner, come before anything else.
         if let Some(held) = view.held_by(&owner)? {
@@ -139,6 +141,7 @@ impl Rules {
             });
         }
 
+        self.check_draw(&scope, named, address)?;
         let ip = match address {
             Some(ip) => self.check_explicit(view, ip, named)?,
             None => self.lowest_free(named.unwrap_or(self.pools.default_index()), family)?,
@@ -152,6 +155,43 @@ impl Rules {
                 revision,
             },
         ))
+    }
+
+    /// The credential may touch `owner`, and the holder of `address`.
+    fn check_scope(
+        &self,
+        view: &impl View,
+        scope: &Scope,
+        owner: &str,
+        address: Option<IpAddr>,
+    ) -> Result<()> {
+        scope::check_owner(scope, owner)?;
+        if let Some(ip) = address
+            && let Some(holder) = view.record_at(ip)?
+        {
+            scope::check_owner(scope, &holder.owner)?;
+        }
+        Ok(())
+    }
+
+    /// The credential may draw from the pool named, the pool of `address`
+    /// or the default pool.
+    fn check_draw(
+        &self,
+        scope: &Scope,
+        named: Option<usize>,
+        address: Option<IpAddr>,
+    ) -> Result<()> {
+        let pool = match (named, address) {
+            (Some(i), _) => Some(i),
+            (None, Some(ip)) => self.pools.containing(ip),
+            (None, None) => Some(self.pools.default_index()),
+        };
+        match (pool, address) {
+            (Some(i), _) => scope::check_pool(scope, self.pools.at(i).name()),
+            (None, Some(ip)) => scope::check_outside(scope, ip),
+            (None, None) => Ok(()),
+        }
     }
 
     fn check_explicit(&self, view: &impl View, ip: IpAddr, named: Option<usize>) -> Result<IpAddr> {
@@ -214,8 +254,11 @@ impl Rules {
         let ReleaseArgs {
             owner,
             address,
-            scope: _,
+            scope,
         } = args;
+        if let Some(owner) = &owner {
+            scope::check_owner(&scope, owner)?;
+        }
         let ip = match (address, &owner) {
             (Some(ip), _) => ip,
             (None, Some(owner)) => match view.held_by(owner)? {
@@ -227,6 +270,7 @@ impl Rules {
         let Some(record) = view.record_at(ip)? else {
             return Ok(Release::Nothing);
         };
+        scope::check_owner(&scope, &record.owner)?;
         if let Some(owner) = owner
             && owner != record.owner
         {
@@ -248,7 +292,7 @@ pub(crate) mod tests {
 
     /// The store's state as plain maps.
     #[derive(Default)]
-    struct MemView {
+    pub(crate) struct MemView {
         records: HashMap<IpAddr, Record>,
         owners: HashMap<String, IpAddr>,
     }
@@ -264,10 +308,23 @@ pub(crate) mod tests {
     }
 
     impl MemView {
-        fn hold(&mut self, rules: &mut Rules, ip: IpAddr, record: Record) {
+        pub(crate) fn hold(&mut self, rules: &mut Rules, ip: IpAddr, record: Record) {
             rules.take(ip);
             self.owners.insert(record.owner.clone(), ip);
             self.records.insert(ip, record);
+        }
+
+        /// Removes the allocation at `ip`, as the writer would.
+        pub(crate) fn unhold(&mut self, rules: &mut Rules, ip: IpAddr) {
+            rules.free(ip);
+            if let Some(record) = self.records.remove(&ip) {
+                self.owners.remove(&record.owner);
+            }
+        }
+
+        /// Every allocation, by address.
+        pub(crate) fn records(&self) -> &HashMap<IpAddr, Record> {
+            &self.records
         }
     }
 

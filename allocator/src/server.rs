@@ -1,7 +1,7 @@
 //! The server: gRPC (the allocator, `grpc.health.v1`, reflection v1 and
 //! v1alpha) over HTTP/2 without TLS, and `/healthz`, `/readyz`, `/metrics`
-//! over HTTP/1.1, on one or more listeners that differ only in whether
-//! mutating calls need the bearer token. Limits message size, time per
+//! over HTTP/1.1, on one or more listeners that differ only in which calls
+//! need a credential (see [`crate::credentials::Access`]). Limits message size, time per
 //! request and requests in flight (shared by all listeners); on shutdown it
 //! ends watch streams, stops accepting and drains what is in flight.
 
@@ -20,6 +20,7 @@ use tonic::{service::Routes, transport::Server};
 use vipam::v1::allocator_server::AllocatorServer;
 
 use crate::{
+    credentials::{Access, Credentials, Needs},
     handle::Handle,
     metrics::Metrics,
     service::{Service, Token},
@@ -35,7 +36,8 @@ pub struct Settings {
     pub request_timeout: Duration,
     /// Most requests handled at once; more wait.
     pub max_concurrent_requests: usize,
-    /// Bearer token for mutating calls on the listener of [`bind`].
+    /// Bearer token for mutating calls on the listener of [`bind`] (the
+    /// listeners of [`bind_all`] carry their own [`Access`]).
     pub token: Option<Token>,
 }
 
@@ -46,8 +48,8 @@ pub struct Listener {
     pub addr: SocketAddr,
     /// The flag that set it, named when binding fails.
     pub flag: &'static str,
-    /// The token mutating calls on it need; `None` when they need none.
-    pub token: Option<Token>,
+    /// Which calls on it need a credential, and the credentials.
+    pub access: Access,
 }
 
 /// How often an idle HTTP/2 connection is pinged, so that the watch streams
@@ -85,10 +87,17 @@ pub struct Bound {
 /// Builds the services and binds `addr`; mutating calls need
 /// `settings.token` when it is set.
 pub async fn bind(addr: SocketAddr, ipam: Handle, settings: Settings) -> anyhow::Result<Bound> {
+    let access = match settings.token.clone() {
+        Some(token) => Access {
+            credentials: Arc::new(Credentials::single(token)),
+            needs: Needs::Changes,
+        },
+        None => Access::open(),
+    };
     let listener = Listener {
         addr,
         flag: "--listen",
-        token: settings.token.clone(),
+        access,
     };
     bind_all(vec![listener], ipam, settings).await
 }
@@ -111,8 +120,8 @@ pub async fn bind_all(
     let shutting_down = Arc::new(AtomicBool::new(false));
     let http = probes(ipam.clone(), metrics.clone(), shutting_down.clone());
     let mut bound = Vec::with_capacity(listeners.len());
-    for Listener { addr, flag, token } in listeners {
-        let service = Service::new(ipam.clone(), token, metrics.clone())
+    for Listener { addr, flag, access } in listeners {
+        let service = Service::new(ipam.clone(), access, metrics.clone())
             .into_server(settings.max_message_bytes);
         let routes = Routes::new(service)
             .add_service(health_service.clone())

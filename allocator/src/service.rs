@@ -1,6 +1,7 @@
 //! The `vipam.v1.Allocator` gRPC service: proto ⇄ domain conversions, the
-//! bearer token check, error codes and per-RPC metrics. The only module that
-//! builds `tonic::Status`.
+//! caller's credential (from its bearer token) and the scope it grants, the
+//! log line of every accepted change, error codes and per-RPC metrics. The
+//! only module that builds `tonic::Status`.
 
 use std::{net::IpAddr, pin::Pin, sync::Arc, time::Instant};
 
@@ -12,6 +13,7 @@ use vipam::v1::{
 };
 
 use crate::{
+    credentials::{Access, AuthError},
     error::{self, Error},
     handle::Handle,
     metrics::Metrics,
@@ -44,51 +46,28 @@ pub fn status(e: Error) -> Status {
         Error::HistoryTrimmed { .. } | Error::RevisionAhead { .. } => Status::out_of_range(message),
         Error::WatcherTooSlow { .. } => Status::resource_exhausted(message),
         Error::Store(_) => Status::internal(message),
+        Error::OwnerNotPermitted { .. }
+        | Error::PoolNotPermitted { .. }
+        | Error::OutsidePoolsNotPermitted { .. } => Status::permission_denied(message),
     }
 }
 
-/// A bearer token that mutating calls must carry.
-#[derive(Clone)]
-pub struct Token(Arc<str>);
-
-impl std::fmt::Debug for Token {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Token(<redacted>)")
-    }
-}
-
-impl Token {
-    /// A token; surrounding white space is not part of it.
-    pub fn new(token: &str) -> Option<Token> {
-        let t = token.trim();
-        (!t.is_empty()).then(|| Token(t.into()))
-    }
-
-    /// Compares in time independent of where the inputs differ.
-    fn matches(&self, given: &[u8]) -> bool {
-        let want = self.0.as_bytes();
-        let mut diff = want.len() ^ given.len();
-        for (i, w) in want.iter().enumerate() {
-            diff |= usize::from(w ^ given.get(i).copied().unwrap_or(0));
-        }
-        diff == 0
-    }
-}
+pub use crate::credentials::Token;
 
 /// The gRPC service over the allocator.
 #[derive(Clone)]
 pub struct Service {
     ipam: Handle,
-    token: Option<Token>,
+    access: Access,
     metrics: Arc<Metrics>,
 }
 
 impl Service {
-    /// A service over `ipam`; with a token, mutating calls need it.
-    pub fn new(ipam: Handle, token: Option<Token>, metrics: Arc<Metrics>) -> Self {
+    /// A service over `ipam`; `access` says which calls need a credential.
+    pub fn new(ipam: Handle, access: Access, metrics: Arc<Metrics>) -> Self {
         Service {
             ipam,
-            token,
+            access,
             metrics,
         }
     }
@@ -100,22 +79,23 @@ impl Service {
             .max_encoding_message_size(max_message_bytes)
     }
 
-    fn authorize<T>(&self, request: &Request<T>) -> Result<(), Status> {
-        let Some(token) = &self.token else {
-            return Ok(());
+    /// The scope of the caller: its credential's, from the bearer token it
+    /// carries, or every right where the listener lets a call without one
+    /// through. `changes` is set for Allocate and Release.
+    fn caller<T>(&self, request: &Request<T>, changes: bool) -> Result<Scope, Status> {
+        let header = request.metadata().get("authorization");
+        let token = match header {
+            None => None,
+            Some(v) => Some(v.as_bytes().strip_prefix(b"Bearer ").ok_or_else(|| {
+                Status::unauthenticated("the authorization header is not \"Bearer <token>\"")
+            })?),
         };
-        let given = request
-            .metadata()
-            .get("authorization")
-            .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
-            .ok_or_else(|| {
+        self.access.scope(token, changes).map_err(|e| match e {
+            AuthError::Missing => {
                 Status::unauthenticated("this call needs an authorization: Bearer <token> header")
-            })?;
-        if token.matches(given) {
-            Ok(())
-        } else {
-            Err(Status::unauthenticated("the bearer token is not valid"))
-        }
+            }
+            AuthError::Unknown => Status::unauthenticated("the bearer token is not valid"),
+        })
     }
 
     async fn observe<T>(
@@ -149,11 +129,20 @@ impl Service {
     }
 }
 
+/// The credential's name in logs; a call without one is "local".
+fn credential_name(scope: &Scope) -> String {
+    if scope.credential.is_empty() {
+        "local".to_string()
+    } else {
+        scope.credential.clone()
+    }
+}
+
 fn optional(s: &str) -> Option<&str> {
     (!s.is_empty()).then_some(s)
 }
 
-fn allocate_args(request: pb::AllocateRequest) -> Result<AllocateArgs, Error> {
+fn allocate_args(request: pb::AllocateRequest, scope: Scope) -> Result<AllocateArgs, Error> {
     let pb::AllocateRequest {
         pool,
         owner,
@@ -181,11 +170,11 @@ fn allocate_args(request: pb::AllocateRequest) -> Result<AllocateArgs, Error> {
             .transpose()?,
         labels: parse_labels(labels)?,
         family,
-        scope: Scope::default(),
+        scope,
     })
 }
 
-fn release_args(request: pb::ReleaseRequest) -> Result<ReleaseArgs, Error> {
+fn release_args(request: pb::ReleaseRequest, scope: Scope) -> Result<ReleaseArgs, Error> {
     let pb::ReleaseRequest { owner, address } = request;
     Ok(ReleaseArgs {
         owner: optional(&owner)
@@ -194,7 +183,7 @@ fn release_args(request: pb::ReleaseRequest) -> Result<ReleaseArgs, Error> {
         address: optional(&address)
             .map(|a| parse_address("address", a))
             .transpose()?,
-        scope: Scope::default(),
+        scope,
     })
 }
 
@@ -312,9 +301,11 @@ impl Allocator for Service {
         request: Request<pb::AllocateRequest>,
     ) -> Result<Response<pb::Allocation>, Status> {
         self.observe("Allocate", async {
-            self.authorize(&request)?;
-            let args = allocate_args(request.into_inner()).map_err(status)?;
+            let scope = self.caller(&request, true)?;
+            let credential = credential_name(&scope);
+            let args = allocate_args(request.into_inner(), scope).map_err(status)?;
             let allocation = self.ipam.allocate(args).await.map_err(status)?;
+            tracing::info!(credential, owner = allocation.record.owner, address = %allocation.address, "allocated");
             Ok(to_proto(allocation))
         })
         .await
@@ -325,9 +316,16 @@ impl Allocator for Service {
         request: Request<pb::ReleaseRequest>,
     ) -> Result<Response<pb::ReleaseResponse>, Status> {
         self.observe("Release", async {
-            self.authorize(&request)?;
-            let args = release_args(request.into_inner()).map_err(status)?;
+            let scope = self.caller(&request, true)?;
+            let credential = credential_name(&scope);
+            let args = release_args(request.into_inner(), scope).map_err(status)?;
             let released = self.ipam.release(args).await.map_err(status)?;
+            match &released {
+                Some(a) => {
+                    tracing::info!(credential, owner = a.record.owner, address = %a.address, "released");
+                }
+                None => tracing::info!(credential, "release matched no allocation"),
+            }
             Ok(pb::ReleaseResponse {
                 released: released.is_some(),
                 allocation: released.map(to_proto),
@@ -341,6 +339,7 @@ impl Allocator for Service {
         request: Request<pb::GetRequest>,
     ) -> Result<Response<pb::Allocation>, Status> {
         self.observe("Get", async {
+            self.caller(&request, false)?;
             let pb::GetRequest { owner, address } = request.into_inner();
             let allocation = match (optional(&owner), optional(&address)) {
                 (Some(owner), None) => {
@@ -367,6 +366,7 @@ impl Allocator for Service {
         request: Request<pb::ListRequest>,
     ) -> Result<Response<pb::ListResponse>, Status> {
         self.observe("List", async {
+            self.caller(&request, false)?;
             let args = list_args(request.into_inner()).map_err(status)?;
             let page = self.read(move |h| h.list(&args)).await?;
             Ok(pb::ListResponse {
@@ -387,6 +387,7 @@ impl Allocator for Service {
         request: Request<pb::WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
         self.observe("Watch", async {
+            self.caller(&request, false)?;
             let args = watch_args(request.into_inner()).map_err(status)?;
             let items = self.ipam.watch(args).await.map_err(status)?;
             let events =
@@ -401,6 +402,7 @@ impl Allocator for Service {
         request: Request<pb::ListPoolsRequest>,
     ) -> Result<Response<pb::ListPoolsResponse>, Status> {
         self.observe("ListPools", async {
+            self.caller(&request, false)?;
             let pb::ListPoolsRequest {} = request.into_inner();
             let report = self.read(|h| h.pools_report()).await?;
             let pools = self.ipam.pools();

@@ -92,14 +92,16 @@ def main():
             # ALREADY_EXISTS: the address is someone else's; pick another.
             print(f"refused {e.code().name}: {e.details()}")
 
-        page = api.List(api.new("ListRequest", owner_prefix=args.prefix), timeout=10)
+        page = api.List(api.new("ListRequest", owner_prefix=args.prefix), metadata=metadata, timeout=10)
         for a in page.allocations:
             print(f"listed {a.owner} {a.address}")
 
         # A Watch from revision 0: the snapshot, then changes. A long-running
         # tool reconnects after UNAVAILABLE or RESOURCE_EXHAUSTED with
         # since_revision = the last non-zero revision it saw.
-        call = api.Watch(api.new("WatchRequest", owner_prefix=args.prefix, since_revision=0), timeout=30)
+        call = api.Watch(
+            api.new("WatchRequest", owner_prefix=args.prefix, since_revision=0), metadata=metadata, timeout=30
+        )
         released = None
         try:
             for event in call:

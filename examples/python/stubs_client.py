@@ -36,7 +36,7 @@ def parse_args():
     return parser.parse_args()
 
 
-def follow(stub, request, deadline):
+def follow(stub, request, deadline, metadata=()):
     """Yields the events of a Watch, reconnecting after UNAVAILABLE,
     RESOURCE_EXHAUSTED (cut off for being slow) or the end of the stream
     with the revision of the last event, so nothing is missed or repeated.
@@ -48,6 +48,7 @@ def follow(stub, request, deadline):
         call = stub.Watch(
             pb.WatchRequest(pool=request.pool, owner_prefix=request.owner_prefix, since_revision=since),
             timeout=max(deadline - time.monotonic(), 0.1),
+            metadata=metadata,
         )
         snapshot = []
         try:
@@ -95,12 +96,12 @@ def main():
             # ALREADY_EXISTS: the address is someone else's; pick another.
             print(f"refused {e.code().name}: {e.details()}")
 
-        page = stub.List(pb.ListRequest(owner_prefix=args.prefix), timeout=10)
+        page = stub.List(pb.ListRequest(owner_prefix=args.prefix), metadata=metadata, timeout=10)
         for a in page.allocations:
             print(f"listed {a.owner} {a.address}")
 
         released = None
-        for event in follow(stub, pb.WatchRequest(owner_prefix=args.prefix), deadline):
+        for event in follow(stub, pb.WatchRequest(owner_prefix=args.prefix), deadline, metadata):
             kind = pb.WatchEventType.Name(event.type)
             a = event.allocation
             if event.type == pb.WATCH_EVENT_TYPE_SNAPSHOT:

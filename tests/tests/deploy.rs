@@ -2,7 +2,8 @@
 //! manifest parses into its Kubernetes type without losing a field, container
 //! flags and environment variables are ones the binaries accept (and their
 //! values pass the binaries' own checks), probes point at ports the programs
-//! listen on, names agree across files, and RBAC grants exactly what the
+//! listen on, names agree across files, every credential's token comes from
+//! a Secret mounted where its flag points, and RBAC grants exactly what the
 //! syncer is seen to call against the Kubernetes API test server.
 
 use std::{
@@ -294,17 +295,122 @@ fn container_flags_and_env_are_ones_the_binaries_accept() {
     );
 }
 
+/// The token files `args` name: `--token-file`, `--allocator-token-file`
+/// and the `token-file=` of each `--client`.
+fn token_files(args: &[String]) -> Vec<String> {
+    let mut files: Vec<String> = ["--token-file", "--allocator-token-file"]
+        .iter()
+        .filter_map(|flag| flag_value(args, flag).map(str::to_string))
+        .collect();
+    for client in args.iter().filter_map(|a| a.strip_prefix("--client=")) {
+        files.extend(
+            client
+                .split(',')
+                .filter_map(|part| part.strip_prefix("token-file="))
+                .map(str::to_string),
+        );
+    }
+    files
+}
+
+/// `args` with every token file replaced by a stand-in in `dir`, one per
+/// path, each holding a token of its own.
+fn with_stand_in_tokens(args: &[String], dir: &Path) -> Vec<String> {
+    let mut args = args.to_vec();
+    for path in token_files(&args) {
+        let stand_in = dir.join(path.replace('/', "_"));
+        std::fs::write(&stand_in, format!("stand-in for {path}")).expect("stand-in token");
+        for arg in &mut args {
+            *arg = arg.replace(&path, &stand_in.display().to_string());
+        }
+    }
+    args
+}
+
+/// The Secret of the volume mounted in `c` where `path` lies.
+fn secret_at(pod: &PodSpec, c: &Container, path: &str) -> String {
+    let mount = c
+        .volume_mounts
+        .iter()
+        .flatten()
+        .find(|m| path.starts_with(&format!("{}/", m.mount_path)))
+        .unwrap_or_else(|| panic!("{}: no volume mounted at {path}", c.name));
+    pod.volumes
+        .iter()
+        .flatten()
+        .find(|v| v.name == mount.name)
+        .and_then(|v| v.secret.as_ref())
+        .and_then(|s| s.secret_name.clone())
+        .unwrap_or_else(|| panic!("{}: {path} is not in a Secret", c.name))
+}
+
+/// The allocator's `--client` named `name`, as its `key=value` parts.
+fn client_of(args: &[String], name: &str) -> BTreeMap<String, String> {
+    args.iter()
+        .filter_map(|a| a.strip_prefix("--client="))
+        .map(|c| {
+            c.split(',')
+                .filter_map(|part| part.split_once('='))
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect::<BTreeMap<_, _>>()
+        })
+        .find(|c| c.get("name").map(String::as_str) == Some(name))
+        .unwrap_or_else(|| panic!("no --client name={name} in {args:?}"))
+}
+
+fn container<'a>(pod: &'a PodSpec, binary: &str) -> &'a Container {
+    pod.containers
+        .iter()
+        .find(|c| binary_of(c) == binary)
+        .unwrap_or_else(|| panic!("no {binary} container"))
+}
+
+#[test]
+fn the_syncer_has_its_own_credential_for_service_owners_from_a_secret_both_containers_mount() {
+    let docs = rendered();
+    let pod = pod(&deployment(&docs));
+    let allocator = container(&pod, "vipam-allocator");
+    let syncer = container(&pod, "vipam-syncer");
+    let allocator_args = allocator.args.clone().unwrap_or_default();
+    let syncer_args = syncer.args.clone().unwrap_or_default();
+    let client = client_of(&allocator_args, "syncer");
+    assert_eq!(client["owners"], "service:", "only the Services' owners");
+    assert!(
+        flag_value(&allocator_args, "--token-file").is_none(),
+        "no all-powerful credential in the base"
+    );
+    let token_file =
+        flag_value(&syncer_args, "--allocator-token-file").expect("the syncer sends its token");
+    assert_eq!(client["token-file"], token_file);
+    assert_eq!(secret_at(&pod, allocator, token_file), "vipam-syncer-token");
+    assert_eq!(secret_at(&pod, syncer, token_file), "vipam-syncer-token");
+    // Where to create the Secret is said next to the manifest and in the
+    // README, with a command that generates a token.
+    for doc in ["deploy/vipam.yaml", "README.md"] {
+        let text = std::fs::read_to_string(repo().join(doc)).expect("read");
+        assert!(
+            text.contains("create secret generic vipam-syncer-token")
+                && text.contains("head -c 32 /dev/urandom | base64"),
+            "{doc} says how to create the Secret vipam-syncer-token"
+        );
+    }
+}
+
 #[test]
 fn container_settings_pass_the_binaries_own_checks() {
     let docs = rendered();
     let pod = pod(&deployment(&docs));
+    let dir = tempfile::tempdir().expect("tempdir");
     for c in &pod.containers {
         let name = binary_of(c);
         let mut cmd = Command::new(binary(&name).expect("binary"));
-        cmd.args(c.args.iter().flatten())
-            .arg("--check")
-            .env_clear()
-            .env("PATH", std::env::var_os("PATH").unwrap_or_default());
+        cmd.args(with_stand_in_tokens(
+            &c.args.clone().unwrap_or_default(),
+            dir.path(),
+        ))
+        .arg("--check")
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default());
         for (k, v) in resolved_env(&docs, c) {
             cmd.env(k, v);
         }
@@ -993,17 +1099,13 @@ fn the_monitoring_component_scrapes_both_programs_on_the_ports_that_serve_metric
 }
 
 #[test]
-fn the_expose_allocator_component_requires_the_token_and_admits_only_labelled_pods() {
+fn the_expose_allocator_component_requires_a_scoped_credential_and_admits_only_labelled_pods() {
     let docs = rendered_exposed();
     for doc in &docs {
         check_round_trip(doc);
     }
     let pod = pod(&deployment(&docs));
-    let allocator = pod
-        .containers
-        .iter()
-        .find(|c| binary_of(c) == "vipam-allocator")
-        .expect("allocator");
+    let allocator = container(&pod, "vipam-allocator");
     let args = allocator.args.clone().unwrap_or_default();
     let (flags, _) = help_of("vipam-allocator");
     for arg in &args {
@@ -1025,43 +1127,20 @@ fn the_expose_allocator_component_requires_the_token_and_admits_only_labelled_po
         .1
         .parse()
         .expect("port");
-    // The token comes from the Secret, mounted where --token-file points.
-    let token_file = flag_value(&args, "--token-file").expect("--token-file");
-    let mount = allocator
-        .volume_mounts
-        .iter()
-        .flatten()
-        .find(|m| token_file.starts_with(&m.mount_path))
-        .expect("a volume mounted at the token file");
-    let volume = pod
-        .volumes
-        .iter()
-        .flatten()
-        .find(|v| v.name == mount.name)
-        .expect("volume");
+    // The tool's credential is scoped (owners and pools), its token comes
+    // from its own Secret, mounted where its token-file points.
+    let tool = client_of(&args, "tool");
+    assert_ne!(tool["owners"], "*", "a tool gets owner prefixes of its own");
+    assert!(!tool["owners"].contains("service:"), "{tool:?}");
+    assert_ne!(tool["pools"], "*", "a tool gets pools of its own");
     assert_eq!(
-        volume
-            .secret
-            .as_ref()
-            .and_then(|s| s.secret_name.as_deref()),
-        Some("vipam-allocator-token")
+        secret_at(&pod, allocator, &tool["token-file"]),
+        "vipam-tool-token"
     );
-    // The settings pass the binary's own checks (with a stand-in token file).
+    // The settings pass the binary's own checks (with stand-in token files).
     let dir = tempfile::tempdir().expect("tempdir");
-    let stand_in = dir.path().join("token");
-    std::fs::write(&stand_in, "t0ken").expect("token");
-    let checked: Vec<String> = args
-        .iter()
-        .map(|a| {
-            if a.starts_with("--token-file=") {
-                format!("--token-file={}", stand_in.display())
-            } else {
-                a.clone()
-            }
-        })
-        .collect();
     let out = Command::new(binary("vipam-allocator").expect("binary"))
-        .args(&checked)
+        .args(with_stand_in_tokens(&args, dir.path()))
         .arg("--check")
         .env(
             "KEEPALIVED_SERVICE_CIDR",

@@ -1,13 +1,14 @@
 //! The real allocator on two listeners at once: `--listen` (loopback, for
 //! the syncer in the same pod) and `--listen-authenticated` (for other
-//! tools), where Allocate and Release always need the bearer token.
+//! tools), where every allocator call, reads included, needs the bearer
+//! token.
 
 use std::{net::SocketAddr, time::Duration};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::Code;
 use vipam::{
-    client::{Backoff, Client},
+    client::Client,
     v1::{AllocateRequest, ReleaseRequest, WatchEventType, WatchRequest},
 };
 use vipam_e2e::{Allocator, grpcurl, run_allocator};
@@ -40,13 +41,7 @@ fn mk_allocator() -> Setup {
 }
 
 fn mk_client(url: &str, token: Option<&str>) -> Client {
-    let builder = Client::builder(url).backoff(Backoff::none());
-    match token {
-        Some(t) => builder.token(t),
-        None => builder,
-    }
-    .build()
-    .expect("client")
+    vipam_e2e::mk_client(url, token).expect("client")
 }
 
 fn mk_allocate(owner: &str) -> AllocateRequest {
@@ -78,7 +73,7 @@ async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
 }
 
 #[tokio::test]
-async fn the_authenticated_listener_refuses_changes_without_the_token_and_loopback_does_not() {
+async fn the_authenticated_listener_refuses_calls_without_the_token_and_loopback_does_not() {
     let setup = mk_allocator();
     let a = &setup.allocator;
     let wide = a.authenticated_url().expect("authenticated url");
@@ -118,22 +113,37 @@ async fn the_authenticated_listener_refuses_changes_without_the_token_and_loopba
             .expect_err("no token, no release by address");
         assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
     }
-    // Reads need no token: Get, List and Watch.
-    assert_eq!(
-        anonymous
+    // Reads need the token too: Get, List, ListPools and Watch.
+    for tool in [&anonymous, &wrong] {
+        let err = tool
             .get_owner("service:default/web")
             .await
-            .expect("get"),
+            .expect_err("no token, no get");
+        assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+        let err = tool.list_all("", "").await.expect_err("no token, no list");
+        assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+        let err = tool.list_pools().await.expect_err("no token, no pools");
+        assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+        let err = tool
+            .watch(WatchRequest::default())
+            .await
+            .expect_err("no token, no watch");
+        assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    }
+    // With the token, they read.
+    let reader = mk_client(&wide, Some("s3cret"));
+    assert_eq!(
+        reader.get_owner("service:default/web").await.expect("get"),
         Some(web.clone())
     );
     assert_eq!(
-        anonymous.list_all("", "").await.expect("list"),
+        reader.list_all("", "").await.expect("list"),
         std::slice::from_ref(&web)
     );
-    let mut stream = anonymous
+    let mut stream = reader
         .watch(WatchRequest::default())
         .await
-        .expect("watch needs no token");
+        .expect("watch with the token");
     let first = stream.message().await.expect("ok").expect("event");
     assert_eq!(first.r#type(), WatchEventType::Snapshot);
     assert_eq!(first.allocation, Some(web.clone()));

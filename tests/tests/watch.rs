@@ -153,9 +153,10 @@ async fn a_watch_follows_sigterm_and_sigkill_restarts_without_a_gap_or_a_duplica
     let seed = writes.allocate("tool/seed").await;
     writes.expected.clear();
 
-    // The watcher is another tool on the authenticated listener: reading
-    // needs no token.
+    // The watcher is another tool on the authenticated listener, where
+    // reading needs a credential too.
     let reader = Client::builder(url.as_str())
+        .token("s3cret")
         .backoff(mk_backoff())
         .build()
         .expect("client");
