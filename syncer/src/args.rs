@@ -25,14 +25,14 @@ use vipam::runtime::{self, EndedError, Supervisor, parse_duration, supervisor::B
 use crate::{
     adopt::{self, Adoptable},
     allocation::Allocator,
-    configmap::{self, Writer},
+    configmap::Writer,
     context::{Clients, Context, Shared},
     desired::{self, ForwardMethod, Settings},
     events::Events,
     http,
     index::Index,
     metrics::Metrics,
-    reconcile, render,
+    reconcile,
 };
 
 /// vipam-syncer gives LoadBalancer Services addresses from vipam-allocator,

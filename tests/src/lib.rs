@@ -43,6 +43,25 @@ pub fn binary(name: &str) -> Result<PathBuf> {
     Ok(path)
 }
 
+/// The token files that container `args` name: `--token-file`,
+/// `--allocator-token-file` and the `token-file=` of each `--client`.
+pub fn token_files(args: &[String]) -> Vec<String> {
+    let mut files: Vec<String> = ["--token-file=", "--allocator-token-file="]
+        .iter()
+        .filter_map(|flag| args.iter().find_map(|a| a.strip_prefix(flag)))
+        .map(str::to_string)
+        .collect();
+    for client in args.iter().filter_map(|a| a.strip_prefix("--client=")) {
+        files.extend(
+            client
+                .split(',')
+                .filter_map(|part| part.strip_prefix("token-file="))
+                .map(str::to_string),
+        );
+    }
+    files
+}
+
 /// A running `vipam-allocator` process.
 pub struct Allocator {
     child: Child,

@@ -27,7 +27,7 @@ use k8s_openapi::{
 };
 use serde::de::DeserializeOwned;
 use serde_json::Value;
-use vipam_e2e::{binary, syncer::wait_until};
+use vipam_e2e::{binary, syncer::wait_until, token_files};
 
 const NAMESPACE: &str = "vipam-system";
 
@@ -293,24 +293,6 @@ fn container_flags_and_env_are_ones_the_binaries_accept() {
         seen,
         BTreeSet::from(["vipam-allocator".to_string(), "vipam-syncer".to_string()])
     );
-}
-
-/// The token files `args` name: `--token-file`, `--allocator-token-file`
-/// and the `token-file=` of each `--client`.
-fn token_files(args: &[String]) -> Vec<String> {
-    let mut files: Vec<String> = ["--token-file", "--allocator-token-file"]
-        .iter()
-        .filter_map(|flag| flag_value(args, flag).map(str::to_string))
-        .collect();
-    for client in args.iter().filter_map(|a| a.strip_prefix("--client=")) {
-        files.extend(
-            client
-                .split(',')
-                .filter_map(|part| part.strip_prefix("token-file="))
-                .map(str::to_string),
-        );
-    }
-    files
 }
 
 /// `args` with every token file replaced by a stand-in in `dir`, one per

@@ -13,7 +13,7 @@ use std::{
 
 use k8s_openapi::api::apps::v1::Deployment;
 use serde_json::Value;
-use vipam_e2e::workspace_dir;
+use vipam_e2e::{token_files, workspace_dir};
 
 /// What `deploy/image.spec` declares.
 #[derive(Debug, Default)]
@@ -305,6 +305,18 @@ fn the_image_built_from_scratch_runs_both_binaries_as_the_manifests_user() {
         .collect();
     assert!(unexpected.is_empty(), "unexpected files: {unexpected:?}");
     buildah.run(&["umount", &container]);
+
+    // The Secrets the manifests mount, as the kubelet would: a stand-in
+    // token at each token file the flags name, readable by the user.
+    let tokens = tempfile::tempdir().expect("tempdir");
+    for (_, args) in &commands {
+        for path in token_files(args) {
+            let stand_in = tokens.path().join(path.replace('/', "_"));
+            std::fs::write(&stand_in, format!("stand-in for {path}")).expect("stand-in token");
+            let source = stand_in.display().to_string();
+            buildah.run(&["copy", "--chown", &user, &container, &source, &path]);
+        }
+    }
 
     let config_env: Value = serde_yaml::from_str(
         &std::fs::read_to_string(root.join("deploy/config.yaml")).expect("deploy/config.yaml"),
