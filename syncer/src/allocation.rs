@@ -74,7 +74,9 @@ impl AllocError {
             | Code::Unimplemented
             | Code::Internal
             | Code::DataLoss
-            | Code::Unauthenticated) => AllocError::Refused(format!("{code:?}: {message}")),
+            | Code::Unauthenticated) => {
+                AllocError::Refused(format!("{}: {message}", vipam::names::code_name(code)))
+            }
         }
     }
 }
@@ -182,11 +184,11 @@ mod tests {
             (Code::InvalidArgument, AllocError::Invalid(msg.into())),
             (
                 Code::FailedPrecondition,
-                AllocError::Refused(format!("FailedPrecondition: {msg}")),
+                AllocError::Refused(format!("FAILED_PRECONDITION: {msg}")),
             ),
             (
                 Code::Unauthenticated,
-                AllocError::Refused(format!("Unauthenticated: {msg}")),
+                AllocError::Refused(format!("UNAUTHENTICATED: {msg}")),
             ),
             (Code::Unavailable, AllocError::Unreachable(msg.into())),
             (Code::DeadlineExceeded, AllocError::Unreachable(msg.into())),

@@ -566,7 +566,7 @@ fn a_denied_or_invalid_request_is_a_refusal_of_the_service_with_the_allocators_r
     for refused in [
         AllocError::Denied("pool \"dmz\" admits only owners service:team-a/".into()),
         AllocError::Invalid("address 127.0.0.1 is special-purpose".into()),
-        AllocError::Refused("FailedPrecondition: 10.0.0.0 is the network address".into()),
+        AllocError::Refused("FAILED_PRECONDITION: 10.0.0.0 is the network address".into()),
     ] {
         let f = mk_failed(&p, &refused);
         assert!(
