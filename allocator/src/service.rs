@@ -44,6 +44,8 @@ pub fn status(e: Error) -> Status {
         Error::HistoryTrimmed { .. } | Error::RevisionAhead { .. } => Status::out_of_range(message),
         Error::WatcherTooSlow { .. } => Status::resource_exhausted(message),
         Error::Store(_) => Status::internal(message),
+        Error::OutsidePools { .. } => Status::failed_precondition(message),
+        Error::PoolRefusesOwner { .. } => Status::permission_denied(message),
     }
 }
 
