@@ -961,3 +961,28 @@ async fn health_and_http_endpoints_share_the_grpc_port() {
     }
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_drained_pool_and_addresses_outside_pools_show_in_the_metrics() {
+    let server = mk_server(Config {
+        pools: &["default=10.0.0.0/29", "drained=10.0.1.0/30"],
+        reserved: &["drained=10.0.1.0/30"],
+        allow_outside: &["198.51.100.0/24"],
+        ..Default::default()
+    })
+    .await;
+    let mut c = server.client().await;
+    c.allocate(mk_explicit("legacy", "198.51.100.7"))
+        .await
+        .expect("allowed outside");
+    let (code, metrics) = server.http_get("/metrics").await;
+    assert_eq!(code, 200);
+    for line in [
+        "vipam_pool_size{pool=\"drained\"} 0.0",
+        "vipam_pool_free{pool=\"drained\"} 0.0",
+        "vipam_allocations_outside_pools 1",
+    ] {
+        assert!(metrics.contains(line), "{line} not in:\n{metrics}");
+    }
+    server.stop().await;
+}
