@@ -9,20 +9,25 @@ use tonic::Code;
 use vipam::v1::{AllocateRequest, ListPoolsRequest, allocator_client::AllocatorClient};
 use vipam_e2e::{Allocator, grpcurl, run_allocator};
 
-fn mk_explicit(owner: &str, address: &str) -> AllocateRequest {
+/// An Allocate request; empty strings mean "not given".
+fn mk_request(owner: &str, pool: &str, address: &str) -> AllocateRequest {
     AllocateRequest {
         owner: owner.into(),
+        pool: pool.into(),
         address: address.into(),
         ..Default::default()
     }
 }
 
-fn mk_in_pool(owner: &str, pool: &str) -> AllocateRequest {
-    AllocateRequest {
-        owner: owner.into(),
-        pool: pool.into(),
-        ..Default::default()
-    }
+/// Runs `grpcurl -d <body> <addr> Allocate` and returns whether it
+/// succeeded, its stdout and its stderr.
+fn grpcurl_allocate(addr: &str, body: &str) -> (bool, String, String) {
+    let out = grpcurl(&["-d", body, addr, "vipam.v1.Allocator/Allocate"]).expect("grpcurl");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 async fn mk_client(a: &Allocator) -> AllocatorClient<tonic::transport::Channel> {
@@ -62,7 +67,7 @@ async fn every_special_purpose_address_is_invalid_argument_naming_the_value_and_
     let mut c = mk_client(&a).await;
     for (address, block) in SPECIAL {
         let err = c
-            .allocate(mk_explicit("svc", address))
+            .allocate(mk_request("svc", "", address))
             .await
             .expect_err(address);
         assert_eq!(err.code(), Code::InvalidArgument, "{address}: {err}");
@@ -83,34 +88,16 @@ fn an_ipv4_mapped_spelling_is_refused_and_the_ipv4_spelling_is_allocated() {
     let dir = tempfile::tempdir().expect("tempdir");
     let a = Allocator::start(dir.path(), &["--pool", "doc=192.0.2.0/24"]).expect("start");
     let addr = a.addr.to_string();
-    let out = grpcurl(&[
-        "-d",
-        r#"{"owner": "a", "address": "::ffff:192.0.2.5"}"#,
-        &addr,
-        "vipam.v1.Allocator/Allocate",
-    ])
-    .expect("grpcurl");
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
+    let (ok, _, err) = grpcurl_allocate(&addr, r#"{"owner": "a", "address": "::ffff:192.0.2.5"}"#);
+    assert!(!ok);
     assert!(
         err.contains("Code: InvalidArgument")
             && err.contains("invalid address \"::ffff:192.0.2.5\"")
             && err.contains("ask for 192.0.2.5"),
         "{err}"
     );
-    let out = grpcurl(&[
-        "-d",
-        r#"{"owner": "b", "address": "192.0.2.5"}"#,
-        &addr,
-        "vipam.v1.Allocator/Allocate",
-    ])
-    .expect("grpcurl");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (ok, stdout, err) = grpcurl_allocate(&addr, r#"{"owner": "b", "address": "192.0.2.5"}"#);
+    assert!(ok, "{err}");
     assert!(stdout.contains(r#""address": "192.0.2.5""#), "{stdout}");
 }
 
@@ -192,7 +179,7 @@ async fn an_address_outside_every_pool_is_refused_until_allowed_and_stays_held_a
     let strict = Allocator::start(dir.path(), &["--pool", "a=10.0.0.0/29"]).expect("start");
     let err = mk_client(&strict)
         .await
-        .allocate(mk_explicit("legacy", "198.51.100.7"))
+        .allocate(mk_request("legacy", "", "198.51.100.7"))
         .await
         .expect_err("outside");
     assert_eq!(err.code(), Code::FailedPrecondition, "{err}");
@@ -215,7 +202,7 @@ async fn an_address_outside_every_pool_is_refused_until_allowed_and_stays_held_a
     .expect("start allowing");
     let got = mk_client(&allowing)
         .await
-        .allocate(mk_explicit("legacy", "198.51.100.7"))
+        .allocate(mk_request("legacy", "", "198.51.100.7"))
         .await
         .expect("allowed")
         .into_inner();
@@ -230,7 +217,7 @@ async fn an_address_outside_every_pool_is_refused_until_allowed_and_stays_held_a
     let strict = Allocator::start(dir.path(), &["--pool", "a=10.0.0.0/29"]).expect("restart");
     let mut c = mk_client(&strict).await;
     let again = c
-        .allocate(mk_explicit("legacy", "198.51.100.7"))
+        .allocate(mk_request("legacy", "", "198.51.100.7"))
         .await
         .expect("its owner gets it again")
         .into_inner();
@@ -243,7 +230,7 @@ async fn an_address_outside_every_pool_is_refused_until_allowed_and_stays_held_a
     assert_eq!(pools.outside_count, 1);
     assert_eq!(pools.outside[0].address, "198.51.100.7");
     let err = c
-        .allocate(mk_explicit("other", "198.51.100.8"))
+        .allocate(mk_request("other", "", "198.51.100.8"))
         .await
         .expect_err("still refused for others");
     assert_eq!(err.code(), Code::FailedPrecondition, "{err}");
@@ -267,8 +254,8 @@ async fn a_pool_limited_to_a_prefix_refuses_other_owners_and_a_prefix_gets_its_d
     .expect("start");
     let mut c = mk_client(&a).await;
     for request in [
-        mk_in_pool("service:team-b/web", "team-a"),
-        mk_explicit("service:team-b/web", "10.0.1.3"),
+        mk_request("service:team-b/web", "team-a", ""),
+        mk_request("service:team-b/web", "", "10.0.1.3"),
     ] {
         let err = c.allocate(request).await.expect_err("team-b refused");
         assert_eq!(err.code(), Code::PermissionDenied, "{err}");
@@ -280,16 +267,13 @@ async fn a_pool_limited_to_a_prefix_refuses_other_owners_and_a_prefix_gets_its_d
         );
     }
     let admitted = c
-        .allocate(mk_in_pool("service:team-a/web", "team-a"))
+        .allocate(mk_request("service:team-a/web", "team-a", ""))
         .await
         .expect("team-a admitted")
         .into_inner();
     assert_eq!(admitted.address, "10.0.1.1");
     let by_default = c
-        .allocate(AllocateRequest {
-            owner: "service:team-a/api".into(),
-            ..Default::default()
-        })
+        .allocate(mk_request("service:team-a/api", "", ""))
         .await
         .expect("team-a default pool")
         .into_inner();
@@ -298,10 +282,7 @@ async fn a_pool_limited_to_a_prefix_refuses_other_owners_and_a_prefix_gets_its_d
         ("10.0.1.2", "team-a")
     );
     let others = c
-        .allocate(AllocateRequest {
-            owner: "service:team-b/web".into(),
-            ..Default::default()
-        })
+        .allocate(mk_request("service:team-b/web", "", ""))
         .await
         .expect("the default pool admits every owner")
         .into_inner();
@@ -325,12 +306,12 @@ async fn a_pool_whose_every_address_is_reserved_starts_and_is_resource_exhausted
     .expect("a drained pool does not stop the allocator");
     let mut c = mk_client(&a).await;
     let err = c
-        .allocate(mk_in_pool("svc", "drained"))
+        .allocate(mk_request("svc", "drained", ""))
         .await
         .expect_err("drained");
     assert_eq!(err.code(), Code::ResourceExhausted, "{err}");
     assert!(err.message().contains("\"drained\""), "{}", err.message());
-    c.allocate(mk_in_pool("svc", "open"))
+    c.allocate(mk_request("svc", "open", ""))
         .await
         .expect("the other pool serves");
     let pools = c
