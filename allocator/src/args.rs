@@ -360,8 +360,13 @@ fn check_listeners(
 fn print_pools(pools: &Pools) {
     for pool in pools.iter() {
         let ranges: Vec<String> = pool.elements().iter().map(ToString::to_string).collect();
+        let drained = if pool.size() == 0 {
+            "; every address is reserved"
+        } else {
+            ""
+        };
         println!(
-            "pool {}: {} ({} addresses)",
+            "pool {}: {} ({} addresses{drained})",
             pool.name(),
             ranges.join(","),
             pool.size()

@@ -47,7 +47,14 @@ impl Policy {
         }
         let mut defaults = Vec::with_capacity(default_for.len());
         for (prefix, pool) in default_for {
-            defaults.push((prefix, index("--default-pool-for", &pool)?));
+            let i = index("--default-pool-for", &pool)?;
+            // Every owner with the prefix would be refused by its own default.
+            if let Some(admitted) = owners.get(&i)
+                && !admitted.iter().any(|p| prefix.starts_with(p.as_str()))
+            {
+                return Err(ConfigError::NotAdmitted { prefix, pool });
+            }
+            defaults.push((prefix, i));
         }
         defaults.sort_by_key(|(prefix, _)| std::cmp::Reverse(prefix.len()));
         Ok(Policy {
@@ -170,6 +177,18 @@ mod tests {
         assert!(err.to_string().contains("--pool-owners"), "{err}");
         let err = mk_policy(&[], &["service:x/=nope"]).expect_err("unknown");
         assert!(err.to_string().contains("--default-pool-for"), "{err}");
+    }
+
+    #[test]
+    fn a_default_pool_for_a_prefix_the_pool_does_not_admit_is_refused() {
+        let err = mk_policy(&["team-a=service:team-a/"], &["service:team-b/=team-a"])
+            .expect_err("not admitted");
+        assert!(
+            matches!(&err, ConfigError::NotAdmitted { prefix, pool }
+                if prefix == "service:team-b/" && pool == "team-a"),
+            "{err}"
+        );
+        assert!(mk_policy(&["team-a=service:team-a/"], &["service:team-a/web-=team-a"]).is_ok());
     }
 
     #[test]

@@ -52,6 +52,11 @@ pub enum ConfigError {
     /// A pool with no address it may hand out.
     #[error("pool {name:?} has no usable address")]
     Empty { name: String },
+    /// An owner prefix given a default pool that does not admit it.
+    #[error(
+        "--default-pool-for {prefix}={pool}: pool {pool:?} does not admit owners starting with {prefix:?} (see --pool-owners)"
+    )]
+    NotAdmitted { prefix: String, pool: String },
     /// A spec that shares addresses with a special-purpose block.
     #[error(
         "{setting}: {spec} overlaps {block}; such addresses are never allocated, so no pool may hold them"

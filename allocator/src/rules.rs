@@ -642,10 +642,11 @@ pub(crate) mod tests {
 
     #[test]
     fn a_pool_refuses_owners_outside_its_prefixes_whichever_way_it_is_reached() {
+        // team-a comes first, so it is the default pool.
         let rules = mk_policy_rules(
-            &["a=10.0.0.0/24", "team-a=10.0.1.0/24"],
+            &["team-a=10.0.1.0/24", "a=10.0.0.0/24"],
             &[("team-a", "service:team-a/")],
-            &[("service:", "team-a")],
+            &[],
         );
         let view = MemView::default();
         let named = AllocateArgs {
@@ -667,8 +668,12 @@ pub(crate) mod tests {
             ..mk_args("service:team-a/web")
         };
         assert!(rules.allocate(&view, admitted, 1, 7).is_ok());
+        let elsewhere = AllocateArgs {
+            pool: Some("a".into()),
+            ..mk_args("tool:x")
+        };
         let other = rules
-            .allocate(&view, mk_args("tool:x"), 1, 7)
+            .allocate(&view, elsewhere, 1, 7)
             .expect("pool a admits everyone");
         assert!(matches!(other, Allocate::Put(a, _) if a == ip("10.0.0.1")));
     }

@@ -152,6 +152,18 @@ fn pool_specs_overlapping_a_special_purpose_block_are_refused_at_start_naming_th
             vec![],
             vec!["--default-pool-for", "\"b\""],
         ),
+        (
+            vec![
+                "--pool",
+                "team-a=10.0.0.0/24",
+                "--pool-owners",
+                "team-a=service:team-a/",
+                "--default-pool-for",
+                "service:team-b/=team-a",
+            ],
+            vec![],
+            vec!["--default-pool-for", "service:team-b/", "does not admit"],
+        ),
     ];
     for (args, envs, wants) in cases {
         for check in [false, true] {
