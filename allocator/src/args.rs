@@ -10,6 +10,7 @@ use std::{
 
 use anyhow::Context;
 use clap::Parser;
+use ipnet::IpNet;
 pub use vipam::runtime::ConfigError;
 use vipam::runtime::{self, Supervisor, parse_duration};
 
@@ -17,6 +18,7 @@ use crate::{
     credentials::{Access, ClientDef, Credentials, Needs},
     handle::{self, Handle},
     ipam::Ipam,
+    policy::{self, Policy},
     pool::{self, Element, PoolDef, Pools},
     server::{self, Bound, Listener, Settings},
     service::Token,
@@ -178,7 +180,8 @@ impl Args {
             clients,
         } = self;
         runtime::init_logging(&log, &log_format)?;
-        let pools = Arc::new(pool_flags.check()?);
+        let (pools, policy) = pool_flags.check()?;
+        let pools = Arc::new(pools);
         let token = read_token(token_file.as_deref())?;
         let credentials = Arc::new(Credentials::load(token, &clients, &pools)?);
         let listeners = check_listeners(listen, listen_authenticated, credentials)?;
@@ -192,7 +195,7 @@ impl Args {
             max_watchers: usize::try_from(max_watchers).unwrap_or(usize::MAX),
             progress_interval: DEFAULT_PROGRESS_INTERVAL,
         };
-        let (handle, writer) = start_writer(store, &pools, watch)?;
+        let (handle, writer) = start_writer(store, &pools, policy, watch)?;
         let settings = Settings {
             max_message_bytes: max_message_bytes as usize,
             request_timeout,
@@ -249,11 +252,38 @@ pub struct PoolFlags {
         value_delimiter = ','
     )]
     pub all_addresses: Vec<String>,
+
+    /// CIDRs outside every pool where a request may take a specific
+    /// address; without it such requests are refused. 0.0.0.0/0,::/0 allows
+    /// any address, as keepalived-cloud-provider did. Special-purpose
+    /// addresses (loopback, link-local, multicast, ...) stay refused.
+    /// Comma-separated.
+    #[arg(
+        long = "allow-outside-pools",
+        env = "VIPAM_ALLOW_OUTSIDE_POOLS",
+        value_name = "CIDR[,CIDR...]",
+        value_delimiter = ','
+    )]
+    pub allow_outside_pools: Vec<IpNet>,
+
+    /// Owners a pool admits, by prefix: POOL=PREFIX[,PREFIX...] (for example
+    /// team-a=service:team-a/ for the Services of namespace team-a). A pool
+    /// without it admits every owner. Repeatable; in the environment
+    /// separate entries with ';'.
+    #[arg(long = "pool-owners", env = "VIPAM_POOL_OWNERS", value_name = "POOL=PREFIX[,PREFIX...]", value_delimiter = ';', value_parser = policy::parse_pool_owners)]
+    pub pool_owners: Vec<(String, Vec<String>)>,
+
+    /// The pool that owners with a prefix get when a request names none:
+    /// PREFIX=POOL (for example service:team-a/=team-a). The longest
+    /// matching prefix wins; other owners get --default-pool. Repeatable; in
+    /// the environment separate entries with ';'.
+    #[arg(long = "default-pool-for", env = "VIPAM_DEFAULT_POOL_FOR", value_name = "PREFIX=POOL", value_delimiter = ';', value_parser = policy::parse_default_for)]
+    pub default_pool_for: Vec<(String, String)>,
 }
 
 impl PoolFlags {
-    /// The checked pools.
-    fn check(self) -> Result<Pools, ConfigError> {
+    /// The checked pools and the address policy over them.
+    fn check(self) -> Result<(Pools, Policy), ConfigError> {
         let PoolFlags {
             pools: mut defs,
             default_pool,
@@ -261,6 +291,9 @@ impl PoolFlags {
             reserved,
             explicit_only,
             all_addresses,
+            allow_outside_pools,
+            pool_owners,
+            default_pool_for,
         } = self;
         if defs.is_empty() {
             let Some(cidr) = keepalived_service_cidr else {
@@ -268,6 +301,8 @@ impl PoolFlags {
                     "no pool configured: give --pool NAME=CIDR (or VIPAM_POOLS) or KEEPALIVED_SERVICE_CIDR".to_string(),
                 ));
             };
+            pool::refuse_special("KEEPALIVED_SERVICE_CIDR", &cidr)
+                .map_err(|e| ConfigError(e.to_string()))?;
             defs.push(PoolDef {
                 name: KEEPALIVED_POOL.to_string(),
                 elements: vec![cidr],
@@ -280,7 +315,11 @@ impl PoolFlags {
         }
         pool::apply_settings(&mut defs, reserved, &explicit_only, &all_addresses)
             .map_err(|e| ConfigError(format!("pool settings: {e}")))?;
-        Pools::new(defs, default_pool.as_deref()).map_err(|e| ConfigError(format!("--pool: {e}")))
+        let pools = Pools::new(defs, default_pool.as_deref())
+            .map_err(|e| ConfigError(format!("--pool: {e}")))?;
+        let policy = Policy::new(&pools, allow_outside_pools, pool_owners, default_pool_for)
+            .map_err(|e| ConfigError(format!("pool settings: {e}")))?;
+        Ok((pools, policy))
     }
 }
 
@@ -349,8 +388,13 @@ fn check_listeners(
 fn print_pools(pools: &Pools) {
     for pool in pools.iter() {
         let ranges: Vec<String> = pool.elements().iter().map(ToString::to_string).collect();
+        let drained = if pool.size() == 0 {
+            "; every address is reserved"
+        } else {
+            ""
+        };
         println!(
-            "pool {}: {} ({} addresses)",
+            "pool {}: {} ({} addresses{drained})",
             pool.name(),
             ranges.join(","),
             pool.size()
@@ -391,15 +435,24 @@ fn open_store(data_dir: &Path, cache_bytes: u64, watch_history: u64) -> anyhow::
 fn start_writer(
     store: SledStore,
     pools: &Arc<Pools>,
+    policy: Policy,
     watch: WatchSettings,
 ) -> anyhow::Result<(Handle, Writer)> {
-    let ipam = Ipam::load(store.clone(), pools.clone()).context("loading allocations")?;
+    let ipam = Ipam::load(store.clone(), pools.clone())
+        .context("loading allocations")?
+        .with_policy(policy);
     let (handle, writer) =
         handle::start_with(ipam, store, 4096, watch).context("starting the store writer")?;
     let report = handle.pools_report()?;
     for r in &report.pools {
         let pool = pools.at(r.index);
         tracing::info!(pool = pool.name(), size = %r.size, allocated = r.allocated, free = %r.free, default = r.index == pools.default_index(), "pool");
+        if pool.size() == 0 {
+            tracing::warn!(
+                pool = pool.name(),
+                "every address of the pool is reserved: it hands out nothing and answers exhausted"
+            );
+        }
     }
     if report.outside_count > 0 {
         tracing::warn!(

@@ -174,6 +174,25 @@ pub enum Error {
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// An explicit address outside every pool, in no CIDR the operator
+    /// allows.
+    #[error(
+        "address {address} lies outside every pool; the operator can allow it with --allow-outside-pools (VIPAM_ALLOW_OUTSIDE_POOLS) naming a CIDR that holds it"
+    )]
+    OutsidePools {
+        /// The address asked for.
+        address: IpAddr,
+    },
+    /// A pool that does not admit the owner.
+    #[error("pool {pool:?} does not admit owner {owner:?}: it admits only owners starting with {}", prefixes.iter().map(|p| format!("{p:?}")).collect::<Vec<_>>().join(", "))]
+    PoolRefusesOwner {
+        /// The pool.
+        pool: String,
+        /// The owner asking.
+        owner: String,
+        /// The owner prefixes the pool admits.
+        prefixes: Vec<String>,
+    },
 }
 
 /// Result of the allocator.

@@ -13,6 +13,7 @@ use std::{
 use crate::{
     error::Result,
     hub::Event,
+    policy::Policy,
     pool::Pools,
     request::{AllocateArgs, Allocation, ReleaseArgs},
     rules::{self, Rules},
@@ -54,6 +55,15 @@ impl<S: Store> Ipam<S> {
             stats,
             revision,
         })
+    }
+
+    /// The same state under the operator's address `policy` (checked
+    /// against the same pools).
+    pub fn with_policy(self, policy: Policy) -> Ipam<S> {
+        Ipam {
+            rules: self.rules.with_policy(policy),
+            ..self
+        }
     }
 
     /// Shared counters.

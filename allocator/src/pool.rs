@@ -6,7 +6,10 @@ use std::{fmt, net::IpAddr, str::FromStr};
 
 use ipnet::IpNet;
 
-use crate::intervals::{self, Span};
+use crate::{
+    intervals::{self, Span},
+    special::{self, Block},
+};
 
 pub use crate::family::{Family, from_int, to_int};
 
@@ -49,6 +52,20 @@ pub enum ConfigError {
     /// A pool with no address it may hand out.
     #[error("pool {name:?} has no usable address")]
     Empty { name: String },
+    /// An owner prefix given a default pool that does not admit it.
+    #[error(
+        "--default-pool-for {prefix}={pool}: pool {pool:?} does not admit owners starting with {prefix:?} (see --pool-owners)"
+    )]
+    NotAdmitted { prefix: String, pool: String },
+    /// A spec that shares addresses with a special-purpose block.
+    #[error(
+        "{setting}: {spec} overlaps {block}; such addresses are never allocated, so no pool may hold them"
+    )]
+    Special {
+        setting: String,
+        spec: String,
+        block: &'static Block,
+    },
 }
 
 /// One element of a pool spec: a CIDR or an inclusive range (a single address
@@ -269,6 +286,7 @@ impl Pool {
                     addr: from_int(family, 0),
                 });
             }
+            refuse_special(&format!("pool {name:?}"), element)?;
             covered[family.index()].push(span);
             let element_edges = if all_addresses {
                 Vec::new()
@@ -303,7 +321,9 @@ impl Pool {
         }
         let reserved_spans = reserved_spans.map(intervals::merge);
         let usable = [0, 1].map(|i| intervals::subtract(&base[i], &reserved_spans[i]));
-        if usable.iter().all(Vec::is_empty) {
+        // A pool drained by its reservations still starts (and answers
+        // exhausted); only one that never had a usable address is refused.
+        if usable.iter().all(Vec::is_empty) && reserved.is_empty() {
             return Err(ConfigError::Empty { name });
         }
         Ok(Pool {
@@ -364,8 +384,12 @@ impl Pool {
     pub fn default_family(&self) -> Family {
         if self.has_family(Family::V4) {
             Family::V4
-        } else {
+        } else if self.has_family(Family::V6) || self.covered(Family::V4).is_empty() {
             Family::V6
+        } else {
+            // Every address is reserved: the pool is exhausted in the family
+            // it would serve.
+            Family::V4
         }
     }
 
@@ -514,6 +538,19 @@ impl Pools {
     }
 }
 
+/// Refuses `element` when it shares an address with a special-purpose
+/// block, naming `setting` (the flag and pool) and the block.
+pub fn refuse_special(setting: &str, element: &Element) -> Result<(), ConfigError> {
+    match special::overlapping(element.family(), element.span()) {
+        Some(block) => Err(ConfigError::Special {
+            setting: setting.to_string(),
+            spec: element.to_string(),
+            block,
+        }),
+        None => Ok(()),
+    }
+}
+
 /// Applies per-pool settings given by name to the definitions.
 pub fn apply_settings(
     defs: &mut [PoolDef],
@@ -529,6 +566,9 @@ pub fn apply_settings(
                 setting: "--reserved",
                 name,
             })?;
+        for element in &elements {
+            refuse_special(&format!("--reserved {:?}", def.name), element)?;
+        }
         def.reserved.extend(elements);
     }
     for (setting, names) in [
@@ -735,6 +775,49 @@ mod tests {
                 "{spec}"
             );
         }
+    }
+
+    #[test]
+    fn pool_and_reserved_specs_overlapping_a_special_purpose_block_are_refused_naming_it() {
+        for (spec, block) in [
+            ("a=127.0.0.0/24", "127.0.0.0/8"),
+            ("a=169.254.1.1", "169.254.0.0/16"),
+            ("a=223.255.255.0-224.0.0.3", "224.0.0.0/4"),
+            ("a=fe80::/64", "fe80::/10"),
+            ("a=::ffff:10.0.0.0/120", "::ffff:0.0.0.0/96"),
+            ("a=::1", "::1/128"),
+        ] {
+            let err = Pool::new(spec.parse().expect(spec)).expect_err(spec);
+            let msg = err.to_string();
+            assert!(matches!(err, ConfigError::Special { .. }), "{msg}");
+            assert!(msg.contains(block) && msg.contains("pool \"a\""), "{msg}");
+        }
+        let mut defs: Vec<PoolDef> = vec!["a=10.0.0.0/24".parse().expect("a")];
+        let reserved = vec![("a".to_string(), vec!["127.0.0.1".parse().expect("el")])];
+        let err = apply_settings(&mut defs, reserved, &[], &[]).expect_err("reserved");
+        assert!(err.to_string().contains("--reserved"), "{err}");
+        assert!(err.to_string().contains("127.0.0.0/8"), "{err}");
+    }
+
+    #[test]
+    fn shared_documentation_and_unique_local_pools_are_accepted() {
+        for spec in [
+            "a=100.64.0.0/10",
+            "a=192.0.2.0/24",
+            "a=fd00::/64",
+            "a=2001:db8::/48",
+        ] {
+            assert!(Pool::new(spec.parse().expect(spec)).is_ok(), "{spec}");
+        }
+    }
+
+    #[test]
+    fn a_pool_whose_every_address_is_reserved_starts_with_size_zero() {
+        let mut def: PoolDef = "a=10.0.0.0/29".parse().expect("spec");
+        def.reserved = vec!["10.0.0.0/29".parse().expect("el")];
+        let pool = Pool::new(def).expect("drained pool");
+        assert_eq!(pool.size(), 0);
+        assert_eq!(pool.default_family(), Family::V4);
     }
 
     #[test]

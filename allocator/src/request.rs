@@ -117,6 +117,9 @@ pub struct AllocateArgs {
     pub labels: BTreeMap<String, String>,
     /// Family when no address is given.
     pub family: Option<Family>,
+    /// The address is already in use by the owner: the outside-pools rule
+    /// does not apply to it.
+    pub adopt: bool,
     /// Who asks, and what they may touch.
     pub scope: Scope,
 }

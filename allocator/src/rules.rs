@@ -2,17 +2,21 @@
 //! [`View`]), the addresses taken, the pools and a request, the write to make
 //! and the answer. Idempotency per owner and one address per owner come
 //! first; then an explicit address must be free and not excluded, or the
-//! lowest free address of the pool is taken. Nothing here writes: the writer
-//! ([`crate::ipam`]) applies the decision.
+//! lowest free address of the pool is taken. The address rules come with
+//! them: a special-purpose address ([`crate::special`]) is never taken, an
+//! explicit address outside every pool only where the [`Policy`] allows it,
+//! and a pool serves only the owners it admits. Nothing here writes: the
+//! writer ([`crate::ipam`]) applies the decision.
 
 use std::{net::IpAddr, sync::Arc};
 
 use crate::{
     error::{Error, Result, invalid},
     intervals::IntervalSet,
+    policy::Policy,
     pool::{Family, Pools, from_int, to_int},
     request::{AllocateArgs, ReleaseArgs, Scope},
-    scope,
+    scope, special,
     store::{Record, Store, StoreError},
 };
 
@@ -57,6 +61,7 @@ pub enum Release {
 pub struct Rules {
     pools: Arc<Pools>,
     taken: [IntervalSet; 2],
+    policy: Policy,
 }
 
 impl Rules {
@@ -65,7 +70,13 @@ impl Rules {
         Rules {
             pools,
             taken: Default::default(),
+            policy: Policy::default(),
         }
+    }
+
+    /// The same rules under `policy` (checked against the same pools).
+    pub fn with_policy(self, policy: Policy) -> Rules {
+        Rules { policy, ..self }
     }
 
     /// The configured pools.
@@ -100,6 +111,7 @@ impl Rules {
             address,
             labels,
             family,
+            adopt,
             scope,
         } = args;
         if let (Some(ip), Some(f)) = (address, family)
@@ -141,10 +153,14 @@ impl Rules {
             });
         }
 
-        self.check_draw(&scope, named, address)?;
+        self.check_draw(&scope, &owner, named, address)?;
         let ip = match address {
-            Some(ip) => self.check_explicit(view, ip, named)?,
-            None => self.lowest_free(named.unwrap_or(self.pools.default_index()), family)?,
+            Some(ip) => self.check_explicit(view, &owner, ip, named, adopt)?,
+            None => {
+                let index = named.unwrap_or_else(|| self.default_index_for(&owner));
+                self.check_admits(index, &owner)?;
+                self.lowest_free(index, family)?
+            }
         };
         Ok(Allocate::Put(
             ip,
@@ -179,13 +195,14 @@ impl Rules {
     fn check_draw(
         &self,
         scope: &Scope,
+        owner: &str,
         named: Option<usize>,
         address: Option<IpAddr>,
     ) -> Result<()> {
         let pool = match (named, address) {
             (Some(i), _) => Some(i),
             (None, Some(ip)) => self.pools.containing(ip),
-            (None, None) => Some(self.pools.default_index()),
+            (None, None) => Some(self.default_index_for(owner)),
         };
         match (pool, address) {
             (Some(i), _) => scope::check_pool(scope, self.pools.at(i).name()),
@@ -194,8 +211,16 @@ impl Rules {
         }
     }
 
-    fn check_explicit(&self, view: &impl View, ip: IpAddr, named: Option<usize>) -> Result<IpAddr> {
-        let pool = match named {
+    fn check_explicit(
+        &self,
+        view: &impl View,
+        owner: &str,
+        ip: IpAddr,
+        named: Option<usize>,
+        adopt: bool,
+    ) -> Result<IpAddr> {
+        refuse_special("address", ip)?;
+        let index = match named {
             Some(i) => {
                 let pool = self.pools.at(i);
                 if !pool.covers(ip) {
@@ -204,11 +229,18 @@ impl Rules {
                         pool: pool.name().to_string(),
                     });
                 }
-                Some(pool)
+                Some(i)
             }
-            None => self.pools.containing(ip).map(|i| self.pools.at(i)),
+            None => self.pools.containing(ip),
         };
-        if let Some(pool) = pool
+        match index {
+            Some(i) => self.check_admits(i, owner)?,
+            None if !adopt && !self.policy.allows_outside(ip) => {
+                return Err(Error::OutsidePools { address: ip });
+            }
+            None => {}
+        }
+        if let Some(pool) = index.map(|i| self.pools.at(i))
             && let Some(why) = pool.exclusion(ip)
         {
             return Err(Error::Excluded {
@@ -226,6 +258,25 @@ impl Rules {
         Ok(ip)
     }
 
+    /// The pool an owner draws from when it names none: its prefix's own
+    /// default pool, else the default pool.
+    fn default_index_for(&self, owner: &str) -> usize {
+        self.policy
+            .default_for(owner)
+            .unwrap_or(self.pools.default_index())
+    }
+
+    fn check_admits(&self, index: usize, owner: &str) -> Result<()> {
+        match self.policy.owners_of(index) {
+            Some(prefixes) if !self.policy.admits(index, owner) => Err(Error::PoolRefusesOwner {
+                pool: self.pools.at(index).name().to_string(),
+                owner: owner.to_string(),
+                prefixes: prefixes.to_vec(),
+            }),
+            _ => Ok(()),
+        }
+    }
+
     fn lowest_free(&self, index: usize, family: Option<Family>) -> Result<IpAddr> {
         let pool = self.pools.at(index);
         if pool.explicit_only() {
@@ -234,7 +285,9 @@ impl Rules {
             });
         }
         let family = family.unwrap_or_else(|| pool.default_family());
-        if !pool.has_family(family) {
+        // A pool whose every address of the family is reserved has the
+        // family but nothing free: exhausted, not misconfigured.
+        if pool.covered(family).is_empty() {
             return Err(Error::NoFamily {
                 pool: pool.name().to_string(),
                 family,
@@ -249,7 +302,8 @@ impl Rules {
         Ok(from_int(family, x))
     }
 
-    /// Decides a Release by owner, address or both.
+    /// Decides a Release by owner, address or both. Any allocation may be
+    /// released, also one the address rules would refuse today.
     pub fn release(&self, view: &impl View, args: ReleaseArgs) -> Result<Release> {
         let ReleaseArgs {
             owner,
@@ -282,6 +336,30 @@ impl Rules {
         }
         Ok(Release::Delete(ip, record))
     }
+}
+
+/// Refuses an explicit address in a special-purpose block
+/// ([`special::BLOCKS`]), naming `field`, the address and the block. An
+/// IPv4-mapped spelling (`::ffff:a.b.c.d`) is refused with the address to ask
+/// for instead, so that one address has one key.
+pub fn refuse_special(field: &'static str, ip: IpAddr) -> Result<()> {
+    if let Some(v4) = special::mapped_ipv4(ip) {
+        return Err(invalid(
+            field,
+            &ip.to_string(),
+            format!(
+                "an IPv4-mapped IPv6 address is another spelling of {v4}; ask for {v4} instead, so that one address has one key"
+            ),
+        ));
+    }
+    if let Some(block) = special::containing(ip) {
+        return Err(invalid(
+            field,
+            &ip.to_string(),
+            format!("it lies in {block}; such addresses are never allocated"),
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -508,5 +586,215 @@ pub(crate) mod tests {
         let neither = ReleaseArgs::default();
         let err = rules.release(&view, neither).expect_err("needs a key");
         assert!(matches!(err, Error::Invalid { .. }), "{err}");
+    }
+
+    fn mk_policy_rules(
+        specs: &[&str],
+        owners: &[(&str, &str)],
+        defaults: &[(&str, &str)],
+    ) -> Rules {
+        let pools = mk_pools(specs);
+        let policy = Policy::new(
+            &pools,
+            vec!["192.0.2.0/24".parse().expect("net")],
+            owners
+                .iter()
+                .map(|(p, o)| (p.to_string(), vec![o.to_string()]))
+                .collect(),
+            defaults
+                .iter()
+                .map(|(o, p)| (o.to_string(), p.to_string()))
+                .collect(),
+        )
+        .expect("policy");
+        Rules::new(pools).with_policy(policy)
+    }
+
+    #[test]
+    fn an_explicit_special_purpose_address_is_invalid_naming_the_field_value_and_block() {
+        let rules = mk_rules(&["a=10.0.0.0/24"]);
+        for block in &special::BLOCKS {
+            // The middle of the block, which no nested block holds.
+            let span = block.span();
+            let inside = from_int(
+                Family::of(block.net.network()),
+                span.first + (span.last - span.first) / 2,
+            );
+            let err = rules
+                .allocate(
+                    &MemView::default(),
+                    mk_explicit("svc", &inside.to_string()),
+                    1,
+                    7,
+                )
+                .expect_err("special");
+            let msg = err.to_string();
+            assert!(
+                matches!(
+                    err,
+                    Error::Invalid {
+                        field: "address",
+                        ..
+                    }
+                ),
+                "{msg}"
+            );
+            assert!(msg.contains(&inside.to_string()), "{msg}");
+            if special::mapped_ipv4(inside).is_none() {
+                assert!(msg.contains(&block.net.to_string()), "{msg}");
+            }
+        }
+    }
+
+    #[test]
+    fn an_ipv4_mapped_spelling_is_refused_naming_the_ipv4_address_to_ask_for() {
+        let rules = mk_policy_rules(&["a=10.0.0.0/24"], &[], &[]);
+        let err = rules
+            .allocate(
+                &MemView::default(),
+                mk_explicit("a", "::ffff:192.0.2.5"),
+                1,
+                7,
+            )
+            .expect_err("mapped");
+        assert!(err.to_string().contains("ask for 192.0.2.5"), "{err}");
+        let decided = rules
+            .allocate(&MemView::default(), mk_explicit("b", "192.0.2.5"), 1, 7)
+            .expect("the IPv4 spelling");
+        assert!(matches!(decided, Allocate::Put(a, _) if a == ip("192.0.2.5")));
+    }
+
+    #[test]
+    fn an_explicit_address_outside_every_pool_is_refused_unless_its_cidr_is_allowed() {
+        let strict = mk_rules(&["a=10.0.0.0/24"]);
+        let err = strict
+            .allocate(&MemView::default(), mk_explicit("svc", "192.0.2.9"), 1, 7)
+            .expect_err("outside");
+        assert!(matches!(err, Error::OutsidePools { .. }), "{err}");
+        assert!(err.to_string().contains("--allow-outside-pools"), "{err}");
+        let allowing = mk_policy_rules(&["a=10.0.0.0/24"], &[], &[]);
+        assert!(
+            allowing
+                .allocate(&MemView::default(), mk_explicit("svc", "192.0.2.9"), 1, 7)
+                .is_ok()
+        );
+        let err = allowing
+            .allocate(
+                &MemView::default(),
+                mk_explicit("svc", "198.51.100.1"),
+                1,
+                7,
+            )
+            .expect_err("not allowed");
+        assert!(matches!(err, Error::OutsidePools { .. }), "{err}");
+    }
+
+    #[test]
+    fn an_address_in_use_outside_every_pool_is_adopted_but_never_a_special_one() {
+        let rules = mk_rules(&["a=10.0.0.0/24"]);
+        let adopt = |owner: &str, address: &str| AllocateArgs {
+            adopt: true,
+            ..mk_explicit(owner, address)
+        };
+        let got = rules
+            .allocate(&MemView::default(), adopt("svc", "192.0.2.9"), 1, 7)
+            .expect("an address in use is recorded");
+        assert!(matches!(got, Allocate::Put(ip_, _) if ip_ == ip("192.0.2.9")));
+        let err = rules
+            .allocate(&MemView::default(), adopt("svc", "127.0.0.1"), 1, 7)
+            .expect_err("special");
+        assert!(matches!(err, Error::Invalid { .. }), "{err}");
+        let (rules, view) = mk_holding("other", "192.0.2.9");
+        let err = rules
+            .allocate(&view, adopt("svc", "192.0.2.9"), 2, 7)
+            .expect_err("held by another owner");
+        assert!(matches!(err, Error::Held { .. }), "{err}");
+    }
+
+    #[test]
+    fn an_owner_holding_an_address_the_rules_now_refuse_keeps_getting_it() {
+        let mut rules = mk_rules(&["a=10.0.0.0/24"]);
+        let mut view = MemView::default();
+        view.hold(&mut rules, ip("198.51.100.1"), mk_record("outside", 1));
+        view.hold(&mut rules, ip("127.0.0.1"), mk_record("loopback", 2));
+        for (owner, address) in [("outside", "198.51.100.1"), ("loopback", "127.0.0.1")] {
+            let decided = rules
+                .allocate(&view, mk_explicit(owner, address), 3, 7)
+                .expect("held");
+            assert!(matches!(decided, Allocate::Holds(a, _) if a == ip(address)));
+            let decided = rules.allocate(&view, mk_args(owner), 3, 7).expect("held");
+            assert!(matches!(decided, Allocate::Holds(a, _) if a == ip(address)));
+        }
+    }
+
+    #[test]
+    fn a_pool_refuses_owners_outside_its_prefixes_whichever_way_it_is_reached() {
+        // team-a comes first, so it is the default pool.
+        let rules = mk_policy_rules(
+            &["team-a=10.0.1.0/24", "a=10.0.0.0/24"],
+            &[("team-a", "service:team-a/")],
+            &[],
+        );
+        let view = MemView::default();
+        let named = AllocateArgs {
+            pool: Some("team-a".into()),
+            ..mk_args("service:team-b/web")
+        };
+        let explicit = mk_explicit("service:team-b/web", "10.0.1.7");
+        let by_default = mk_args("service:team-b/web");
+        for args in [named, explicit, by_default] {
+            let err = rules.allocate(&view, args, 1, 7).expect_err("refused");
+            assert!(
+                matches!(&err, Error::PoolRefusesOwner { pool, owner, .. }
+                    if pool == "team-a" && owner == "service:team-b/web"),
+                "{err}"
+            );
+        }
+        let admitted = AllocateArgs {
+            pool: Some("team-a".into()),
+            ..mk_args("service:team-a/web")
+        };
+        assert!(rules.allocate(&view, admitted, 1, 7).is_ok());
+        let elsewhere = AllocateArgs {
+            pool: Some("a".into()),
+            ..mk_args("tool:x")
+        };
+        let other = rules
+            .allocate(&view, elsewhere, 1, 7)
+            .expect("pool a admits everyone");
+        assert!(matches!(other, Allocate::Put(a, _) if a == ip("10.0.0.1")));
+    }
+
+    #[test]
+    fn an_owner_prefix_with_its_own_default_pool_draws_from_it() {
+        let rules = mk_policy_rules(
+            &["a=10.0.0.0/24", "team-a=10.0.1.0/24"],
+            &[],
+            &[("service:team-a/", "team-a")],
+        );
+        let decided = rules
+            .allocate(&MemView::default(), mk_args("service:team-a/web"), 1, 7)
+            .expect("allocate");
+        assert!(matches!(decided, Allocate::Put(a, _) if a == ip("10.0.1.1")));
+        let decided = rules
+            .allocate(&MemView::default(), mk_args("service:team-b/web"), 1, 7)
+            .expect("allocate");
+        assert!(matches!(decided, Allocate::Put(a, _) if a == ip("10.0.0.1")));
+    }
+
+    #[test]
+    fn a_pool_whose_every_address_is_reserved_is_exhausted() {
+        let mut def: PoolDef = "drained=10.0.0.0/30".parse().expect("spec");
+        def.reserved = vec!["10.0.0.0/30".parse().expect("el")];
+        let pools = Pools::new(vec![def], None).expect("a drained pool starts");
+        assert_eq!(pools.at(0).size(), 0);
+        let rules = Rules::new(Arc::new(pools));
+        let err = rules
+            .allocate(&MemView::default(), mk_args("svc"), 1, 7)
+            .expect_err("drained");
+        assert!(
+            matches!(&err, Error::Exhausted { pool, family: Family::V4 } if pool == "drained"),
+            "{err}"
+        );
     }
 }

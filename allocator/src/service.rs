@@ -48,7 +48,9 @@ pub fn status(e: Error) -> Status {
         Error::Store(_) => Status::internal(message),
         Error::OwnerNotPermitted { .. }
         | Error::PoolNotPermitted { .. }
-        | Error::OutsidePoolsNotPermitted { .. } => Status::permission_denied(message),
+        | Error::OutsidePoolsNotPermitted { .. }
+        | Error::PoolRefusesOwner { .. } => Status::permission_denied(message),
+        Error::OutsidePools { .. } => Status::failed_precondition(message),
     }
 }
 
@@ -149,7 +151,15 @@ fn allocate_args(request: pb::AllocateRequest, scope: Scope) -> Result<AllocateA
         address,
         labels,
         family,
+        adopt,
     } = request;
+    if adopt && address.is_empty() {
+        return Err(Error::Invalid {
+            field: "adopt",
+            value: "true".into(),
+            why: "adopting needs the address in use".into(),
+        });
+    }
     let family = match pb::Family::try_from(family) {
         Ok(pb::Family::Unspecified) => None,
         Ok(pb::Family::Ipv4) => Some(Family::V4),
@@ -170,6 +180,7 @@ fn allocate_args(request: pb::AllocateRequest, scope: Scope) -> Result<AllocateA
             .transpose()?,
         labels: parse_labels(labels)?,
         family,
+        adopt,
         scope,
     })
 }

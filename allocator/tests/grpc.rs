@@ -16,6 +16,7 @@ use vipam::v1::{
 };
 use vipam_allocator::{
     Ipam,
+    policy::Policy,
     pool::{PoolDef, Pools, apply_settings},
     server::{self, Settings},
     service::Token,
@@ -75,6 +76,7 @@ struct Config<'a> {
     explicit_only: &'a [&'a str],
     token: Option<&'a str>,
     max_message_bytes: usize,
+    allow_outside: &'a [&'a str],
 }
 
 impl Default for Config<'_> {
@@ -85,6 +87,7 @@ impl Default for Config<'_> {
             explicit_only: &[],
             token: None,
             max_message_bytes: 4 << 20,
+            allow_outside: &[],
         }
     }
 }
@@ -105,7 +108,15 @@ async fn mk_server(config: Config<'_>) -> TestServer {
     apply_settings(&mut defs, reserved, &explicit, &[]).expect("settings");
     let pools = Arc::new(Pools::new(defs, None).expect("pools"));
     let store = SledStore::open(dir.path(), 8 << 20).expect("store");
-    let ipam = Ipam::load(store.clone(), pools).expect("load");
+    let allow_outside = config
+        .allow_outside
+        .iter()
+        .map(|n| n.parse().expect("allowed CIDR"))
+        .collect();
+    let policy = Policy::new(&pools, allow_outside, Vec::new(), Vec::new()).expect("policy");
+    let ipam = Ipam::load(store.clone(), pools)
+        .expect("load")
+        .with_policy(policy);
     let (handle, writer) = vipam_allocator::start(ipam, store, 1024).expect("writer");
     let settings = Settings {
         max_message_bytes: config.max_message_bytes,
@@ -316,7 +327,11 @@ async fn excluded_addresses_are_failed_precondition_saying_why() {
 
 #[tokio::test]
 async fn explicit_addresses_outside_every_pool_are_recorded_and_reported() {
-    let server = mk_server(Config::default()).await;
+    let server = mk_server(Config {
+        allow_outside: &["192.168.0.0/16"],
+        ..Default::default()
+    })
+    .await;
     let mut c = server.client().await;
     let a = c
         .allocate(mk_explicit("legacy", "192.168.7.7"))
@@ -627,6 +642,7 @@ async fn get_finds_by_owner_or_address_and_is_not_found_otherwise() {
 async fn list_pages_in_address_order_with_pool_and_owner_filters() {
     let server = mk_server(Config {
         pools: &["a=10.0.0.0/24", "b=fd00::/120"],
+        allow_outside: &["9.9.9.9/32"],
         ..Default::default()
     })
     .await;
@@ -942,6 +958,31 @@ async fn health_and_http_endpoints_share_the_grpc_port() {
             metrics.lines().any(|l| l == line),
             "missing {line:?} in\n{metrics}"
         );
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_drained_pool_and_addresses_outside_pools_show_in_the_metrics() {
+    let server = mk_server(Config {
+        pools: &["default=10.0.0.0/29", "drained=10.0.1.0/30"],
+        reserved: &["drained=10.0.1.0/30"],
+        allow_outside: &["198.51.100.0/24"],
+        ..Default::default()
+    })
+    .await;
+    let mut c = server.client().await;
+    c.allocate(mk_explicit("legacy", "198.51.100.7"))
+        .await
+        .expect("allowed outside");
+    let (code, metrics) = server.http_get("/metrics").await;
+    assert_eq!(code, 200);
+    for line in [
+        "vipam_pool_size{pool=\"drained\"} 0.0",
+        "vipam_pool_free{pool=\"drained\"} 0.0",
+        "vipam_allocations_outside_pools 1",
+    ] {
+        assert!(metrics.contains(line), "{line} not in:\n{metrics}");
     }
     server.stop().await;
 }

@@ -129,6 +129,7 @@ impl Allocator {
             address: request.address.map(|a| a.to_string()).unwrap_or_default(),
             labels,
             family: 0,
+            adopt: request.adopt,
         };
         let start = Instant::now();
         let result = self.client.allocate(req).await;

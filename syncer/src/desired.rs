@@ -124,6 +124,9 @@ pub struct Request {
     pub address: Option<IpAddr>,
     /// A pool by name; `None` means the allocator's default.
     pub pool: Option<String>,
+    /// The address is already in use (in the Service's status, or from the
+    /// Go provider): the allocator records it even outside every pool.
+    pub adopt: bool,
 }
 
 impl Request {
@@ -133,6 +136,7 @@ impl Request {
         Request {
             address: Some(ip),
             pool: None,
+            adopt: true,
         }
     }
 }
@@ -293,6 +297,7 @@ pub fn desired(svc: &Service, settings: &Settings) -> Desired {
         Ok(Request {
             address,
             pool: requested_pool(svc)?,
+            adopt: false,
         })
     });
     let mut warnings = Vec::new();
@@ -717,7 +722,8 @@ mod tests {
             d.request,
             Ok(Request {
                 address: None,
-                pool: Some("dmz".into())
+                pool: Some("dmz".into()),
+                adopt: false,
             })
         );
     }

@@ -467,11 +467,17 @@ impl Kube {
     /// Starts an allocator with the data directory [`Kube::allocator_dir`]
     /// and the `--pool` flags given (each `NAME=SPEC`).
     pub fn allocator(&self, pools: &[&str]) -> Result<Allocator> {
+        self.allocator_with(pools, &[])
+    }
+
+    /// Like [`Kube::allocator`], with `extra_args` after the `--pool` flags.
+    pub fn allocator_with(&self, pools: &[&str], extra_args: &[&str]) -> Result<Allocator> {
         let mut args = Vec::new();
         for p in pools {
             args.push("--pool");
             args.push(*p);
         }
+        args.extend_from_slice(extra_args);
         Allocator::start(&self.allocator_dir(), &args)
     }
 

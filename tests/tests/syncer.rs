@@ -554,7 +554,10 @@ async fn a_refused_move_keeps_the_address_held_before_and_hands_it_to_nobody_els
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requested_addresses_inside_and_outside_the_pool_are_honoured() -> Result<()> {
     let kube = Kube::start("requested").await?;
-    let allocator = kube.allocator(&[POOL_DEFAULT])?;
+    let allocator = kube.allocator_with(
+        &[POOL_DEFAULT],
+        &["--allow-outside-pools", "192.168.0.0/16"],
+    )?;
     let _syncer = kube.syncer(&allocator, &[])?;
     kube.create(kube.lb("inside").annotation(ADDRESS, "10.20.30.5"))
         .await?;
@@ -666,6 +669,37 @@ async fn a_full_pool_gives_an_event_naming_it_and_a_release_gives_the_waiting_se
         ("10.40.0.2", kube.entry("b", None)),
     ]))
     .await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_asking_for_a_pool_of_another_namespace_gets_no_address_status_or_entry()
+-> Result<()> {
+    let kube = Kube::start("pool-owners").await?;
+    // The pool team-a admits only the Services of the namespace team-a; this
+    // test's Services live in another namespace.
+    let allocator = kube.allocator_with(
+        &[POOL_DEFAULT, "team-a=10.40.0.0/30"],
+        &["--pool-owners", "team-a=service:team-a/"],
+    )?;
+    let _syncer = kube.syncer(&allocator, &[])?;
+    kube.create(kube.lb("foreign").annotation(POOL, "team-a"))
+        .await?;
+    kube.create(kube.lb("plain")).await?;
+    let note = kube
+        .wait_event("foreign", "Warning", "AllocationFailed", &["team-a"])
+        .await?;
+    assert!(note.starts_with("not permitted: "), "{note}");
+    assert_eq!(kube.wait_ip("plain").await?, "10.20.30.1");
+    kube.wait_data(&mk_data(&[("10.20.30.1", kube.entry("plain", None))]))
+        .await?;
+    assert_eq!(kube.ip("foreign").await?, None);
+    assert_eq!(
+        allocator_client(&allocator)?
+            .get_owner(&owner(&kube.namespace, "foreign"))
+            .await?,
+        None
+    );
     Ok(())
 }
 

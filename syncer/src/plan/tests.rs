@@ -56,7 +56,12 @@ fn ask(address: Option<&str>, pool: Option<&str>) -> Request {
     Request {
         address: address.map(mk_ip),
         pool: pool.map(Into::into),
+        adopt: false,
     }
+}
+
+fn keep(address: &str) -> Request {
+    Request::keep(mk_ip(address))
 }
 
 fn announced(outcome: &Outcome) -> Option<&Note> {
@@ -122,7 +127,7 @@ fn a_service_with_its_address_in_status_keeps_it_and_writes_nothing() {
     let p = mk_apply(&svc);
     assert!(!p.add_finalizer);
     assert!(!p.adopt_first && !p.release_first);
-    assert_eq!(p.ask, ask(Some("10.0.0.1"), None));
+    assert_eq!(p.ask, keep("10.0.0.1"), "what is in use is adopted");
     let outcome = p.outcome(
         Ok(&mk_allocated("10.0.0.1", "default")),
         Some(&mk_key("web")),
@@ -174,7 +179,12 @@ fn a_requested_address_other_than_the_status_is_a_move_and_an_equal_one_is_kept(
             .build();
         let p = mk_apply(&svc);
         assert_eq!(p.release_first, moves, "{want}");
-        assert_eq!(p.ask, ask(Some(want), None));
+        let asked = if moves {
+            ask(Some(want), None)
+        } else {
+            keep(want)
+        };
+        assert_eq!(p.ask, asked, "{want}");
     }
 }
 
@@ -342,7 +352,7 @@ fn an_invalid_forward_method_warns_and_still_allocates() {
 fn a_service_without_status_keeps_its_address_from_before_vipam() {
     let adoptable = Adoptable::new([mk_legacy("uid-web", "10.0.0.3")]);
     let p = mk_apply_with(&mk_service("web").build(), &adoptable);
-    assert_eq!(p.ask, ask(Some("10.0.0.3"), None));
+    assert_eq!(p.ask, keep("10.0.0.3"));
     assert!(!p.adopt_first);
     assert_eq!(
         announcement(&p, "10.0.0.3", "default"),
@@ -355,7 +365,7 @@ fn the_status_wins_over_an_address_from_before_vipam() {
     let adoptable = Adoptable::new([mk_legacy("uid-web", "10.0.0.3")]);
     let svc = mk_service("web").finalized().status("10.0.0.1").build();
     let p = mk_apply_with(&svc, &adoptable);
-    assert_eq!(p.ask, ask(Some("10.0.0.1"), None));
+    assert_eq!(p.ask, keep("10.0.0.1"));
     assert_eq!(p.adopted, None);
 }
 
@@ -520,7 +530,7 @@ fn an_address_outside_every_pool_is_kept_with_one_warning_naming_it() {
     // Adopted from the status: kept, not announced again, warned about.
     let svc = mk_service("web").finalized().status("192.0.2.7").build();
     let p = mk_apply(&svc);
-    assert_eq!(p.ask, ask(Some("192.0.2.7"), None));
+    assert_eq!(p.ask, keep("192.0.2.7"));
     assert!(!p.release_first);
     let outcome = p.outcome(Ok(&mk_allocated("192.0.2.7", "")), Some(&mk_key("web")));
     let Outcome::Publish {
