@@ -3,151 +3,16 @@
 //! error code, paging, pool reports, the token, health and the HTTP
 //! endpoints on the same port.
 
-use std::{collections::HashMap, net::SocketAddr, sync::Arc, time::Duration};
+use std::collections::HashMap;
 
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    sync::oneshot,
-};
 use tonic::{Code, Request, transport::Channel};
 use vipam::v1::{
     AllocateRequest, Family, GetRequest, ListPoolsRequest, ListRequest, ReleaseRequest,
-    allocator_client::AllocatorClient,
-};
-use vipam_allocator::{
-    Ipam,
-    policy::Policy,
-    pool::{PoolDef, Pools, apply_settings},
-    server::{self, Settings},
-    service::Token,
-    store::SledStore,
 };
 
-struct TestServer {
-    addr: SocketAddr,
-    stop: Option<oneshot::Sender<()>>,
-    done: Option<tokio::task::JoinHandle<()>>,
-    _dir: tempfile::TempDir,
-}
+mod common;
 
-impl TestServer {
-    async fn client(&self) -> AllocatorClient<Channel> {
-        AllocatorClient::connect(format!("http://{}", self.addr))
-            .await
-            .expect("connect")
-    }
-
-    async fn http_get(&self, path: &str) -> (u16, String) {
-        let mut conn = tokio::net::TcpStream::connect(self.addr)
-            .await
-            .expect("connect");
-        conn.write_all(
-            format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n").as_bytes(),
-        )
-        .await
-        .expect("write");
-        let mut raw = String::new();
-        conn.read_to_string(&mut raw).await.expect("read");
-        let status = raw
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .expect("status line");
-        let body = raw
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_string())
-            .unwrap_or_default();
-        (status, body)
-    }
-
-    async fn stop(mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(done) = self.done.take() {
-            done.await.expect("server task");
-        }
-    }
-}
-
-struct Config<'a> {
-    pools: &'a [&'a str],
-    reserved: &'a [&'a str],
-    explicit_only: &'a [&'a str],
-    token: Option<&'a str>,
-    max_message_bytes: usize,
-    allow_outside: &'a [&'a str],
-}
-
-impl Default for Config<'_> {
-    fn default() -> Self {
-        Config {
-            pools: &["default=10.0.0.0/29"],
-            reserved: &[],
-            explicit_only: &[],
-            token: None,
-            max_message_bytes: 4 << 20,
-            allow_outside: &[],
-        }
-    }
-}
-
-async fn mk_server(config: Config<'_>) -> TestServer {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut defs: Vec<PoolDef> = config
-        .pools
-        .iter()
-        .map(|p| p.parse().expect("pool"))
-        .collect();
-    let reserved = config
-        .reserved
-        .iter()
-        .map(|r| vipam_allocator::pool::parse_assignment(r).expect("reserved"))
-        .collect();
-    let explicit: Vec<String> = config.explicit_only.iter().map(|s| s.to_string()).collect();
-    apply_settings(&mut defs, reserved, &explicit, &[]).expect("settings");
-    let pools = Arc::new(Pools::new(defs, None).expect("pools"));
-    let store = SledStore::open(dir.path(), 8 << 20).expect("store");
-    let allow_outside = config
-        .allow_outside
-        .iter()
-        .map(|n| n.parse().expect("allowed CIDR"))
-        .collect();
-    let policy = Policy::new(&pools, allow_outside, Vec::new(), Vec::new()).expect("policy");
-    let ipam = Ipam::load(store.clone(), pools)
-        .expect("load")
-        .with_policy(policy);
-    let (handle, writer) = vipam_allocator::start(ipam, store, 1024).expect("writer");
-    let settings = Settings {
-        max_message_bytes: config.max_message_bytes,
-        request_timeout: Duration::from_secs(10),
-        max_concurrent_requests: 256,
-        token: config.token.and_then(Token::new),
-    };
-    let bound = server::bind("127.0.0.1:0".parse().expect("addr"), handle, settings)
-        .await
-        .expect("bind");
-    let addr = bound.local_addr().expect("local addr");
-    let (stop, stopped) = oneshot::channel::<()>();
-    let done = tokio::spawn(async move {
-        bound
-            .serve(
-                async {
-                    let _ = stopped.await;
-                },
-                Duration::from_secs(5),
-            )
-            .await
-            .expect("serve");
-        writer.wait().await.expect("writer");
-    });
-    TestServer {
-        addr,
-        stop: Some(stop),
-        done: Some(done),
-        _dir: dir,
-    }
-}
+use common::{Config, mk_server};
 
 fn mk_allocate(owner: &str) -> AllocateRequest {
     AllocateRequest {

@@ -3,110 +3,27 @@
 //! its marker, filters, resuming from a revision, the kept history, slow
 //! watchers, consistency of snapshots taken during writes, and shutdown.
 
-use std::{collections::BTreeMap, net::SocketAddr, sync::Arc, time::Duration};
+use std::{collections::BTreeMap, time::Duration};
 
-use tokio::sync::oneshot;
 use tonic::{Code, Streaming, transport::Channel};
 use vipam::v1::{
     AllocateRequest, Allocation, ListRequest, ReleaseRequest, WatchEvent, WatchEventType,
     WatchRequest, allocator_client::AllocatorClient,
 };
-use vipam_allocator::{
-    Ipam,
-    pool::{PoolDef, Pools},
-    server::{self, Settings},
-    service::Token,
-    store::SledStore,
-    watch::WatchSettings,
-};
+use vipam_allocator::watch::WatchSettings;
+
+mod common;
+
+use common::{Config, mk_server};
 
 /// How long a test waits for an event that must come.
 const WAIT: Duration = Duration::from_secs(10);
 
-struct TestServer {
-    addr: SocketAddr,
-    stop: Option<oneshot::Sender<()>>,
-    done: Option<tokio::task::JoinHandle<()>>,
-    _dir: tempfile::TempDir,
-}
-
-impl TestServer {
-    async fn client(&self) -> AllocatorClient<Channel> {
-        AllocatorClient::connect(format!("http://{}", self.addr))
-            .await
-            .expect("connect")
-    }
-
-    async fn stop(mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(done) = self.done.take() {
-            done.await.expect("server task");
-        }
-    }
-}
-
-struct Config {
-    pools: Vec<&'static str>,
-    history: u64,
-    watch: WatchSettings,
-    token: Option<&'static str>,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            pools: vec!["default=10.0.0.0/20", "other=10.1.0.0/24"],
-            history: 100_000,
-            watch: WatchSettings::default(),
-            token: None,
-        }
-    }
-}
-
-async fn mk_server(config: Config) -> TestServer {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let defs: Vec<PoolDef> = config
-        .pools
-        .iter()
-        .map(|p| p.parse().expect("pool"))
-        .collect();
-    let pools = Arc::new(Pools::new(defs, None).expect("pools"));
-    let store = SledStore::open(dir.path(), 8 << 20)
-        .expect("store")
-        .with_history(config.history);
-    let ipam = Ipam::load(store.clone(), pools).expect("load");
-    let (handle, writer) =
-        vipam_allocator::start_with(ipam, store, 1024, config.watch).expect("writer");
-    let settings = Settings {
-        max_message_bytes: 4 << 20,
-        request_timeout: Duration::from_secs(10),
-        max_concurrent_requests: 256,
-        token: config.token.and_then(Token::new),
-    };
-    let bound = server::bind("127.0.0.1:0".parse().expect("addr"), handle, settings)
-        .await
-        .expect("bind");
-    let addr = bound.local_addr().expect("local addr");
-    let (stop, stopped) = oneshot::channel::<()>();
-    let done = tokio::spawn(async move {
-        bound
-            .serve(
-                async {
-                    let _ = stopped.await;
-                },
-                Duration::from_secs(5),
-            )
-            .await
-            .expect("serve");
-        writer.wait().await.expect("writer");
-    });
-    TestServer {
-        addr,
-        stop: Some(stop),
-        done: Some(done),
-        _dir: dir,
+/// The Watch tests' server: two pools, the default one a /20.
+fn mk_config() -> Config<'static> {
+    Config {
+        pools: &["default=10.0.0.0/20", "other=10.1.0.0/24"],
+        ..Config::default()
     }
 }
 
@@ -201,7 +118,7 @@ async fn read_snapshot(stream: &mut Streaming<WatchEvent>) -> (Vec<Allocation>, 
 
 #[tokio::test]
 async fn watch_from_zero_sends_the_snapshot_then_its_revision_then_each_change() {
-    let server = mk_server(Config::default()).await;
+    let server = mk_server(mk_config()).await;
     let mut c = server.client().await;
     allocate(&mut c, "tool/a").await;
     let b = allocate(&mut c, "tool/b").await;
@@ -236,7 +153,7 @@ async fn watch_from_zero_sends_the_snapshot_then_its_revision_then_each_change()
 
 #[tokio::test]
 async fn resuming_from_a_revision_replays_every_later_change_exactly_once() {
-    let server = mk_server(Config::default()).await;
+    let server = mk_server(mk_config()).await;
     let mut c = server.client().await;
     for i in 0..5 {
         allocate(&mut c, &format!("o{i}")).await;
@@ -271,7 +188,7 @@ async fn resuming_from_a_revision_replays_every_later_change_exactly_once() {
 
 #[tokio::test]
 async fn watch_filters_by_pool_and_owner_prefix() {
-    let server = mk_server(Config::default()).await;
+    let server = mk_server(mk_config()).await;
     let mut c = server.client().await;
     allocate(&mut c, "tool/a").await;
     allocate(&mut c, "svc/b").await;
@@ -335,7 +252,7 @@ async fn a_watcher_whose_filter_skips_changes_hears_progress() {
             progress_interval: Duration::from_millis(50),
             ..WatchSettings::default()
         },
-        ..Config::default()
+        ..mk_config()
     })
     .await;
     let mut c = server.client().await;
@@ -368,7 +285,7 @@ async fn a_watcher_whose_filter_skips_changes_hears_progress() {
 async fn a_since_revision_older_than_the_kept_history_is_out_of_range() {
     let server = mk_server(Config {
         history: 3,
-        ..Config::default()
+        ..mk_config()
     })
     .await;
     let mut c = server.client().await;
@@ -394,7 +311,7 @@ async fn a_since_revision_older_than_the_kept_history_is_out_of_range() {
 
 #[tokio::test]
 async fn a_since_revision_ahead_of_the_allocator_is_out_of_range() {
-    let server = mk_server(Config::default()).await;
+    let server = mk_server(mk_config()).await;
     let mut c = server.client().await;
     allocate(&mut c, "o").await;
     let err = c.watch(mk_watch(2)).await.expect_err("ahead");
@@ -407,7 +324,7 @@ async fn a_since_revision_ahead_of_the_allocator_is_out_of_range() {
 async fn watch_checks_the_pool_and_needs_no_token() {
     let server = mk_server(Config {
         token: Some("s3cret"),
-        ..Config::default()
+        ..mk_config()
     })
     .await;
     let mut c = server.client().await;
@@ -441,7 +358,7 @@ async fn watchers_beyond_the_limit_are_unavailable_until_one_leaves() {
             max_watchers: 2,
             ..WatchSettings::default()
         },
-        ..Config::default()
+        ..mk_config()
     })
     .await;
     let mut c = server.client().await;
@@ -477,7 +394,7 @@ async fn a_slow_watcher_is_cut_off_and_resumes_without_a_gap() {
             buffer: 16,
             ..WatchSettings::default()
         },
-        ..Config::default()
+        ..mk_config()
     })
     .await;
     // A tiny HTTP/2 window so that the stalled stream backs up into the
@@ -533,7 +450,7 @@ async fn a_slow_watcher_is_cut_off_and_resumes_without_a_gap() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn snapshots_taken_during_writes_plus_their_events_match_the_final_state() {
-    let server = mk_server(Config::default()).await;
+    let server = mk_server(mk_config()).await;
     let base = server.client().await;
     let writers: Vec<_> = (0..4)
         .map(|w| {
@@ -615,7 +532,7 @@ async fn snapshots_taken_during_writes_plus_their_events_match_the_final_state()
 
 #[tokio::test]
 async fn shutdown_ends_watch_streams_with_unavailable_naming_the_revision() {
-    let server = mk_server(Config::default()).await;
+    let server = mk_server(mk_config()).await;
     let mut c = server.client().await;
     allocate(&mut c, "a").await;
     let mut stream = watch(&mut c, mk_watch(0)).await;

@@ -1,0 +1,165 @@
+//! The allocator served in-process on 127.0.0.1:0 with a real sled store on
+//! a temp dir, for the gRPC and Watch tests: one harness, configured per test.
+
+// Each test binary uses part of the harness.
+#![allow(dead_code)]
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    sync::oneshot,
+};
+use tonic::transport::Channel;
+use vipam::v1::allocator_client::AllocatorClient;
+use vipam_allocator::{
+    Ipam,
+    policy::Policy,
+    pool::{PoolDef, Pools, apply_settings},
+    server::{self, Settings},
+    service::Token,
+    store::SledStore,
+    watch::WatchSettings,
+};
+
+/// A running in-process allocator.
+pub struct TestServer {
+    pub addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    done: Option<tokio::task::JoinHandle<()>>,
+    _dir: tempfile::TempDir,
+}
+
+impl TestServer {
+    pub async fn client(&self) -> AllocatorClient<Channel> {
+        AllocatorClient::connect(format!("http://{}", self.addr))
+            .await
+            .expect("connect")
+    }
+
+    /// `GET path` over HTTP/1.1 on the gRPC port: the status and the body.
+    pub async fn http_get(&self, path: &str) -> (u16, String) {
+        let mut conn = tokio::net::TcpStream::connect(self.addr)
+            .await
+            .expect("connect");
+        conn.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .expect("write");
+        let mut raw = String::new();
+        conn.read_to_string(&mut raw).await.expect("read");
+        let status = raw
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .expect("status line");
+        let body = raw
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default();
+        (status, body)
+    }
+
+    /// Stops serving, drains, and waits for the store writer.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(done) = self.done.take() {
+            done.await.expect("server task");
+        }
+    }
+}
+
+/// What the server is started with.
+pub struct Config<'a> {
+    pub pools: &'a [&'a str],
+    pub reserved: &'a [&'a str],
+    pub explicit_only: &'a [&'a str],
+    pub allow_outside: &'a [&'a str],
+    pub token: Option<&'a str>,
+    pub max_message_bytes: usize,
+    pub history: u64,
+    pub watch: WatchSettings,
+}
+
+impl Default for Config<'_> {
+    fn default() -> Self {
+        Config {
+            pools: &["default=10.0.0.0/29"],
+            reserved: &[],
+            explicit_only: &[],
+            allow_outside: &[],
+            token: None,
+            max_message_bytes: 4 << 20,
+            history: 100_000,
+            watch: WatchSettings::default(),
+        }
+    }
+}
+
+fn mk_pools(config: &Config<'_>) -> Arc<Pools> {
+    let mut defs: Vec<PoolDef> = config
+        .pools
+        .iter()
+        .map(|p| p.parse().expect("pool"))
+        .collect();
+    let reserved = config
+        .reserved
+        .iter()
+        .map(|r| vipam_allocator::pool::parse_assignment(r).expect("reserved"))
+        .collect();
+    let explicit: Vec<String> = config.explicit_only.iter().map(|s| s.to_string()).collect();
+    apply_settings(&mut defs, reserved, &explicit, &[]).expect("settings");
+    Arc::new(Pools::new(defs, None).expect("pools"))
+}
+
+/// Starts a server as `config` says.
+pub async fn mk_server(config: Config<'_>) -> TestServer {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pools = mk_pools(&config);
+    let store = SledStore::open(dir.path(), 8 << 20)
+        .expect("store")
+        .with_history(config.history);
+    let allow_outside = config
+        .allow_outside
+        .iter()
+        .map(|n| n.parse().expect("allowed CIDR"))
+        .collect();
+    let policy = Policy::new(&pools, allow_outside, Vec::new(), Vec::new()).expect("policy");
+    let ipam = Ipam::load(store.clone(), pools)
+        .expect("load")
+        .with_policy(policy);
+    let (handle, writer) =
+        vipam_allocator::start_with(ipam, store, 1024, config.watch).expect("writer");
+    let settings = Settings {
+        max_message_bytes: config.max_message_bytes,
+        request_timeout: Duration::from_secs(10),
+        max_concurrent_requests: 256,
+        token: config.token.and_then(Token::new),
+    };
+    let bound = server::bind("127.0.0.1:0".parse().expect("addr"), handle, settings)
+        .await
+        .expect("bind");
+    let addr = bound.local_addr().expect("local addr");
+    let (stop, stopped) = oneshot::channel::<()>();
+    let done = tokio::spawn(async move {
+        bound
+            .serve(
+                async {
+                    let _ = stopped.await;
+                },
+                Duration::from_secs(5),
+            )
+            .await
+            .expect("serve");
+        writer.wait().await.expect("writer");
+    });
+    TestServer {
+        addr,
+        stop: Some(stop),
+        done: Some(done),
+        _dir: dir,
+    }
+}
