@@ -102,6 +102,23 @@ pub enum Error {
         /// The owner named in the request.
         owner: String,
     },
+    /// The store cannot commit now (unreachable, no quorum, a timeout).
+    #[error(
+        "the store cannot commit now: {why}; nothing was changed unless it says the outcome is unknown; retry"
+    )]
+    StoreUnavailable {
+        /// What the store said.
+        why: String,
+    },
+    /// Other allocators sharing the store took the addresses this one
+    /// chose, round after round.
+    #[error(
+        "lost the race for addresses to other allocators sharing the store {rounds} times in a row; nothing was changed; retry"
+    )]
+    LostRace {
+        /// How many times.
+        rounds: u32,
+    },
     /// The writer has stopped (shutdown, or a failed store).
     #[error("the allocator is shutting down or its store has failed; retry later")]
     Unavailable,

@@ -80,7 +80,9 @@ impl Handle {
 
     /// Whether the writer still takes requests.
     pub fn is_ready(&self) -> bool {
-        self.stats().writer_alive.load(Ordering::Relaxed) && !self.queue.is_closed()
+        self.stats().writer_alive.load(Ordering::Relaxed)
+            && !self.queue.is_closed()
+            && self.reader.health().is_ok()
     }
 
     /// Allocates; answered once durable.

@@ -34,6 +34,10 @@ pub struct Ipam<S> {
     rules: Rules,
     stats: Arc<Stats>,
     revision: u64,
+    /// Addresses written since the last flush, to undo a failed one.
+    touched: Vec<IpAddr>,
+    /// The revision before the first of them.
+    base: u64,
 }
 
 impl<S: Store> Ipam<S> {
@@ -44,8 +48,9 @@ impl<S: Store> Ipam<S> {
         let mut rules = Rules::new(pools);
         for ip in store.addresses() {
             let ip = ip?;
-            rules.take(ip);
-            stats.count(rules.pools(), ip, 1);
+            if rules.take(ip) {
+                stats.count(rules.pools(), ip, 1);
+            }
         }
         let revision = store.revision()?;
         stats.revision.store(revision, Ordering::Relaxed);
@@ -54,6 +59,8 @@ impl<S: Store> Ipam<S> {
             rules,
             stats,
             revision,
+            touched: Vec::new(),
+            base: revision,
         })
     }
 
@@ -118,14 +125,85 @@ impl<S: Store> Ipam<S> {
     /// Accounts for a staged write at `ip` that took (`delta` 1) or freed
     /// (-1) it, at the next revision.
     fn wrote(&mut self, ip: IpAddr, delta: i64) {
-        if delta > 0 {
-            self.rules.take(ip);
+        let changed = if delta > 0 {
+            self.rules.take(ip)
         } else {
-            self.rules.free(ip);
+            self.rules.free(ip)
+        };
+        if changed {
+            self.stats.count(self.rules.pools(), ip, delta);
         }
+        if self.touched.is_empty() {
+            self.base = self.revision;
+        }
+        self.touched.push(ip);
         self.revision += 1;
-        self.stats.count(self.rules.pools(), ip, delta);
         self.stats.revision.store(self.revision, Ordering::Relaxed);
+    }
+
+    /// Makes the taken set agree with the store at `ip` (staged writes
+    /// included).
+    fn resync(&mut self, ip: IpAddr) -> Result<(), StoreError> {
+        let held = self.store.get_latest(ip)?.is_some();
+        let changed = if held {
+            self.rules.take(ip)
+        } else {
+            self.rules.free(ip)
+        };
+        if changed {
+            self.stats
+                .count(self.rules.pools(), ip, if held { 1 } else { -1 });
+        }
+        Ok(())
+    }
+
+    /// Undoes the writes of a failed flush (the store dropped them):
+    /// the taken set follows the store again, and the revision is the one
+    /// before them.
+    pub fn rollback(&mut self) -> Result<(), StoreError> {
+        let touched = std::mem::take(&mut self.touched);
+        if !touched.is_empty() {
+            self.revision = self.base;
+        }
+        for ip in touched {
+            self.resync(ip)?;
+        }
+        self.stats.revision.store(self.revision, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Whether other writers share the store.
+    pub fn is_shared(&self) -> bool {
+        self.store.is_shared()
+    }
+
+    /// Most requests one flush may carry.
+    pub fn max_batch(&self) -> usize {
+        self.store.max_batch()
+    }
+
+    /// The store, to register the writer's wake-up.
+    pub fn store(&self) -> &S {
+        &self.store
+    }
+
+    /// Takes in what other writers sharing the store committed (and this
+    /// one's own commits, as the store saw them): the taken set follows,
+    /// and the changes after revision `published` come back as events.
+    pub fn observe(&mut self, published: u64) -> Result<Vec<Event>, StoreError> {
+        let Some(changes) = self.store.observed() else {
+            return Ok(Vec::new());
+        };
+        let mut events = Vec::new();
+        for change in changes {
+            self.resync(change.address)?;
+            self.revision = self.revision.max(change.revision);
+            if change.revision > published {
+                events.push(Event::from_change(self.pools(), change));
+            }
+        }
+        self.stats.revision.store(self.revision, Ordering::Relaxed);
+        Ok(events)
     }
 
     /// The changes after revision `after` up to `last`, from the change log.
@@ -136,11 +214,18 @@ impl<S: Store> Ipam<S> {
             .collect()
     }
 
-    /// Commits every staged write and makes it durable.
-    pub fn flush(&self) -> Result<(), StoreError> {
-        self.store.flush()?;
+    /// Commits every staged write and makes it durable; `Some(r)` when the
+    /// store gave the batch its revision `r`.
+    pub fn flush(&mut self) -> Result<Option<u64>, StoreError> {
+        let assigned = self.store.flush()?;
+        self.touched.clear();
+        if assigned.is_some() {
+            // The store numbered the batch; its changes come back through
+            // `observe`, which moves the revision on.
+            self.revision = self.base;
+        }
         self.stats.flushes.fetch_add(1, Ordering::Relaxed);
-        Ok(())
+        Ok(assigned)
     }
 }
 

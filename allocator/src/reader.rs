@@ -49,6 +49,11 @@ impl Reader {
         &self.stats
     }
 
+    /// Whether the store can serve now; the reason when it cannot.
+    pub fn health(&self) -> std::result::Result<(), String> {
+        self.store.health()
+    }
+
     fn allocation(&self, address: IpAddr, record: Record) -> Allocation {
         Allocation::at(&self.pools, address, record)
     }
@@ -176,23 +181,20 @@ impl Reader {
         })
     }
 
-    /// The changes after `after` up to `last`, which the history must hold
-    /// without a gap.
+    /// The changes after `after` up to `last`, which the history must
+    /// cover.
     pub fn read_changes(&self, after: u64, last: u64) -> Result<Vec<Event>> {
-        let mut out = Vec::new();
-        let mut expect = after + 1;
-        for change in self.store.changes(after, last) {
-            let change = change?;
-            if change.revision != expect {
-                break;
-            }
-            expect += 1;
-            out.push(Event::from_change(&self.pools, change));
-        }
-        if expect != last + 1 {
+        let out = self
+            .store
+            .changes(after, last)
+            .map(|change| Ok(Event::from_change(&self.pools, change?)))
+            .collect::<Result<Vec<_>>>()?;
+        // Checked after reading: history trimmed meanwhile shows here.
+        let oldest = self.oldest_resumable(last)?;
+        if after < oldest {
             return Err(Error::HistoryTrimmed {
                 since: after,
-                oldest: self.oldest_resumable(last)?,
+                oldest,
             });
         }
         Ok(out)

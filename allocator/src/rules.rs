@@ -84,16 +84,16 @@ impl Rules {
         &self.pools
     }
 
-    /// Marks `ip` as taken.
-    pub fn take(&mut self, ip: IpAddr) {
+    /// Marks `ip` as taken; whether it was free.
+    pub fn take(&mut self, ip: IpAddr) -> bool {
         let (f, x) = to_int(ip);
-        self.taken[f.index()].insert(x);
+        self.taken[f.index()].insert(x)
     }
 
-    /// Marks `ip` as free.
-    pub fn free(&mut self, ip: IpAddr) {
+    /// Marks `ip` as free; whether it was taken.
+    pub fn free(&mut self, ip: IpAddr) -> bool {
         let (f, x) = to_int(ip);
-        self.taken[f.index()].remove(x);
+        self.taken[f.index()].remove(x)
     }
 
     /// Decides an Allocate; a new allocation gets `revision` and the time

@@ -22,7 +22,7 @@ use crate::{
         AllocateArgs, Allocation, DEFAULT_PAGE_SIZE, ListArgs, MAX_PAGE_SIZE, ReleaseArgs, Scope,
         parse_address, parse_labels, parse_owner, parse_pool,
     },
-    store::ChangeKind,
+    store::{ChangeKind, StoreError},
     watch::{WatchArgs, WatchItem},
 };
 
@@ -40,9 +40,12 @@ pub fn status(e: Error) -> Status {
         | Error::ExplicitOnly { .. }
         | Error::NoFamily { .. }
         | Error::HeldByOther { .. } => Status::failed_precondition(message),
-        Error::Unavailable | Error::WatchInterrupted { .. } | Error::TooManyWatchers { .. } => {
-            Status::unavailable(message)
-        }
+        Error::Unavailable
+        | Error::StoreUnavailable { .. }
+        | Error::LostRace { .. }
+        | Error::Store(StoreError::Unavailable(_))
+        | Error::WatchInterrupted { .. }
+        | Error::TooManyWatchers { .. } => Status::unavailable(message),
         Error::HistoryTrimmed { .. } | Error::RevisionAhead { .. } => Status::out_of_range(message),
         Error::WatcherTooSlow { .. } => Status::resource_exhausted(message),
         Error::Store(_) => Status::internal(message),

@@ -20,61 +20,75 @@ use crate::{
 /// Most requests one flush makes durable.
 const MAX_BATCH: usize = 512;
 
+/// How often one batch is decided again after losing a race to another
+/// writer sharing the store, before its requests are answered UNAVAILABLE.
+pub const MAX_ROUNDS: u32 = 8;
+
 enum Command {
     Allocate(AllocateArgs, oneshot::Sender<Result<Allocation>>),
     Release(ReleaseArgs, oneshot::Sender<Result<Option<Allocation>>>),
     /// Answered with the store revision once every write applied before it
     /// is durable and published.
     Barrier(oneshot::Sender<u64>),
+    /// Other writers sharing the store committed something: take it in.
+    Observe,
 }
 
-/// Answers a request once its batch is durable.
-enum Reply {
-    Allocate(oneshot::Sender<Result<Allocation>>, Result<Allocation>),
-    Release(
-        oneshot::Sender<Result<Option<Allocation>>>,
-        Result<Option<Allocation>>,
-    ),
-    Barrier(oneshot::Sender<u64>),
+/// What a request came to, before its batch is durable.
+enum Outcome {
+    /// The allocation, and whether this request wrote it.
+    Allocate(Result<(Allocation, bool)>),
+    Release(Result<Option<Allocation>>),
+    Nothing,
 }
 
-impl Reply {
-    fn fail(self) -> Option<Self> {
+impl Outcome {
+    /// A request that wrote, answered with `error` instead.
+    fn fail(self, error: impl Fn() -> Error) -> Outcome {
         match self {
-            Reply::Allocate(tx, Ok(_)) => Some(Reply::Allocate(tx, Err(Error::Unavailable))),
-            Reply::Release(tx, Ok(_)) => Some(Reply::Release(tx, Err(Error::Unavailable))),
-            // A dropped barrier answers UNAVAILABLE.
-            Reply::Barrier(_) => None,
-            other => Some(other),
+            Outcome::Allocate(Ok((_, true))) => Outcome::Allocate(Err(error())),
+            Outcome::Release(Ok(Some(_))) => Outcome::Release(Err(error())),
+            other => other,
         }
     }
 
-    fn send(self, revision: u64) {
-        // A requester that has gone away (timeout, cancelled) needs no answer.
-        match self {
-            Reply::Allocate(tx, r) => drop(tx.send(r)),
-            Reply::Release(tx, r) => drop(tx.send(r)),
-            Reply::Barrier(tx) => drop(tx.send(revision)),
+    /// Gives a new allocation the revision the store assigned its batch.
+    fn renumber(&mut self, assigned: Option<u64>) {
+        if let (Outcome::Allocate(Ok((a, true))), Some(r)) = (self, assigned) {
+            a.record.revision = r;
         }
+    }
+}
+
+/// Answers `cmd` with `outcome`; a requester that has gone away (timeout,
+/// cancelled) needs no answer.
+fn answer(cmd: Command, outcome: Outcome, revision: u64) {
+    match (cmd, outcome) {
+        (Command::Allocate(_, tx), Outcome::Allocate(r)) => drop(tx.send(r.map(|(a, _)| a))),
+        (Command::Release(_, tx), Outcome::Release(r)) => drop(tx.send(r)),
+        (Command::Barrier(tx), _) => drop(tx.send(revision)),
+        // A dropped sender answers UNAVAILABLE.
+        _ => {}
     }
 }
 
 /// Runs the writer until every [`Queue`] is dropped (then it flushes and
-/// returns `Ok`) or a flush fails (then it returns the error and every later
-/// write is answered `UNAVAILABLE`).
+/// returns `Ok`) or the store fails for good (then it returns the error and
+/// every later write is answered `UNAVAILABLE`).
 fn run_writer<S: Store>(
     mut ipam: Ipam<S>,
     mut rx: mpsc::Receiver<Command>,
     hub: &Hub,
 ) -> Result<(), StoreError> {
     let stats = ipam.stats();
-    let mut batch = Vec::with_capacity(MAX_BATCH);
+    let max = MAX_BATCH.min(ipam.max_batch()).max(1);
+    let mut batch = Vec::with_capacity(max);
     let result = loop {
         let Some(first) = rx.blocking_recv() else {
-            break ipam.flush();
+            break ipam.flush().map(drop);
         };
         batch.push(first);
-        while batch.len() < MAX_BATCH {
+        while batch.len() < max {
             match rx.try_recv() {
                 Ok(cmd) => batch.push(cmd),
                 Err(_) => break,
@@ -90,49 +104,118 @@ fn run_writer<S: Store>(
     result
 }
 
+/// Publishes to watchers what the store observed of every writer sharing
+/// it (nothing for a store of its own).
+fn publish_observed<S: Store>(ipam: &mut Ipam<S>, hub: &Hub) -> Result<(), StoreError> {
+    let published = hub.published();
+    let events = ipam.observe(published)?;
+    if ipam.revision() > published {
+        hub.publish(ipam.revision(), Some(events), || Ok(Vec::new()));
+    }
+    Ok(())
+}
+
 /// Applies the requests of one batch, commits them with one flush, publishes
-/// the batch's changes to watchers, then answers the requests. When the
-/// flush fails, every request that wrote is answered `UNAVAILABLE`.
+/// the batch's changes to watchers, then answers the requests. A batch that
+/// lost a race to another writer sharing the store is decided again (at
+/// most [`MAX_ROUNDS`] times); when the store cannot commit, every request
+/// that wrote is answered `UNAVAILABLE`, and only a failure of the store
+/// itself stops the writer.
 fn write_batch<S: Store>(
     ipam: &mut Ipam<S>,
     batch: &mut Vec<Command>,
     hub: &Hub,
     stats: &Stats,
 ) -> Result<(), StoreError> {
-    let published = ipam.revision();
-    // Events are built only while someone watches; a watcher that
-    // subscribes during the batch gets them from the change log.
-    let mut events = hub.is_watched().then(Vec::new);
-    let mut dirty = false;
-    let replies: Vec<Reply> = batch
-        .drain(..)
-        .map(|cmd| apply(ipam, cmd, &mut dirty, &mut events))
-        .collect();
+    let commands: Vec<Command> = std::mem::take(batch);
     stats
         .writes
-        .fetch_add(replies.len() as u64, Ordering::Relaxed);
-    // Answers wait for the flush even when this request wrote nothing: an
-    // idempotent answer may report a write made earlier in this batch.
-    let flushed = if dirty { ipam.flush() } else { Ok(()) };
-    match flushed {
-        Ok(()) => {
-            if dirty {
-                hub.publish(ipam.revision(), events, || {
-                    ipam.events_between(published, ipam.revision())
-                });
+        .fetch_add(commands.len() as u64, Ordering::Relaxed);
+    let mut round = 1;
+    loop {
+        publish_observed(ipam, hub)?;
+        let published = ipam.revision();
+        // Events are built only while someone watches and only when no
+        // other writer shares the store (then they come from the store); a
+        // watcher that subscribes during the batch gets them from the log.
+        let mut events = (hub.is_watched() && !ipam.is_shared()).then(Vec::new);
+        let mut dirty = false;
+        let mut outcomes: Vec<Outcome> = commands
+            .iter()
+            .map(|cmd| apply(ipam, cmd, &mut dirty, &mut events))
+            .collect();
+        // Answers wait for the flush even when this request wrote nothing: an
+        // idempotent answer may report a write made earlier in this batch.
+        let flushed = if dirty { ipam.flush() } else { Ok(None) };
+        let failure = match flushed {
+            Ok(assigned) => {
+                outcomes.iter_mut().for_each(|o| o.renumber(assigned));
+                if ipam.is_shared() {
+                    publish_observed(ipam, hub)?;
+                } else if dirty {
+                    hub.publish(ipam.revision(), events, || {
+                        ipam.events_between(published, ipam.revision())
+                    });
+                }
+                None
             }
-            let revision = ipam.revision();
-            replies.into_iter().for_each(|r| r.send(revision));
-            Ok(())
-        }
-        Err(e) => {
-            tracing::error!(error = %e, "store flush failed; refusing further writes");
-            replies
+            Err(StoreError::Conflict { seen }) if round < MAX_ROUNDS => {
+                tracing::debug!(seen, round, "lost a race to another writer; deciding again");
+                ipam.rollback()?;
+                round += 1;
+                continue;
+            }
+            Err(StoreError::Conflict { .. }) => {
+                ipam.rollback()?;
+                Some(Failure::Lost)
+            }
+            Err(StoreError::Unavailable(why)) => {
+                tracing::warn!(error = %why, "store cannot commit; answering UNAVAILABLE");
+                ipam.rollback()?;
+                Some(Failure::Unavailable(why))
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "store flush failed; refusing further writes");
+                answer_all(commands, outcomes, Failure::Stopped, 0);
+                return Err(e);
+            }
+        };
+        let revision = ipam.revision();
+        match failure {
+            None => commands
                 .into_iter()
-                .filter_map(Reply::fail)
-                .for_each(|r| r.send(0));
-            Err(e)
+                .zip(outcomes)
+                .for_each(|(cmd, outcome)| answer(cmd, outcome, revision)),
+            Some(failure) => answer_all(commands, outcomes, failure, revision),
         }
+        return Ok(());
+    }
+}
+
+/// Why a batch's writes were not committed.
+enum Failure {
+    /// Lost to other writers [`MAX_ROUNDS`] times.
+    Lost,
+    /// The store could not commit now.
+    Unavailable(String),
+    /// The store failed for good.
+    Stopped,
+}
+
+/// Answers every request of a batch whose writes failed: those that wrote
+/// get the failure, the others their own answer.
+fn answer_all(commands: Vec<Command>, outcomes: Vec<Outcome>, failure: Failure, revision: u64) {
+    let error = || match &failure {
+        Failure::Lost => Error::LostRace { rounds: MAX_ROUNDS },
+        Failure::Unavailable(why) => Error::StoreUnavailable { why: why.clone() },
+        Failure::Stopped => Error::Unavailable,
+    };
+    for (cmd, outcome) in commands.into_iter().zip(outcomes) {
+        if matches!(failure, Failure::Stopped) && matches!(cmd, Command::Barrier(_)) {
+            // A dropped barrier answers UNAVAILABLE.
+            continue;
+        }
+        answer(cmd, outcome.fail(error), revision);
     }
 }
 
@@ -140,27 +223,27 @@ fn write_batch<S: Store>(
 /// event.
 fn apply<S: Store>(
     ipam: &mut Ipam<S>,
-    cmd: Command,
+    cmd: &Command,
     dirty: &mut bool,
     events: &mut Option<Vec<Event>>,
-) -> Reply {
+) -> Outcome {
     match cmd {
-        Command::Allocate(args, tx) => {
-            let result = ipam.allocate(args).map(|(a, wrote)| {
-                *dirty |= wrote;
-                if wrote && let Some(events) = events {
+        Command::Allocate(args, _) => {
+            let result = ipam.allocate(args.clone());
+            if let Ok((a, true)) = &result {
+                *dirty = true;
+                if let Some(events) = events {
                     events.push(Event {
                         revision: a.record.revision,
                         kind: ChangeKind::Allocated,
                         allocation: a.clone(),
                     });
                 }
-                a
-            });
-            Reply::Allocate(tx, result)
+            }
+            Outcome::Allocate(result)
         }
-        Command::Release(args, tx) => {
-            let result = ipam.release(args);
+        Command::Release(args, _) => {
+            let result = ipam.release(args.clone());
             if let Ok(Some(a)) = &result {
                 *dirty = true;
                 if let Some(events) = events {
@@ -171,9 +254,9 @@ fn apply<S: Store>(
                     });
                 }
             }
-            Reply::Release(tx, result)
+            Outcome::Release(result)
         }
-        Command::Barrier(tx) => Reply::Barrier(tx),
+        Command::Barrier(_) | Command::Observe => Outcome::Nothing,
     }
 }
 
@@ -205,6 +288,13 @@ pub fn spawn<S: Store>(
 ) -> std::io::Result<(Queue, Writer)> {
     let (tx, rx) = mpsc::channel(queue.max(1));
     let (done_tx, done) = oneshot::channel();
+    let weak = tx.downgrade();
+    ipam.store().on_observed(Box::new(move || {
+        if let Some(tx) = weak.upgrade() {
+            // A full queue means the writer takes the changes in anyway.
+            drop(tx.try_send(Command::Observe));
+        }
+    }));
     std::thread::Builder::new()
         .name("vipam-writer".into())
         .spawn(move || {

@@ -20,6 +20,8 @@
 //!   a [`Change`] in a change history that Watch replays; the history keeps
 //!   the most recent revisions without gaps.
 
+#[cfg(feature = "etcd")]
+pub mod etcd;
 pub mod sled;
 
 #[cfg(test)]
@@ -31,6 +33,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::pool::Family;
 
+#[cfg(feature = "etcd")]
+pub use self::etcd::{EtcdSettings, EtcdStore};
 pub use self::sled::SledStore;
 
 /// Revisions of change history kept when none is configured.
@@ -78,6 +82,31 @@ pub enum StoreError {
     /// The database failed (I/O, corruption it detected, a lost connection).
     #[error("store: {0}")]
     Engine(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The database cannot be reached or cannot commit now (no quorum, a
+    /// timeout): nothing staged was applied, unless the error says the
+    /// outcome is unknown; the next request may succeed.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// Another writer sharing the database changed a key the batch relied
+    /// on: nothing staged was applied, and the committed reads have caught
+    /// up with the change, so deciding again sees it.
+    #[error("store: another writer changed an entry first (at revision {seen})")]
+    Conflict {
+        /// The database revision at which the conflict was seen.
+        seen: u64,
+    },
+    /// Another installation sharing the database defines a pool differently.
+    #[error(
+        "pool {pool} is defined differently in the shared store: there \"{theirs}\", here \"{ours}\"; give every replica the same --pool, or use another --etcd-prefix"
+    )]
+    PoolDisagrees {
+        /// The pool.
+        pool: String,
+        /// This replica's definition.
+        ours: String,
+        /// The stored one.
+        theirs: String,
+    },
     /// A key or value this version cannot read.
     #[error("store: unreadable entry {key}: {why}")]
     Corrupt {
@@ -124,8 +153,42 @@ pub trait Store: Send + Sync + 'static {
     fn delete(&self, ip: IpAddr, record: &Record, revision: u64) -> Result<()>;
 
     /// Commits every staged write as one atomic batch and makes every write
-    /// so far durable. When it fails, none of the staged writes is applied.
-    fn flush(&self) -> Result<()>;
+    /// so far durable. When it fails, none of the staged writes is applied
+    /// and none stays staged. `Ok(Some(r))`: the database gave every write
+    /// of the batch its own revision `r` (which replaces the staged ones);
+    /// `Ok(None)`: the staged revisions stand (or nothing was staged).
+    fn flush(&self) -> Result<Option<u64>>;
+
+    /// Most requests one flush may carry (each writes up to two keys).
+    fn max_batch(&self) -> usize {
+        usize::MAX
+    }
+
+    /// For a database shared by several writers: every change committed
+    /// since the last call (this writer's and the others'), in revision
+    /// order, already visible to the committed reads; the writer takes them
+    /// into its taken set and publishes them to watchers. `None` for an
+    /// engine with this writer alone, whose own changes the writer
+    /// publishes.
+    fn observed(&self) -> Option<Vec<Change>> {
+        None
+    }
+
+    /// Whether other writers share the database (then [`Store::observed`]
+    /// reports every committed change).
+    fn is_shared(&self) -> bool {
+        false
+    }
+
+    /// Calls `wake` whenever [`Store::observed`] has something new.
+    fn on_observed(&self, wake: Box<dyn Fn() + Send + Sync>) {
+        drop(wake);
+    }
+
+    /// Whether the store can serve now; the reason when it cannot.
+    fn health(&self) -> Result<(), String> {
+        Ok(())
+    }
 
     /// Committed allocations of a family from `first` to `last`
     /// (inclusive), by address.
@@ -143,7 +206,7 @@ pub trait Store: Send + Sync + 'static {
     /// revisions.
     fn changes(&self, after: u64, last: u64) -> Scan<Change>;
 
-    /// The oldest revision whose change the history still holds, `None` when
-    /// it holds none.
+    /// The oldest revision the history covers (every change from it on is
+    /// held), `None` when it holds none.
     fn first_change(&self) -> Result<Option<u64>>;
 }

@@ -446,7 +446,7 @@ impl Store for SledStore {
         )
     }
 
-    fn flush(&self) -> Result<()> {
+    fn flush(&self) -> Result<Option<u64>> {
         {
             let mut staged = self.staged();
             if !staged.values.is_empty() {
@@ -457,7 +457,7 @@ impl Store for SledStore {
             }
         }
         self.db.flush()?;
-        Ok(())
+        Ok(None)
     }
 }
 

@@ -14,6 +14,10 @@ use ipnet::IpNet;
 pub use vipam::runtime::ConfigError;
 use vipam::runtime::{self, Supervisor, parse_duration};
 
+mod store;
+
+pub use self::store::{Engine, StoreFlags};
+
 use crate::{
     credentials::{Access, ClientDef, Credentials, Needs},
     handle::{self, Handle},
@@ -74,6 +78,9 @@ pub struct Args {
 
     #[command(flatten)]
     pub pool_flags: PoolFlags,
+
+    #[command(flatten)]
+    pub store_flags: StoreFlags,
 
     /// File holding a bearer token: the credential "token-file", which may
     /// touch every owner and pool. With a credential configured and no
@@ -165,6 +172,7 @@ impl Args {
             http_listen,
             data_dir,
             pool_flags,
+            store_flags,
             token_file,
             request_timeout,
             max_concurrent_requests,
@@ -185,17 +193,33 @@ impl Args {
         let token = read_token(token_file.as_deref())?;
         let credentials = Arc::new(Credentials::load(token, &clients, &pools)?);
         let listeners = check_listeners(listen, listen_authenticated, credentials)?;
+        store::check_flags(&store_flags)?;
         if check {
             print_pools(&pools);
             return Ok(());
         }
-        let store = open_store(&data_dir, cache_bytes, watch_history)?;
         let watch = WatchSettings {
             buffer: usize::try_from(watch_buffer).unwrap_or(usize::MAX),
             max_watchers: usize::try_from(max_watchers).unwrap_or(usize::MAX),
             progress_interval: DEFAULT_PROGRESS_INTERVAL,
         };
-        let (handle, writer) = start_writer(store, &pools, policy, watch)?;
+        let (handle, writer) = match store_flags.engine {
+            Engine::Sled => {
+                let store = open_store(&data_dir, cache_bytes, watch_history)?;
+                start_writer(store, &pools, policy, watch)?
+            }
+            #[cfg(feature = "etcd")]
+            Engine::Etcd => {
+                let store = store_flags.open_etcd(pools.clone(), watch_history).await?;
+                start_writer(store, &pools, policy, watch)?
+            }
+            #[cfg(not(feature = "etcd"))]
+            Engine::Etcd => {
+                return Err(
+                    ConfigError("--store etcd: built without the etcd engine".into()).into(),
+                );
+            }
+        };
         let settings = Settings {
             max_message_bytes: max_message_bytes as usize,
             request_timeout,
@@ -432,8 +456,8 @@ fn open_store(data_dir: &Path, cache_bytes: u64, watch_history: u64) -> anyhow::
 
 /// Loads the allocations, starts the store writer and logs each pool's
 /// figures.
-fn start_writer(
-    store: SledStore,
+fn start_writer<S: Store + Clone>(
+    store: S,
     pools: &Arc<Pools>,
     policy: Policy,
     watch: WatchSettings,

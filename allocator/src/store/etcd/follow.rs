@@ -1,0 +1,177 @@
+//! The follower: one task per store that keeps the replica's copy
+//! ([`super::mirror`]) current from etcd's watch of the installation
+//! prefix, reconnects when the watch breaks, answers the writer's requests
+//! for progress, and probes etcd so readiness tells whether it can commit.
+
+use std::{sync::Arc, sync::atomic::Ordering, time::Duration};
+
+use etcd_client::{EventType, GetOptions, WatchOptions, WatchResponse};
+
+use super::{Inner, keys::Key};
+use crate::store::{Change, ChangeKind, StoreError};
+
+/// Longest pause between reconnection attempts.
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
+
+/// Why a watch ended.
+enum Ended {
+    /// etcd compacted revisions the copy has not seen: only a reload helps.
+    Compacted(i64),
+    /// The connection or the watch broke; watching again may work.
+    Broken(String),
+}
+
+/// Follows etcd from revision `from` until the store is dropped.
+pub(super) async fn run(inner: Arc<Inner>, mut from: u64) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match watch(&inner, from).await {
+            Ended::Compacted(at) => {
+                inner.fail(format!(
+                    "etcd compacted its history up to revision {at} while this replica was \
+                     behind at {}; restart the allocator to reload its copy",
+                    inner.revision()
+                ));
+                return;
+            }
+            Ended::Broken(why) => {
+                if inner.set_connected(false) {
+                    tracing::warn!(error = %why, "etcd watch broken; reconnecting");
+                }
+            }
+        }
+        from = inner.revision() + 1;
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+/// One watch from revision `from`, applied until it ends.
+async fn watch(inner: &Inner, from: u64) -> Ended {
+    let options = WatchOptions::new()
+        .with_prefix()
+        .with_prev_key()
+        .with_progress_notify()
+        .with_start_revision(i64::try_from(from).unwrap_or(i64::MAX));
+    let mut client = inner.client.clone();
+    let opened = tokio::time::timeout(
+        inner.timeout,
+        client.watch(inner.keys.prefix().as_bytes().to_vec(), Some(options)),
+    )
+    .await;
+    let mut stream = match opened {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(e)) => return Ended::Broken(e.to_string()),
+        Err(_) => return Ended::Broken("opening the watch timed out".into()),
+    };
+    let mut probe = tokio::time::interval(inner.timeout.min(Duration::from_secs(2)));
+    loop {
+        tokio::select! {
+            message = stream.message() => {
+                let response = match message {
+                    Ok(Some(response)) => response,
+                    Ok(None) => return Ended::Broken("etcd closed the watch".into()),
+                    Err(e) => return Ended::Broken(e.to_string()),
+                };
+                if response.canceled() {
+                    if response.compact_revision() > 0 {
+                        return Ended::Compacted(response.compact_revision());
+                    }
+                    return Ended::Broken(format!("watch cancelled: {}", response.cancel_reason()));
+                }
+                if response.created() {
+                    inner.set_connected(true);
+                    // Tells when the replay has caught up.
+                    if let Err(e) = stream.request_progress().await {
+                        return Ended::Broken(e.to_string());
+                    }
+                }
+                if let Err(e) = apply(inner, &response) {
+                    inner.fail(e.to_string());
+                    return Ended::Broken(e.to_string());
+                }
+            }
+            () = inner.progress_wanted.notified() => {
+                if let Err(e) = stream.request_progress().await {
+                    return Ended::Broken(e.to_string());
+                }
+            }
+            _ = probe.tick() => {
+                let healthy = probe_once(inner).await;
+                inner.healthy.store(healthy, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// A linearizable read: it succeeds only while etcd has a quorum.
+async fn probe_once(inner: &Inner) -> bool {
+    let mut client = inner.client.clone();
+    let key = inner.keys.pool("").to_vec();
+    let read = client.get(key, Some(GetOptions::new().with_count_only()));
+    matches!(tokio::time::timeout(inner.timeout, read).await, Ok(Ok(_)))
+}
+
+/// Applies one watch response to the copy, then wakes the writer.
+fn apply(inner: &Inner, response: &WatchResponse) -> Result<(), StoreError> {
+    let mut redefined = None;
+    {
+        let mut mirror = inner.mirror();
+        let mut last = 0;
+        for event in response.events() {
+            let Some(kv) = event.kv() else { continue };
+            last = last.max(u64::try_from(kv.mod_revision()).unwrap_or(0));
+            match inner.keys.classify(kv.key())? {
+                Key::Address(address) => {
+                    let change = to_change(event.event_type(), address, kv, event.prev_kv())?;
+                    mirror.apply(change, kv.mod_revision());
+                }
+                Key::Pool(name) => {
+                    if let Some(why) = inner.pool_changed(&name, event.event_type(), kv.value()) {
+                        redefined = Some(why);
+                    }
+                }
+                Key::Owner | Key::Other => {}
+            }
+        }
+        if response.events().is_empty() {
+            // A progress notification: every change up to it was sent.
+            let at = response.header().map_or(0, |h| h.revision());
+            mirror.progress(u64::try_from(at).unwrap_or(0));
+        } else {
+            mirror.progress(last);
+        }
+    }
+    if let Some(why) = redefined {
+        inner.fail(why);
+    }
+    inner.advanced();
+    Ok(())
+}
+
+/// The change an event on the key of `address` made.
+fn to_change(
+    kind: EventType,
+    address: std::net::IpAddr,
+    kv: &etcd_client::KeyValue,
+    prev: Option<&etcd_client::KeyValue>,
+) -> Result<Change, StoreError> {
+    let revision = u64::try_from(kv.mod_revision()).unwrap_or(0);
+    let (kind, held) = match kind {
+        EventType::Put => (ChangeKind::Allocated, kv),
+        EventType::Delete => (
+            ChangeKind::Released,
+            prev.ok_or_else(|| StoreError::Corrupt {
+                key: kv.key().escape_ascii().to_string(),
+                why: format!("deleted at revision {revision} without its previous value"),
+            })?,
+        ),
+    };
+    let record = super::keys::decode(held.key(), held.value(), held.create_revision())?;
+    Ok(Change {
+        revision,
+        kind,
+        address,
+        record,
+    })
+}

@@ -1,0 +1,283 @@
+//! The replica's copy of the committed allocations, kept from etcd's watch:
+//! what reads, scans and the writer's decisions see, the recent changes
+//! Watch replays, and the changes the writer has not taken in yet. Pure
+//! state; the follower (`follow.rs`) feeds it.
+
+use std::{
+    collections::{BTreeMap, HashMap, VecDeque},
+    net::IpAddr,
+    ops::Bound,
+};
+
+use crate::pool::{Family, from_int, to_int};
+use crate::store::{Change, ChangeKind, Record};
+
+/// An allocation as etcd holds it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Entry {
+    /// The allocation (its revision is the key's create revision).
+    pub record: Record,
+    /// The mod revision of its keys (address and owner).
+    pub mod_revision: i64,
+}
+
+/// The copy, at etcd revision [`Mirror::revision`].
+#[derive(Debug)]
+pub struct Mirror {
+    entries: BTreeMap<(Family, u128), Entry>,
+    owners: HashMap<String, IpAddr>,
+    /// Every change up to this revision is applied.
+    pub revision: u64,
+    /// Changes at or below this revision were in the initial copy.
+    loaded: u64,
+    history: usize,
+    ring: VecDeque<Change>,
+    /// The first revision the watch replays.
+    start: u64,
+    /// The highest revision the watch reported.
+    watched: u64,
+    /// Changes below this revision fell out of `ring`.
+    trimmed_to: u64,
+    unread: Vec<Change>,
+}
+
+impl Mirror {
+    /// A copy of `entries` read at `revision`, keeping up to `history`
+    /// changes for replay, which will cover every revision from
+    /// `covered_from` (the follower's first watched revision).
+    pub fn new(
+        entries: Vec<(IpAddr, Entry)>,
+        revision: u64,
+        history: usize,
+        covered_from: u64,
+    ) -> Mirror {
+        let mut mirror = Mirror {
+            entries: BTreeMap::new(),
+            owners: HashMap::new(),
+            revision,
+            loaded: revision,
+            history: history.max(1),
+            ring: VecDeque::new(),
+            start: covered_from,
+            watched: 0,
+            trimmed_to: 0,
+            unread: Vec::new(),
+        };
+        for (ip, entry) in entries {
+            mirror.insert(ip, entry);
+        }
+        mirror
+    }
+
+    fn insert(&mut self, ip: IpAddr, entry: Entry) {
+        if let Some(old) = self.entries.get(&to_int(ip)) {
+            self.owners.remove(&old.record.owner);
+        }
+        self.owners.insert(entry.record.owner.clone(), ip);
+        self.entries.insert(to_int(ip), entry);
+    }
+
+    fn remove(&mut self, ip: IpAddr) {
+        if let Some(old) = self.entries.remove(&to_int(ip))
+            && self.owners.get(&old.record.owner) == Some(&ip)
+        {
+            self.owners.remove(&old.record.owner);
+        }
+    }
+
+    /// Applies one change of the watch, in revision order. Changes the
+    /// initial copy already holds only go to the replay history.
+    pub fn apply(&mut self, change: Change, mod_revision: i64) {
+        if change.revision > self.loaded {
+            let current = self.entries.get(&to_int(change.address));
+            if current.is_none_or(|e| e.mod_revision < mod_revision) {
+                match change.kind {
+                    ChangeKind::Allocated => self.insert(
+                        change.address,
+                        Entry {
+                            record: change.record.clone(),
+                            mod_revision,
+                        },
+                    ),
+                    ChangeKind::Released => self.remove(change.address),
+                }
+            }
+            self.unread.push(change.clone());
+        }
+        self.progress(change.revision);
+        self.ring.push_back(change);
+        while self.ring.len() > self.history {
+            if let Some(old) = self.ring.pop_front() {
+                self.trimmed_to = self.trimmed_to.max(old.revision + 1);
+            }
+        }
+    }
+
+    /// etcd reported that every change up to `revision` was sent.
+    pub fn progress(&mut self, revision: u64) {
+        self.revision = self.revision.max(revision);
+        self.watched = self.watched.max(revision);
+    }
+
+    /// The allocation at `ip`.
+    pub fn get(&self, ip: IpAddr) -> Option<&Entry> {
+        self.entries.get(&to_int(ip))
+    }
+
+    /// The address `owner` holds.
+    pub fn owner(&self, owner: &str) -> Option<IpAddr> {
+        self.owners.get(owner).copied()
+    }
+
+    /// Up to `limit` allocations from `start` (inclusive or not) to `last`
+    /// (inclusive), by address.
+    pub fn range(
+        &self,
+        start: Bound<(Family, u128)>,
+        last: (Family, u128),
+        limit: usize,
+    ) -> Vec<(IpAddr, Record)> {
+        self.entries
+            .range((start, Bound::Included(last)))
+            .take(limit)
+            .map(|((f, x), e)| (from_int(*f, *x), e.record.clone()))
+            .collect()
+    }
+
+    /// The changes after `after` up to `last`, by revision.
+    pub fn changes(&self, after: u64, last: u64) -> Vec<Change> {
+        let start = self.ring.partition_point(|c| c.revision <= after);
+        self.ring
+            .range(start..)
+            .take_while(|c| c.revision <= last)
+            .cloned()
+            .collect()
+    }
+
+    /// Every change from this revision on is held for replay: from the
+    /// watch's first revision once it has replayed up to the initial copy,
+    /// only later changes before.
+    pub fn covered_from(&self) -> u64 {
+        let replayed = self.watched >= self.loaded;
+        let from = if replayed {
+            self.start
+        } else {
+            self.loaded + 1
+        };
+        from.max(self.trimmed_to)
+    }
+
+    /// The changes applied since the last call.
+    pub fn take_unread(&mut self) -> Vec<Change> {
+        std::mem::take(&mut self.unread)
+    }
+
+    /// How many allocations the copy holds.
+    #[cfg(test)]
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().expect("address")
+    }
+
+    fn record(owner: &str, revision: u64) -> Record {
+        Record {
+            owner: owner.into(),
+            labels: BTreeMap::new(),
+            created_unix_nanos: 0,
+            revision,
+        }
+    }
+
+    fn change(kind: ChangeKind, address: &str, owner: &str, revision: u64) -> Change {
+        Change {
+            revision,
+            kind,
+            address: ip(address),
+            record: record(owner, revision),
+        }
+    }
+
+    #[test]
+    fn watched_changes_update_addresses_owners_and_the_unread_list() {
+        let mut m = Mirror::new(vec![], 10, 100, 11);
+        m.apply(change(ChangeKind::Allocated, "10.0.0.1", "a", 11), 11);
+        m.apply(change(ChangeKind::Allocated, "10.0.0.2", "b", 12), 12);
+        assert_eq!(m.owner("a"), Some(ip("10.0.0.1")));
+        m.apply(change(ChangeKind::Released, "10.0.0.1", "a", 13), 13);
+        assert_eq!(m.owner("a"), None);
+        assert!(m.get(ip("10.0.0.1")).is_none());
+        assert_eq!(m.revision, 13);
+        assert_eq!(m.take_unread().len(), 3);
+        assert!(m.take_unread().is_empty());
+        assert_eq!(m.len(), 1);
+    }
+
+    #[test]
+    fn history_before_the_initial_copy_is_replayable_but_not_applied_again() {
+        let entry = Entry {
+            record: record("a", 5),
+            mod_revision: 5,
+        };
+        let mut m = Mirror::new(vec![(ip("10.0.0.1"), entry)], 8, 100, 3);
+        // The watch replays 5..=8 before the live changes.
+        m.apply(change(ChangeKind::Allocated, "10.0.0.1", "a", 5), 5);
+        m.apply(change(ChangeKind::Allocated, "10.0.0.3", "c", 6), 6);
+        m.apply(change(ChangeKind::Released, "10.0.0.3", "c", 7), 7);
+        assert_eq!(m.covered_from(), 9, "not replayed up to the copy yet");
+        m.progress(8);
+        assert!(m.get(ip("10.0.0.3")).is_none(), "the copy at 8 is kept");
+        assert!(m.take_unread().is_empty(), "nothing new for the writer");
+        let replay: Vec<u64> = m.changes(5, 8).iter().map(|c| c.revision).collect();
+        assert_eq!(replay, vec![6, 7]);
+        assert_eq!(m.covered_from(), 3);
+    }
+
+    #[test]
+    fn the_history_keeps_its_length_and_says_where_it_starts() {
+        let mut m = Mirror::new(vec![], 0, 2, 1);
+        assert_eq!(m.covered_from(), 1);
+        for r in 1..=4 {
+            m.apply(
+                change(
+                    ChangeKind::Allocated,
+                    &format!("10.0.0.{r}"),
+                    &format!("o{r}"),
+                    r,
+                ),
+                r as i64,
+            );
+        }
+        assert_eq!(m.covered_from(), 3);
+        assert_eq!(m.changes(0, 10).len(), 2);
+    }
+
+    #[test]
+    fn ranges_are_by_address_and_bounded() {
+        let mut m = Mirror::new(vec![], 0, 10, 1);
+        for (r, a) in ["10.0.0.9", "fd00::1", "10.0.0.10"].iter().enumerate() {
+            let r = r as u64 + 1;
+            m.apply(
+                change(ChangeKind::Allocated, a, &format!("o{r}"), r),
+                r as i64,
+            );
+        }
+        let all = m.range(Bound::Unbounded, (Family::V6, u128::MAX), 10);
+        let addrs: Vec<IpAddr> = all.iter().map(|(a, _)| *a).collect();
+        assert_eq!(addrs, vec![ip("10.0.0.9"), ip("10.0.0.10"), ip("fd00::1")]);
+        let after = m.range(
+            Bound::Excluded(to_int(ip("10.0.0.9"))),
+            (Family::V6, u128::MAX),
+            1,
+        );
+        assert_eq!(after[0].0, ip("10.0.0.10"));
+    }
+}

@@ -1,0 +1,677 @@
+//! The etcd engine: the [`Store`] contract over an etcd v3 cluster that
+//! any number of allocator replicas share. The only files that name etcd.
+//!
+//! Each replica keeps a copy of the committed allocations from etcd's watch
+//! ([`mirror`], fed by [`follow`]); reads, scans and the writer's decisions
+//! use it, so a /8 costs what a /24 costs and nothing scans etcd. The
+//! writer's staged writes become one etcd transaction per flush, which
+//! compares every address and owner key it writes with what the copy held
+//! when deciding (absent for a new allocation, the same mod revision for a
+//! release) and the definition of every pool it allocates in: when another
+//! replica got there first the transaction changes nothing, the copy
+//! catches up, and the writer decides again. A flush returns only once etcd
+//! committed the batch and the copy shows it. Revisions are etcd's: the
+//! batch's revision is its allocations' revision and Watch's.
+
+mod follow;
+pub mod keys;
+mod mirror;
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    net::IpAddr,
+    ops::Bound,
+    path::PathBuf,
+    sync::{
+        Arc, Mutex, MutexGuard, OnceLock, PoisonError,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use etcd_client::{
+    Certificate, Client, Compare, CompareOp, ConnectOptions, GetOptions, Identity, TlsOptions, Txn,
+    TxnOp,
+};
+use tokio::sync::{Notify, watch};
+
+use self::{
+    keys::Keys,
+    mirror::{Entry, Mirror},
+};
+use super::{Change, Record, Result, Scan, Store, StoreError};
+use crate::pool::{Family, Pools, to_int};
+
+/// Most operations etcd takes in one transaction (its `--max-txn-ops`
+/// default); each request writes two keys.
+pub const MAX_TXN_OPS: usize = 128;
+
+/// How to reach etcd and where this installation's keys live.
+#[derive(Clone, Debug)]
+pub struct EtcdSettings {
+    /// Client URLs (`http://` or `https://`), any member of the cluster.
+    pub endpoints: Vec<String>,
+    /// The installation's key prefix.
+    pub prefix: String,
+    /// Limit of each etcd call.
+    pub timeout: Duration,
+    /// CA certificate (PEM) to verify etcd with.
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate and key (PEM) for certificate auth.
+    pub cert_file: Option<PathBuf>,
+    /// The client certificate's key.
+    pub key_file: Option<PathBuf>,
+    /// etcd user, with the password read from `password_file`.
+    pub username: Option<String>,
+    /// File holding the etcd user's password.
+    pub password_file: Option<PathBuf>,
+    /// Changes kept for Watch to replay.
+    pub history: u64,
+}
+
+fn unavailable(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+fn read_file(flag: &str, path: &PathBuf) -> Result<Vec<u8>> {
+    std::fs::read(path)
+        .map_err(|e| StoreError::Unavailable(format!("{flag} {}: {e}", path.display())))
+}
+
+impl EtcdSettings {
+    /// The client options: TLS material and credentials read from their
+    /// files (never logged).
+    fn connect_options(&self) -> Result<ConnectOptions> {
+        let mut options = ConnectOptions::new()
+            .with_timeout(self.timeout)
+            .with_connect_timeout(self.timeout)
+            .with_keep_alive(Duration::from_secs(2), self.timeout)
+            .with_keep_alive_while_idle(true)
+            .with_require_leader(true);
+        if self.ca_file.is_some() || self.cert_file.is_some() {
+            let mut tls = TlsOptions::new();
+            if let Some(ca) = &self.ca_file {
+                tls = tls.ca_certificate(Certificate::from_pem(read_file("--etcd-ca-file", ca)?));
+            }
+            if let (Some(cert), Some(key)) = (&self.cert_file, &self.key_file) {
+                tls = tls.identity(Identity::from_pem(
+                    read_file("--etcd-cert-file", cert)?,
+                    read_file("--etcd-key-file", key)?,
+                ));
+            }
+            options = options.with_tls(tls);
+        }
+        if let (Some(user), Some(file)) = (&self.username, &self.password_file) {
+            let password = String::from_utf8(read_file("--etcd-password-file", file)?)
+                .map_err(|_| StoreError::Unavailable("--etcd-password-file: not UTF-8".into()))?;
+            options = options.with_user(user.clone(), password.trim_end_matches(['\n', '\r']));
+        }
+        Ok(options)
+    }
+}
+
+/// What the etcd engine shares between the writer, the readers and the
+/// follower.
+struct Inner {
+    client: Client,
+    keys: Keys,
+    timeout: Duration,
+    runtime: tokio::runtime::Handle,
+    mirror: Mutex<Mirror>,
+    staged: Mutex<Staged>,
+    /// The copy's revision, for waiting on it.
+    seen: watch::Sender<u64>,
+    connected: AtomicBool,
+    healthy: AtomicBool,
+    progress_wanted: Notify,
+    wake: OnceLock<Box<dyn Fn() + Send + Sync>>,
+    fatal: Mutex<Option<String>>,
+    pools: Arc<Pools>,
+    /// Each pool's definition and the mod revision of its key.
+    pool_keys: Vec<(String, i64)>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Every step leaves the state whole: a poisoned lock is still good.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Inner {
+    fn mirror(&self) -> MutexGuard<'_, Mirror> {
+        lock(&self.mirror)
+    }
+
+    fn revision(&self) -> u64 {
+        self.mirror().revision
+    }
+
+    /// Records whether the watch runs; whether that changed.
+    fn set_connected(&self, connected: bool) -> bool {
+        let was = self.connected.swap(connected, Ordering::Relaxed);
+        if connected && !was {
+            tracing::info!("etcd watch established");
+        }
+        was != connected
+    }
+
+    /// The copy moved on: wake whoever waits for it.
+    fn advanced(&self) {
+        let revision = self.revision();
+        self.seen.send_if_modified(|r| {
+            let moved = revision > *r;
+            *r = revision;
+            moved
+        });
+        if let Some(wake) = self.wake.get() {
+            wake();
+        }
+    }
+
+    /// The store cannot go on: every later flush fails with `why`.
+    fn fail(&self, why: String) {
+        tracing::error!(error = %why, "etcd store stopped");
+        lock(&self.fatal).get_or_insert(why);
+        if let Some(wake) = self.wake.get() {
+            wake();
+        }
+    }
+
+    /// Why the change of pool `name`'s key stops this replica, if it does.
+    fn pool_changed(
+        &self,
+        name: &str,
+        kind: etcd_client::EventType,
+        value: &[u8],
+    ) -> Option<String> {
+        let index = self.pools.index_of(name)?;
+        let ours = keys::pool_definition(self.pools.at(index));
+        let theirs = String::from_utf8_lossy(value);
+        match kind {
+            etcd_client::EventType::Put if theirs == ours => None,
+            etcd_client::EventType::Put => Some(format!(
+                "pool {name} was redefined in etcd as \"{theirs}\"; this replica's is \"{ours}\""
+            )),
+            etcd_client::EventType::Delete => Some(format!(
+                "the definition of pool {name} was deleted from etcd"
+            )),
+        }
+    }
+
+    /// Whether reads may be served; why not.
+    fn readable(&self) -> Result<()> {
+        if let Some(why) = lock(&self.fatal).as_ref() {
+            return Err(StoreError::Unavailable(why.clone()));
+        }
+        if !self.connected.load(Ordering::Relaxed) {
+            return Err(StoreError::Unavailable(
+                "etcd unreachable: this replica's copy of the allocations may be stale".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Waits until the copy reaches `revision`.
+    fn wait_for(&self, revision: u64) -> Result<()> {
+        let mut seen = self.seen.subscribe();
+        let wait = seen.wait_for(|r| *r >= revision);
+        match self
+            .runtime
+            .block_on(async { tokio::time::timeout(self.timeout, wait).await })
+        {
+            Ok(Ok(_)) => Ok(()),
+            _ => Err(StoreError::Unavailable(format!(
+                "etcd's watch did not reach revision {revision} within {:?}",
+                self.timeout
+            ))),
+        }
+    }
+}
+
+/// The key a staged write expects to find.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Expect {
+    Absent,
+    ModRevision(i64),
+}
+
+/// A staged write of one key: what it must find, and what it writes
+/// (`None` deletes).
+#[derive(Debug)]
+struct Op {
+    expect: Expect,
+    value: Option<Vec<u8>>,
+}
+
+/// The writes of the next flush, and how they change what the writer sees.
+#[derive(Default)]
+struct Staged {
+    ops: BTreeMap<Vec<u8>, Op>,
+    pools: BTreeSet<usize>,
+    records: HashMap<IpAddr, Option<Record>>,
+    owners: HashMap<String, Option<IpAddr>>,
+}
+
+impl Staged {
+    /// Stages `value` for `key`, which first expected `expect`.
+    fn write(&mut self, key: Vec<u8>, expect: Expect, value: Option<Vec<u8>>) {
+        self.ops
+            .entry(key)
+            .and_modify(|op| op.value = value.clone())
+            .or_insert(Op { expect, value });
+    }
+
+    /// The transaction that commits the staged writes.
+    fn txn(&self, keys: &Keys, pool_keys: &[(String, i64)], pools: &Pools) -> Txn {
+        let mut compares: Vec<Compare> = self
+            .ops
+            .iter()
+            .map(|(key, op)| match op.expect {
+                Expect::Absent => Compare::version(key.clone(), CompareOp::Equal, 0),
+                Expect::ModRevision(m) => Compare::mod_revision(key.clone(), CompareOp::Equal, m),
+            })
+            .collect();
+        compares.extend(self.pools.iter().map(|&i| {
+            let name = pools.at(i).name();
+            Compare::mod_revision(keys.pool(name), CompareOp::Equal, pool_keys[i].1)
+        }));
+        let ops: Vec<TxnOp> = self
+            .ops
+            .iter()
+            .map(|(key, op)| match &op.value {
+                Some(v) => TxnOp::put(key.clone(), v.clone(), None),
+                None => TxnOp::delete(key.clone(), None),
+            })
+            .collect();
+        Txn::new().when(compares).and_then(ops)
+    }
+}
+
+/// The etcd engine; clones share one connection and one copy.
+#[derive(Clone)]
+pub struct EtcdStore {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for EtcdStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdStore")
+            .field("prefix", &self.inner.keys.prefix())
+            .finish_non_exhaustive()
+    }
+}
+
+impl EtcdStore {
+    /// Connects, agrees on the pool definitions (writing those etcd does not
+    /// hold yet; a pool defined differently there refuses the start, naming
+    /// it), reads the allocations and starts following etcd. Runs inside the
+    /// Tokio runtime the follower will use.
+    pub async fn open(settings: &EtcdSettings, pools: Arc<Pools>) -> Result<EtcdStore> {
+        let endpoints = &settings.endpoints;
+        let mut client = Client::connect(endpoints, Some(settings.connect_options()?))
+            .await
+            .map_err(|e| {
+                unavailable(format!(
+                    "connecting to etcd at {}: {e}",
+                    endpoints.join(",")
+                ))
+            })?;
+        let keys = Keys::new(&settings.prefix);
+        let pool_keys = agree_on_pools(&mut client, &keys, &pools, settings.timeout).await?;
+        let (entries, revision) = load(&mut client, &keys, settings.timeout).await?;
+        let history = usize::try_from(settings.history).unwrap_or(usize::MAX);
+        // Replay history: as much of etcd's as `history` revisions reach.
+        let from = revision.saturating_sub(settings.history).max(1);
+        tracing::info!(
+            endpoints = %endpoints.join(","),
+            prefix = %settings.prefix,
+            allocations = entries.len(),
+            revision,
+            "etcd store opened"
+        );
+        let inner = Arc::new(Inner {
+            client,
+            keys,
+            timeout: settings.timeout,
+            runtime: tokio::runtime::Handle::current(),
+            mirror: Mutex::new(Mirror::new(entries, revision, history, from)),
+            staged: Mutex::new(Staged::default()),
+            seen: watch::Sender::new(revision),
+            connected: AtomicBool::new(false),
+            healthy: AtomicBool::new(true),
+            progress_wanted: Notify::new(),
+            wake: OnceLock::new(),
+            fatal: Mutex::new(None),
+            pools,
+            pool_keys,
+        });
+        tokio::spawn(follow::run(inner.clone(), from));
+        let store = EtcdStore { inner };
+        store.wait_connected().await?;
+        Ok(store)
+    }
+
+    /// Waits for the follower's watch to be established.
+    async fn wait_connected(&self) -> Result<()> {
+        let deadline = tokio::time::Instant::now() + self.inner.timeout;
+        while !self.inner.connected.load(Ordering::Relaxed) {
+            if tokio::time::Instant::now() > deadline {
+                return Err(unavailable("etcd's watch did not start in time"));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Ok(())
+    }
+
+    fn staged(&self) -> MutexGuard<'_, Staged> {
+        lock(&self.inner.staged)
+    }
+
+    /// What `key` of the allocation at `ip` must hold for a write decided
+    /// now: the copy's state (staged writes come before and keep theirs).
+    fn expect_address(&self, ip: IpAddr) -> Expect {
+        match self.inner.mirror().get(ip) {
+            Some(e) => Expect::ModRevision(e.mod_revision),
+            None => Expect::Absent,
+        }
+    }
+
+    fn expect_owner(&self, owner: &str) -> Expect {
+        let mirror = self.inner.mirror();
+        match mirror.owner(owner).and_then(|ip| mirror.get(ip)) {
+            Some(e) => Expect::ModRevision(e.mod_revision),
+            None => Expect::Absent,
+        }
+    }
+
+    /// Commits `staged` in one transaction; the revision etcd gave it.
+    fn commit(&self, staged: &Staged) -> Result<u64> {
+        let inner = &self.inner;
+        let txn = staged.txn(&inner.keys, &inner.pool_keys, &inner.pools);
+        let mut client = inner.client.clone();
+        let sent = inner
+            .runtime
+            .block_on(async { tokio::time::timeout(inner.timeout, client.txn(txn)).await });
+        let response = match sent {
+            Ok(Ok(response)) => response,
+            Ok(Err(e)) => {
+                return Err(unavailable(format!(
+                    "etcd transaction failed (outcome unknown if it was sent): {e}"
+                )));
+            }
+            Err(_) => {
+                return Err(unavailable(format!(
+                    "etcd did not answer within {:?} (outcome unknown)",
+                    inner.timeout
+                )));
+            }
+        };
+        let revision = response
+            .header()
+            .map_or(0, |h| u64::try_from(h.revision()).unwrap_or(0));
+        if response.succeeded() {
+            inner.wait_for(revision)?;
+            return Ok(revision);
+        }
+        // Another writer got there first: catch up with what it did.
+        inner.progress_wanted.notify_one();
+        inner.wait_for(revision)?;
+        Err(StoreError::Conflict { seen: revision })
+    }
+}
+
+/// Writes the pool definitions etcd does not hold yet and checks the others;
+/// the mod revision of each pool's key.
+async fn agree_on_pools(
+    client: &mut Client,
+    keys: &Keys,
+    pools: &Pools,
+    timeout: Duration,
+) -> Result<Vec<(String, i64)>> {
+    let mut out = Vec::with_capacity(pools.len());
+    for pool in pools.iter() {
+        let key = keys.pool(pool.name());
+        let ours = keys::pool_definition(pool);
+        let txn = Txn::new()
+            .when(vec![Compare::version(key.clone(), CompareOp::Equal, 0)])
+            .and_then(vec![TxnOp::put(key.clone(), ours.clone(), None)])
+            .or_else(vec![TxnOp::get(key.clone(), None)]);
+        let response = tokio::time::timeout(timeout, client.txn(txn))
+            .await
+            .map_err(|_| unavailable("etcd did not answer in time while checking pools"))?
+            .map_err(|e| unavailable(format!("checking pool definitions in etcd: {e}")))?;
+        let revision = if response.succeeded() {
+            tracing::info!(pool = pool.name(), definition = %ours, "pool definition written to etcd");
+            response.header().map_or(0, |h| h.revision())
+        } else {
+            let stored = response.op_responses().into_iter().find_map(|op| match op {
+                etcd_client::TxnOpResponse::Get(get) => get.kvs().first().cloned(),
+                _ => None,
+            });
+            let Some(kv) = stored else {
+                return Err(unavailable(format!(
+                    "pool {} changed in etcd while starting; start again",
+                    pool.name()
+                )));
+            };
+            let theirs = String::from_utf8_lossy(kv.value());
+            if theirs != ours {
+                return Err(StoreError::PoolDisagrees {
+                    pool: pool.name().to_string(),
+                    ours,
+                    theirs: theirs.into_owned(),
+                });
+            }
+            kv.mod_revision()
+        };
+        out.push((ours, revision));
+    }
+    Ok(out)
+}
+
+/// Reads every allocation, page by page at one revision.
+async fn load(
+    client: &mut Client,
+    keys: &Keys,
+    timeout: Duration,
+) -> Result<(Vec<(IpAddr, Entry)>, u64)> {
+    const PAGE: i64 = 10_000;
+    let first = keys.addresses();
+    let mut end = first.clone();
+    if let Some(last) = end.last_mut() {
+        *last += 1;
+    }
+    let mut start = first;
+    let mut at = 0;
+    let mut entries = Vec::new();
+    loop {
+        let mut options = GetOptions::new().with_range(end.clone()).with_limit(PAGE);
+        if at > 0 {
+            options = options.with_revision(at);
+        }
+        let page = tokio::time::timeout(timeout, client.get(start.clone(), Some(options)))
+            .await
+            .map_err(|_| unavailable("etcd did not answer in time while loading allocations"))?
+            .map_err(|e| unavailable(format!("loading allocations from etcd: {e}")))?;
+        if at == 0 {
+            at = page.header().map_or(0, |h| h.revision());
+        }
+        for kv in page.kvs() {
+            if let keys::Key::Address(ip) = keys.classify(kv.key())? {
+                let record = keys::decode(kv.key(), kv.value(), kv.create_revision())?;
+                entries.push((
+                    ip,
+                    Entry {
+                        record,
+                        mod_revision: kv.mod_revision(),
+                    },
+                ));
+            }
+        }
+        match (page.more(), page.kvs().last()) {
+            (true, Some(last)) => {
+                start = last.key().to_vec();
+                start.push(0);
+            }
+            _ => return Ok((entries, u64::try_from(at).unwrap_or(0))),
+        }
+    }
+}
+
+/// A scan over the copy, read in pages so no lock is held between items.
+fn scan_copy(
+    inner: Arc<Inner>,
+    start: Bound<(Family, u128)>,
+    last: (Family, u128),
+) -> Scan<(IpAddr, Record)> {
+    const PAGE: usize = 512;
+    if let Err(e) = inner.readable() {
+        return Box::new(std::iter::once(Err(e)));
+    }
+    let mut next = Some(start);
+    Box::new(
+        std::iter::from_fn(move || {
+            let from = next.take()?;
+            let page = inner.mirror().range(from, last, PAGE);
+            if page.len() == PAGE
+                && let Some((ip, _)) = page.last()
+            {
+                next = Some(Bound::Excluded(to_int(*ip)));
+            }
+            Some(page)
+        })
+        .flatten()
+        .map(Ok),
+    )
+}
+
+impl Store for EtcdStore {
+    fn get(&self, ip: IpAddr) -> Result<Option<Record>> {
+        self.inner.readable()?;
+        Ok(self.inner.mirror().get(ip).map(|e| e.record.clone()))
+    }
+
+    fn owner_address(&self, owner: &str) -> Result<Option<IpAddr>> {
+        self.inner.readable()?;
+        Ok(self.inner.mirror().owner(owner))
+    }
+
+    fn get_latest(&self, ip: IpAddr) -> Result<Option<Record>> {
+        if let Some(staged) = self.staged().records.get(&ip) {
+            return Ok(staged.clone());
+        }
+        Ok(self.inner.mirror().get(ip).map(|e| e.record.clone()))
+    }
+
+    fn owner_address_latest(&self, owner: &str) -> Result<Option<IpAddr>> {
+        if let Some(staged) = self.staged().owners.get(owner) {
+            return Ok(*staged);
+        }
+        Ok(self.inner.mirror().owner(owner))
+    }
+
+    fn revision(&self) -> Result<u64> {
+        Ok(self.inner.revision())
+    }
+
+    fn put(&self, ip: IpAddr, record: &Record) -> Result<()> {
+        let address = self.expect_address(ip);
+        let owner = self.expect_owner(&record.owner);
+        let mut staged = self.staged();
+        staged.write(
+            self.inner.keys.address(ip),
+            address,
+            Some(keys::encode(record)),
+        );
+        staged.write(
+            self.inner.keys.owner(&record.owner),
+            owner,
+            Some(ip.to_string().into_bytes()),
+        );
+        if let Some(pool) = self.inner.pools.containing(ip) {
+            staged.pools.insert(pool);
+        }
+        staged.records.insert(ip, Some(record.clone()));
+        staged.owners.insert(record.owner.clone(), Some(ip));
+        Ok(())
+    }
+
+    fn delete(&self, ip: IpAddr, record: &Record, _revision: u64) -> Result<()> {
+        let address = self.expect_address(ip);
+        let owner = self.expect_owner(&record.owner);
+        let mut staged = self.staged();
+        staged.write(self.inner.keys.address(ip), address, None);
+        staged.write(self.inner.keys.owner(&record.owner), owner, None);
+        staged.records.insert(ip, None);
+        staged.owners.insert(record.owner.clone(), None);
+        Ok(())
+    }
+
+    fn flush(&self) -> Result<Option<u64>> {
+        let staged = std::mem::take(&mut *self.staged());
+        if let Some(why) = lock(&self.inner.fatal).as_ref() {
+            return Err(StoreError::Engine(why.clone().into()));
+        }
+        if staged.ops.is_empty() {
+            return Ok(None);
+        }
+        self.commit(&staged).map(Some)
+    }
+
+    fn max_batch(&self) -> usize {
+        (MAX_TXN_OPS - self.inner.pools.len().min(MAX_TXN_OPS / 2)) / 2
+    }
+
+    fn scan(&self, family: Family, first: u128, last: u128) -> Scan<(IpAddr, Record)> {
+        scan_copy(
+            self.inner.clone(),
+            Bound::Included((family, first)),
+            (family, last),
+        )
+    }
+
+    fn scan_after(&self, after: Option<IpAddr>) -> Scan<(IpAddr, Record)> {
+        let start = after.map_or(Bound::Unbounded, |ip| Bound::Excluded(to_int(ip)));
+        scan_copy(self.inner.clone(), start, (Family::V6, u128::MAX))
+    }
+
+    fn addresses(&self) -> Scan<IpAddr> {
+        Box::new(self.scan_after(None).map(|r| r.map(|(ip, _)| ip)))
+    }
+
+    fn changes(&self, after: u64, last: u64) -> Scan<Change> {
+        if let Err(e) = self.inner.readable() {
+            return Box::new(std::iter::once(Err(e)));
+        }
+        Box::new(self.inner.mirror().changes(after, last).into_iter().map(Ok))
+    }
+
+    fn first_change(&self) -> Result<Option<u64>> {
+        self.inner.readable()?;
+        Ok(Some(self.inner.mirror().covered_from()))
+    }
+
+    fn is_shared(&self) -> bool {
+        true
+    }
+
+    fn observed(&self) -> Option<Vec<Change>> {
+        Some(self.inner.mirror().take_unread())
+    }
+
+    fn on_observed(&self, wake: Box<dyn Fn() + Send + Sync>) {
+        if self.inner.wake.set(wake).is_err() {
+            tracing::warn!("a second writer registered on one etcd store; ignored");
+        }
+    }
+
+    fn health(&self) -> std::result::Result<(), String> {
+        self.inner.readable().map_err(|e| e.to_string())?;
+        if !self.inner.healthy.load(Ordering::Relaxed) {
+            return Err("etcd does not answer linearizable reads (no quorum?)".into());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests;
