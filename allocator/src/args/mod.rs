@@ -208,16 +208,9 @@ impl Args {
                 let store = open_store(&data_dir, cache_bytes, watch_history)?;
                 start_writer(store, &pools, policy, watch)?
             }
-            #[cfg(feature = "etcd")]
             Engine::Etcd => {
                 let store = store_flags.open_etcd(pools.clone(), watch_history).await?;
                 start_writer(store, &pools, policy, watch)?
-            }
-            #[cfg(not(feature = "etcd"))]
-            Engine::Etcd => {
-                return Err(
-                    ConfigError("--store etcd: built without the etcd engine".into()).into(),
-                );
             }
         };
         let settings = Settings {

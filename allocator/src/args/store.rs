@@ -2,12 +2,10 @@
 //! (the default) or etcd shared by replicas.
 
 use std::path::PathBuf;
-#[cfg(feature = "etcd")]
 use std::{sync::Arc, time::Duration};
 
 use vipam::runtime::{ConfigError, parse_duration};
 
-#[cfg(feature = "etcd")]
 use crate::{
     pool::Pools,
     store::{EtcdSettings, EtcdStore, StoreError},
@@ -93,9 +91,6 @@ pub fn check_flags(f: &StoreFlags) -> Result<(), ConfigError> {
         }
         return Ok(());
     }
-    if !cfg!(feature = "etcd") {
-        return err("--store etcd: this vipam-allocator was built without the etcd engine (cargo feature \"etcd\")".into());
-    }
     if f.etcd_endpoints.is_empty() {
         return err("--store etcd needs --etcd-endpoints URL[,URL...]".into());
     }
@@ -130,7 +125,6 @@ pub fn check_flags(f: &StoreFlags) -> Result<(), ConfigError> {
     Ok(())
 }
 
-#[cfg(feature = "etcd")]
 impl StoreFlags {
     /// The etcd engine's settings.
     pub fn etcd_settings(&self, history: u64) -> EtcdSettings {

@@ -20,7 +20,6 @@
 //!   a [`Change`] in a change history that Watch replays; the history keeps
 //!   the most recent revisions without gaps.
 
-#[cfg(feature = "etcd")]
 pub mod etcd;
 pub mod sled;
 
@@ -33,7 +32,6 @@ use serde::{Deserialize, Serialize};
 
 use crate::pool::Family;
 
-#[cfg(feature = "etcd")]
 pub use self::etcd::{EtcdSettings, EtcdStore};
 pub use self::sled::SledStore;
 

@@ -243,7 +243,12 @@ mod tests {
             let d: PoolDef = spec.parse().expect("pool");
             pool_definition(&Pool::new(d).expect("pool"))
         };
-        assert_eq!(def("a=10.0.0.0/24"), def("a=10.0.0.0-10.0.0.255"));
+        assert_eq!(
+            def("a=10.0.0.1-10.0.0.9,10.0.0.10-10.0.0.20"),
+            def("a=10.0.0.1-10.0.0.20")
+        );
+        // A range hands out its edges, a CIDR does not.
+        assert_ne!(def("a=10.0.0.0/24"), def("a=10.0.0.0-10.0.0.255"));
         assert_ne!(def("a=10.0.0.0/24"), def("a=10.0.0.0/25"));
         assert!(
             def("a=10.0.0.0/24").contains("10.0.0.1-10.0.0.254"),

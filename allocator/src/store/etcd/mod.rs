@@ -672,6 +672,3 @@ impl Store for EtcdStore {
         Ok(())
     }
 }
-
-#[cfg(test)]
-mod tests;
