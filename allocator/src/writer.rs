@@ -52,10 +52,16 @@ impl Outcome {
         }
     }
 
-    /// Gives a new allocation the revision the store assigned its batch.
-    fn renumber(&mut self, assigned: Option<u64>) {
-        if let (Outcome::Allocate(Ok((a, true))), Some(r)) = (self, assigned) {
-            a.record.revision = r;
+    /// Gives the allocations this batch made (numbered after `base` while
+    /// staged) the revision the store assigned the batch.
+    fn renumber(&mut self, assigned: Option<u64>, base: u64) {
+        let Some(r) = assigned else { return };
+        let record = match self {
+            Outcome::Allocate(Ok((a, _))) | Outcome::Release(Ok(Some(a))) => &mut a.record,
+            _ => return,
+        };
+        if record.revision > base {
+            record.revision = r;
         }
     }
 }
@@ -149,7 +155,9 @@ fn write_batch<S: Store>(
         let flushed = if dirty { ipam.flush() } else { Ok(None) };
         let failure = match flushed {
             Ok(assigned) => {
-                outcomes.iter_mut().for_each(|o| o.renumber(assigned));
+                outcomes
+                    .iter_mut()
+                    .for_each(|o| o.renumber(assigned, published));
                 if ipam.is_shared() {
                     publish_observed(ipam, hub)?;
                 } else if dirty {

@@ -40,7 +40,7 @@ pub(super) async fn run(inner: Arc<Inner>, mut from: u64) {
                 }
             }
         }
-        from = inner.revision() + 1;
+        from = inner.mirror().resume_from();
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(MAX_BACKOFF);
     }
@@ -134,7 +134,9 @@ fn apply(inner: &Inner, response: &WatchResponse) -> Result<(), StoreError> {
                 Key::Owner | Key::Other => {}
             }
         }
-        if response.events().is_empty() {
+        if response.created() {
+            // Its header is etcd's revision, not how far the watch got.
+        } else if response.events().is_empty() {
             // A progress notification: every change up to it was sent.
             let at = response.header().map_or(0, |h| h.revision());
             mirror.progress(u64::try_from(at).unwrap_or(0));

@@ -144,6 +144,17 @@ impl Mirror {
             .collect()
     }
 
+    /// Where a new watch starts after the last one broke: after the
+    /// revision the copy reached. A replay of history that broke before it
+    /// reached the initial copy is given up (the history then covers only
+    /// later changes).
+    pub fn resume_from(&mut self) -> u64 {
+        if self.watched < self.loaded {
+            self.start = self.loaded + 1;
+        }
+        self.revision + 1
+    }
+
     /// The changes after `after` up to `last`, by revision.
     pub fn changes(&self, after: u64, last: u64) -> Vec<Change> {
         let start = self.ring.partition_point(|c| c.revision <= after);
@@ -235,10 +246,20 @@ mod tests {
         assert_eq!(m.covered_from(), 9, "not replayed up to the copy yet");
         m.progress(8);
         assert!(m.get(ip("10.0.0.3")).is_none(), "the copy at 8 is kept");
+        assert_eq!(m.covered_from(), 3, "replayed from 3");
         assert!(m.take_unread().is_empty(), "nothing new for the writer");
         let replay: Vec<u64> = m.changes(5, 8).iter().map(|c| c.revision).collect();
         assert_eq!(replay, vec![6, 7]);
         assert_eq!(m.covered_from(), 3);
+    }
+
+    #[test]
+    fn a_replay_broken_before_the_copy_is_given_up() {
+        let mut m = Mirror::new(vec![], 8, 100, 3);
+        m.apply(change(ChangeKind::Allocated, "10.0.0.3", "c", 6), 6);
+        assert_eq!(m.resume_from(), 9);
+        m.progress(12);
+        assert_eq!(m.covered_from(), 9, "revisions 7 and 8 were never replayed");
     }
 
     #[test]
