@@ -17,6 +17,7 @@ use k8s_openapi::{
             ServiceAccount,
         },
         networking::v1::NetworkPolicy,
+        policy::v1::PodDisruptionBudget,
         rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding},
     },
     apimachinery::pkg::util::intstr::IntOrString,
@@ -109,16 +110,29 @@ pub fn check_round_trip(v: &Value) {
         "DaemonSet" => round_trips::<DaemonSet>(v),
         "Service" => round_trips::<Service>(v),
         "NetworkPolicy" => round_trips::<NetworkPolicy>(v),
+        "PodDisruptionBudget" => round_trips::<PodDisruptionBudget>(v),
         other => panic!("a manifest of kind {other} has no check here; add one"),
     }
 }
 
 /// Long flags and env names from a binary's `--help`.
 pub fn help_of(name: &str) -> (BTreeSet<String>, BTreeSet<String>) {
+    help_of_command(name, &[])
+}
+
+/// Long flags and env names from the `--help` of a binary's `subcommand`
+/// (none: of the binary itself).
+pub fn help_of_command(name: &str, subcommand: &[&str]) -> (BTreeSet<String>, BTreeSet<String>) {
     let out = Command::new(binary(name).expect("binary"))
+        .args(subcommand)
         .arg("--help")
         .output()
         .expect("help");
+    assert!(
+        out.status.success(),
+        "{name} {subcommand:?} --help: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let help = String::from_utf8(out.stdout).expect("utf-8");
     let mut flags = BTreeSet::new();
     let mut envs = BTreeSet::new();
@@ -162,8 +176,20 @@ pub fn config_data(docs: &[Value], name: &str) -> BTreeMap<String, String> {
         .unwrap_or_default()
 }
 
-/// The container's environment with ConfigMap references resolved and
-/// downward-API fields given stand-in values.
+/// What a test takes for the value of `key` in the Secret `name`: Secrets
+/// are created by the operator, so the manifests hold none.
+pub fn secret_stand_in(name: &str, key: &str) -> String {
+    match (name, key) {
+        ("vipam-etcd", "endpoints") => {
+            "https://etcd-0.etcd:2379,https://etcd-1.etcd:2379,https://etcd-2.etcd:2379".into()
+        }
+        ("vipam-etcd", "username") => "vipam".into(),
+        _ => panic!("no stand-in for the key {key} of the Secret {name}; add one"),
+    }
+}
+
+/// The container's environment with ConfigMap references resolved, and
+/// Secret references and downward-API fields given stand-in values.
 pub fn resolved_env(docs: &[Value], c: &Container) -> Vec<(String, String)> {
     c.env
         .iter()
@@ -177,6 +203,8 @@ pub fn resolved_env(docs: &[Value], c: &Container) -> Vec<(String, String)> {
                         data.get(&r.key)
                             .unwrap_or_else(|| panic!("ConfigMap {} has no key {}", r.name, r.key))
                             .clone()
+                    } else if let Some(r) = &from.secret_key_ref {
+                        secret_stand_in(&r.name, &r.key)
                     } else if let Some(f) = &from.field_ref {
                         match f.field_path.as_str() {
                             "metadata.namespace" => NAMESPACE.to_string(),
