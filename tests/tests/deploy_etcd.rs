@@ -1,10 +1,11 @@
 //! The opt-in component `deploy/components/etcd-store` (replicated
-//! allocators on etcd) and its nested `password` component, checked as
-//! rendered: three replicas with no sled volume, a rolling update, a
-//! disruption budget and anti-affinity that select the pod, the etcd client
-//! settings from the Secret `vipam-etcd`, a syncer that waits for the Lease
-//! without holding the pod unready, and flags and values that the binaries
-//! accept.
+//! allocators on etcd), its nested `password` component and the migration
+//! Job in `deploy/examples`, checked as rendered: three replicas with no
+//! sled volume, a rolling update, a disruption budget and anti-affinity that
+//! select the pod, the etcd client settings from the Secret `vipam-etcd`, a
+//! syncer that waits for the Lease without holding the pod unready, a Job
+//! that copies the sled volume into the replicas' prefix, and flags and
+//! values that the binaries accept.
 
 use std::{
     collections::BTreeSet,
@@ -14,7 +15,11 @@ use std::{
 
 use k8s_openapi::{
     api::{
-        apps::v1::Deployment, core::v1::Container, policy::v1::PodDisruptionBudget, rbac::v1::Role,
+        apps::v1::Deployment,
+        batch::v1::Job,
+        core::v1::{Container, PodSpec},
+        policy::v1::PodDisruptionBudget,
+        rbac::v1::Role,
     },
     apimachinery::pkg::util::intstr::IntOrString,
 };
@@ -389,5 +394,115 @@ fn the_etcd_store_settings_pass_the_binaries_own_checks() {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
+    }
+}
+
+fn migration_job() -> Job {
+    let path = repo().join("deploy/examples/migrate-sled-to-etcd.yaml");
+    let docs = yaml_docs(&std::fs::read_to_string(&path).expect("the migration Job"));
+    assert_eq!(docs.len(), 1);
+    check_round_trip(&docs[0]);
+    typed(&docs[0])
+}
+
+fn job_pod(job: &Job) -> PodSpec {
+    job.spec
+        .as_ref()
+        .and_then(|s| s.template.spec.clone())
+        .expect("pod spec")
+}
+
+#[test]
+fn the_migration_job_copies_the_sled_volume_into_the_installations_prefix() {
+    let job = migration_job();
+    assert_eq!(job.metadata.namespace.as_deref(), Some(NAMESPACE));
+    let pod = job_pod(&job);
+    assert_eq!(pod.restart_policy.as_deref(), Some("Never"));
+    assert_eq!(pod.containers.len(), 1);
+    let migrate = &pod.containers[0];
+    assert_eq!(binary_of(migrate), "vipam-allocator");
+    let args = args_of(migrate);
+    assert_eq!(args.first().map(String::as_str), Some("migrate"));
+    assert_eq!(flag_value(&args, "--from"), Some("sled"));
+    assert_eq!(flag_value(&args, "--to"), Some("etcd"));
+    // From the base's volume, where the base's allocator keeps it.
+    let base = rendered();
+    let base_pod = self::pod(&deployment(&base));
+    let base_args = args_of(container(&base_pod, "vipam-allocator"));
+    let data_dir = flag_value(&args, "--data-dir").expect("--data-dir");
+    assert_eq!(Some(data_dir), flag_value(&base_args, "--data-dir"));
+    let mount = migrate
+        .volume_mounts
+        .iter()
+        .flatten()
+        .find(|m| m.mount_path == data_dir)
+        .expect("the data directory is mounted");
+    let claim = pod
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.name == mount.name)
+        .and_then(|v| v.persistent_volume_claim.clone())
+        .expect("a claim");
+    assert_eq!(claim.claim_name, "vipam-data");
+    assert!(!of_kind(&base, "PersistentVolumeClaim").is_empty());
+    // Into the prefix and with the client settings the replicas use.
+    let docs = rendered_etcd();
+    assert_eq!(
+        flag_value(&args, "--etcd-prefix"),
+        config_data(&docs, "vipam-config")
+            .get("VIPAM_ETCD_PREFIX")
+            .map(String::as_str)
+    );
+    let replicas = self::pod(&deployment(&docs));
+    let allocator_args = args_of(container(&replicas, "vipam-allocator"));
+    for (flag, _) in ETCD_FILES {
+        assert_eq!(
+            flag_value(&args, flag),
+            flag_value(&allocator_args, flag),
+            "{flag}"
+        );
+        let path = flag_value(&args, flag).unwrap_or_default();
+        assert_eq!(secret_at(&pod, migrate, path), "vipam-etcd");
+    }
+    assert_eq!(
+        migrate
+            .env
+            .iter()
+            .flatten()
+            .find(|e| e.name == "VIPAM_ETCD_ENDPOINTS"),
+        container(&replicas, "vipam-allocator")
+            .env
+            .iter()
+            .flatten()
+            .find(|e| e.name == "VIPAM_ETCD_ENDPOINTS"),
+    );
+    // Its pod is none of the Deployment's (nor counted by the budget).
+    let labels = job
+        .spec
+        .and_then(|s| s.template.metadata)
+        .and_then(|m| m.labels)
+        .unwrap_or_default();
+    let selector = deployment(&docs)
+        .spec
+        .map(|s| s.selector.match_labels.unwrap_or_default())
+        .unwrap_or_default();
+    assert!(selector.iter().any(|(k, v)| labels.get(k) != Some(v)));
+}
+
+#[test]
+fn the_migration_jobs_flags_are_ones_migrate_accepts() {
+    let job = migration_job();
+    let migrate = &job_pod(&job).containers[0];
+    let (flags, envs) = help_of_command("vipam-allocator", &["migrate"]);
+    for arg in args_of(migrate).iter().skip(1) {
+        let flag = arg.split('=').next().expect("flag");
+        assert!(
+            flags.contains(flag),
+            "vipam-allocator migrate has no flag {flag}; it has {flags:?}"
+        );
+    }
+    for e in migrate.env.iter().flatten() {
+        assert!(envs.contains(&e.name), "{}: {envs:?}", e.name);
     }
 }

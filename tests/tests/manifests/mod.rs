@@ -12,6 +12,7 @@ use std::{
 use k8s_openapi::{
     api::{
         apps::v1::{DaemonSet, Deployment},
+        batch::v1::Job,
         core::v1::{
             ConfigMap, Container, Namespace, PersistentVolumeClaim, PodSpec, Service,
             ServiceAccount,
@@ -111,6 +112,7 @@ pub fn check_round_trip(v: &Value) {
         "Service" => round_trips::<Service>(v),
         "NetworkPolicy" => round_trips::<NetworkPolicy>(v),
         "PodDisruptionBudget" => round_trips::<PodDisruptionBudget>(v),
+        "Job" => round_trips::<Job>(v),
         other => panic!("a manifest of kind {other} has no check here; add one"),
     }
 }
