@@ -149,28 +149,7 @@ impl Collector for AllocatorCollector {
             MetricType::Gauge,
         )?;
         ConstGauge::new(report.outside_count as i64).encode(gauge)?;
-        let stats = self.ipam.stats();
-        let counter = encoder.encode_descriptor(
-            "vipam_store_flushes",
-            "Store flushes (each makes a batch of writes durable)",
-            None,
-            MetricType::Counter,
-        )?;
-        ConstCounter::new(stats.flushes.load(Ordering::Relaxed)).encode(counter)?;
-        let counter = encoder.encode_descriptor(
-            "vipam_store_writes",
-            "Allocate and Release requests applied by the store writer",
-            None,
-            MetricType::Counter,
-        )?;
-        ConstCounter::new(stats.writes.load(Ordering::Relaxed)).encode(counter)?;
-        let gauge = encoder.encode_descriptor(
-            "vipam_store_revision",
-            "Revision of the last write to the store",
-            None,
-            MetricType::Gauge,
-        )?;
-        ConstGauge::new(stats.revision.load(Ordering::Relaxed) as i64).encode(gauge)?;
+        encode_store(&mut encoder, self.ipam.stats())?;
         let hub = self.ipam.hub();
         let gauge = encoder.encode_descriptor(
             "vipam_watchers",
@@ -188,4 +167,47 @@ impl Collector for AllocatorCollector {
         ConstCounter::new(hub.cutoffs()).encode(counter)?;
         Ok(())
     }
+}
+
+/// The store writer's counters and revision.
+fn encode_store(
+    encoder: &mut DescriptorEncoder,
+    stats: &crate::stats::Stats,
+) -> Result<(), std::fmt::Error> {
+    let counter = encoder.encode_descriptor(
+        "vipam_store_flushes",
+        "Store flushes (each makes a batch of writes durable)",
+        None,
+        MetricType::Counter,
+    )?;
+    ConstCounter::new(stats.flushes.load(Ordering::Relaxed)).encode(counter)?;
+    let counter = encoder.encode_descriptor(
+        "vipam_store_writes",
+        "Allocate and Release requests applied by the store writer",
+        None,
+        MetricType::Counter,
+    )?;
+    ConstCounter::new(stats.writes.load(Ordering::Relaxed)).encode(counter)?;
+    let counter = encoder.encode_descriptor(
+        "vipam_store_conflicts",
+        "Flushes that lost a race to another allocator sharing the store, then decided again",
+        None,
+        MetricType::Counter,
+    )?;
+    ConstCounter::new(stats.conflicts.load(Ordering::Relaxed)).encode(counter)?;
+    let counter = encoder.encode_descriptor(
+        "vipam_store_unavailable",
+        "Flushes the store could not commit (etcd unreachable or without quorum)",
+        None,
+        MetricType::Counter,
+    )?;
+    ConstCounter::new(stats.unavailable.load(Ordering::Relaxed)).encode(counter)?;
+    let gauge = encoder.encode_descriptor(
+        "vipam_store_revision",
+        "Revision of the last write to the store",
+        None,
+        MetricType::Gauge,
+    )?;
+    ConstGauge::new(stats.revision.load(Ordering::Relaxed) as i64).encode(gauge)?;
+    Ok(())
 }

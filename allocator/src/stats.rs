@@ -19,6 +19,10 @@ pub struct Stats {
     pub flushes: AtomicU64,
     /// Requests answered by the writer.
     pub writes: AtomicU64,
+    /// Flushes that lost a race to another writer sharing the store.
+    pub conflicts: AtomicU64,
+    /// Flushes the store could not commit for now (etcd unreachable).
+    pub unavailable: AtomicU64,
     /// Current store revision.
     pub revision: AtomicU64,
     /// False once the writer has stopped.

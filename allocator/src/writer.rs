@@ -168,17 +168,20 @@ fn write_batch<S: Store>(
                 None
             }
             Err(StoreError::Conflict { seen }) if round < MAX_ROUNDS => {
+                stats.conflicts.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(seen, round, "lost a race to another writer; deciding again");
                 ipam.rollback()?;
                 round += 1;
                 continue;
             }
             Err(StoreError::Conflict { .. }) => {
+                stats.conflicts.fetch_add(1, Ordering::Relaxed);
                 ipam.rollback()?;
                 Some(Failure::Lost)
             }
             Err(StoreError::Unavailable(why)) => {
                 tracing::warn!(error = %why, "store cannot commit; answering UNAVAILABLE");
+                stats.unavailable.fetch_add(1, Ordering::Relaxed);
                 ipam.rollback()?;
                 Some(Failure::Unavailable(why))
             }
