@@ -191,7 +191,7 @@ impl<S: Store> Ipam<S> {
     /// one's own commits, as the store saw them): the taken set follows,
     /// and the changes after revision `published` come back as events.
     pub fn observe(&mut self, published: u64) -> Result<Vec<Event>, StoreError> {
-        let Some(changes) = self.store.observed() else {
+        let Some(changes) = self.store.observed()? else {
             return Ok(Vec::new());
         };
         let mut events = Vec::new();

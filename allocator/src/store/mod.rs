@@ -80,6 +80,10 @@ pub enum StoreError {
     /// The database failed (I/O, corruption it detected, a lost connection).
     #[error("store: {0}")]
     Engine(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The store cannot go on, for the reason given (it is not a fault of
+    /// the database: another replica redefined a pool, say).
+    #[error("store stopped: {0}")]
+    Stopped(String),
     /// The database cannot be reached or cannot commit now (no quorum, a
     /// timeout): nothing staged was applied, unless the error says the
     /// outcome is unknown; the next request may succeed.
@@ -167,9 +171,9 @@ pub trait Store: Send + Sync + 'static {
     /// order, already visible to the committed reads; the writer takes them
     /// into its taken set and publishes them to watchers. `None` for an
     /// engine with this writer alone, whose own changes the writer
-    /// publishes.
-    fn observed(&self) -> Option<Vec<Change>> {
-        None
+    /// publishes. An error means the store cannot go on.
+    fn observed(&self) -> Result<Option<Vec<Change>>> {
+        Ok(None)
     }
 
     /// Whether other writers share the database (then [`Store::observed`]

@@ -609,7 +609,7 @@ impl Store for EtcdStore {
     fn flush(&self) -> Result<Option<u64>> {
         let staged = std::mem::take(&mut *self.staged());
         if let Some(why) = lock(&self.inner.fatal).as_ref() {
-            return Err(StoreError::Engine(why.clone().into()));
+            return Err(StoreError::Stopped(why.clone()));
         }
         if staged.ops.is_empty() {
             return Ok(None);
@@ -654,8 +654,11 @@ impl Store for EtcdStore {
         true
     }
 
-    fn observed(&self) -> Option<Vec<Change>> {
-        Some(self.inner.mirror().take_unread())
+    fn observed(&self) -> Result<Option<Vec<Change>>> {
+        if let Some(why) = lock(&self.inner.fatal).as_ref() {
+            return Err(StoreError::Stopped(why.clone()));
+        }
+        Ok(Some(self.inner.mirror().take_unread()))
     }
 
     fn on_observed(&self, wake: Box<dyn Fn() + Send + Sync>) {
