@@ -387,24 +387,10 @@ impl EtcdStore {
     fn commit(&self, staged: &Staged) -> Result<u64> {
         let inner = &self.inner;
         let txn = staged.txn(&inner.keys, &inner.pool_keys, &inner.pools);
-        let mut client = inner.client.clone();
-        let sent = inner
-            .runtime
-            .block_on(async { tokio::time::timeout(inner.timeout, client.txn(txn)).await });
-        let response = match sent {
-            Ok(Ok(response)) => response,
-            Ok(Err(e)) => {
-                return Err(unavailable(format!(
-                    "etcd transaction failed (outcome unknown if it was sent): {e}"
-                )));
-            }
-            Err(_) => {
-                return Err(unavailable(format!(
-                    "etcd did not answer within {:?} (outcome unknown)",
-                    inner.timeout
-                )));
-            }
-        };
+        let response =
+            inner
+                .runtime
+                .block_on(send_txn(inner.client.clone(), txn, inner.timeout))?;
         let revision = response
             .header()
             .map_or(0, |h| u64::try_from(h.revision()).unwrap_or(0));
@@ -417,6 +403,47 @@ impl EtcdStore {
         inner.wait_for(revision)?;
         Err(StoreError::Conflict { seen: revision })
     }
+}
+
+/// Sends `txn` within `timeout`. A connection that could not be made to
+/// one endpoint carried nothing, so the transaction is sent again (to
+/// another endpoint, when the cluster has several) until the time is up.
+async fn send_txn(
+    mut client: Client,
+    txn: Txn,
+    timeout: Duration,
+) -> Result<etcd_client::TxnResponse> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match tokio::time::timeout(left, client.txn(txn.clone())).await {
+            Ok(Ok(response)) => return Ok(response),
+            Ok(Err(e)) if is_not_sent(&e) && tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20).min(left)).await;
+            }
+            Ok(Err(e)) if is_not_sent(&e) => {
+                return Err(unavailable(format!(
+                    "etcd unreachable, nothing was sent: {e}"
+                )));
+            }
+            Ok(Err(e)) => {
+                return Err(unavailable(format!(
+                    "etcd transaction failed (outcome unknown): {e}"
+                )));
+            }
+            Err(_) => {
+                return Err(unavailable(format!(
+                    "etcd did not answer within {timeout:?} (outcome unknown)"
+                )));
+            }
+        }
+    }
+}
+
+/// Whether the call failed before anything reached etcd (no connection).
+fn is_not_sent(e: &etcd_client::Error) -> bool {
+    let text = e.to_string();
+    text.contains("tcp connect error") || text.contains("Connection refused")
 }
 
 /// Writes the pool definitions etcd does not hold yet and checks the others;
