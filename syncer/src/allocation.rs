@@ -155,7 +155,8 @@ impl Allocator {
 
     /// Allocates for a Service: the address asked for, or from the pool. An
     /// address the Service keeps that its owner from before the cluster
-    /// name holds is moved to its owner now (see [`take_over_from`]).
+    /// name holds is moved to its owner now (see [`take_over_from`]):
+    /// released if that owner holds exactly it, then asked for again.
     pub async fn allocate(
         &self,
         service: &Subject,
@@ -171,27 +172,29 @@ impl Allocator {
         ) else {
             return Err(refused);
         };
-        match self.release_held(&former, ip).await {
-            Ok(true) => {
-                let to = self.owners.of(&service.namespace, &service.name);
-                let moved = self.allocate_once(service, request).await;
-                match &moved {
-                    Ok(_) => {
-                        tracing::info!(service = %service, address = %ip, from = former, to, "moved the address to the owner with the cluster name");
-                    }
-                    Err(e) => {
-                        tracing::warn!(service = %service, address = %ip, from = former, to, error = %e, "released the address of the owner without the cluster name, but the owner with it could not take it");
-                    }
-                }
-                moved
-            }
-            Ok(false) => Err(refused),
-            Err(e @ AllocError::Unreachable(_)) => Err(e),
+        let released = match self.release_held(&former, ip).await {
+            Ok(released) => released,
+            Err(e @ AllocError::Unreachable(_)) => return Err(e),
+            // Another owner holds the address; it may be this Service's
+            // own by now, taken over by a concurrent call: ask again.
             Err(e) => {
                 tracing::debug!(service = %service, address = %ip, owner = former, error = %e, "the address is not the Service's former owner's");
-                Err(refused)
+                false
+            }
+        };
+        let moved = self.allocate_once(service, request).await;
+        if released {
+            let to = self.owners.of(&service.namespace, &service.name);
+            match &moved {
+                Ok(_) => {
+                    tracing::info!(service = %service, address = %ip, from = former, to, "moved the address to the owner with the cluster name");
+                }
+                Err(e) => {
+                    tracing::warn!(service = %service, address = %ip, from = former, to, error = %e, "released the address of the owner without the cluster name, but the owner with it could not take it");
+                }
             }
         }
+        moved
     }
 
     async fn allocate_once(
