@@ -116,22 +116,17 @@ pub struct Owned {
     pub address: String,
 }
 
-/// The owner to take a Service's address over from, after `error` refused
-/// to keep it: the Service's owner from before its cluster got a name, when
-/// the request keeps an address the Service already has (its status, or
-/// the Go provider's state) and another owner holds it. Only when that
-/// owner holds exactly this address is it taken over (see
+/// The owners to take a Service's address over from, after `error` refused
+/// to keep it: those from before its cluster got a name, when the request
+/// keeps an address the Service already has (its status, or the Go
+/// provider's state) and another owner holds it. Only when the Service's
+/// owner under them holds exactly this address is it taken over (see
 /// [`Allocator::allocate`]); every other owner is left alone.
-pub fn take_over_from(
-    owners: &Owners,
-    service: &Subject,
-    request: &Request,
-    error: &AllocError,
-) -> Option<String> {
+pub fn take_over_from(owners: &Owners, request: &Request, error: &AllocError) -> Option<Owners> {
     if !request.adopt || request.address.is_none() || !matches!(error, AllocError::Held(_)) {
         return None;
     }
-    owners.former(&service.namespace, &service.name)
+    owners.former()
 }
 
 impl Allocator {
@@ -155,58 +150,77 @@ impl Allocator {
 
     /// Allocates for a Service: the address asked for, or from the pool. An
     /// address the Service keeps that its owner from before the cluster
-    /// name holds is moved to its owner now (see [`take_over_from`]):
-    /// released if that owner holds exactly it, then asked for again.
+    /// name holds is moved to its owner now (see [`take_over_from`]).
     pub async fn allocate(
         &self,
         service: &Subject,
         request: &Request,
     ) -> Result<Allocated, AllocError> {
-        let refused = match self.allocate_once(service, request).await {
+        let refused = match self.allocate_as(&self.owners, service, request).await {
             Err(e) => e,
             allocated => return allocated,
         };
-        let (Some(former), Some(ip)) = (
-            take_over_from(&self.owners, service, request, &refused),
+        match (
+            take_over_from(&self.owners, request, &refused),
             request.address,
-        ) else {
-            return Err(refused);
-        };
-        let released = match self.release_held(&former, ip).await {
+        ) {
+            (Some(former), Some(ip)) => self.take_over(service, request, &former, ip).await,
+            _ => Err(refused),
+        }
+    }
+
+    /// Moves `ip` from the Service's owner under `former` to its own: a
+    /// release by owner and address (so only if that owner holds exactly
+    /// it), then the request again. The allocator refuses an owner its
+    /// credential or the pool does not admit before it looks at who holds
+    /// the address, so a move it would refuse never gets here; what remains
+    /// is the moment between the two calls, in which another client may
+    /// take the address (hence the name is turned on before other clusters
+    /// share the pool).
+    async fn take_over(
+        &self,
+        service: &Subject,
+        request: &Request,
+        former: &Owners,
+        ip: IpAddr,
+    ) -> Result<Allocated, AllocError> {
+        let from = former.of(&service.namespace, &service.name);
+        let to = self.owners.of(&service.namespace, &service.name);
+        let released = match self.release_held(&from, ip).await {
             Ok(released) => released,
             Err(e @ AllocError::Unreachable(_)) => return Err(e),
             // Another owner holds the address; it may be this Service's
             // own by now, taken over by a concurrent call: ask again.
             Err(e) => {
-                tracing::debug!(service = %service, address = %ip, owner = former, error = %e, "the address is not the Service's former owner's");
+                tracing::debug!(service = %service, address = %ip, owner = from, error = %e, "the address is not the Service's former owner's");
                 false
             }
         };
-        let moved = self.allocate_once(service, request).await;
-        if released {
-            let to = self.owners.of(&service.namespace, &service.name);
-            match &moved {
-                Ok(_) => {
-                    tracing::info!(service = %service, address = %ip, from = former, to, "moved the address to the owner with the cluster name");
-                }
-                Err(e) => {
-                    tracing::warn!(service = %service, address = %ip, from = former, to, error = %e, "released the address of the owner without the cluster name, but the owner with it could not take it");
-                }
+        let moved = self.allocate_as(&self.owners, service, request).await;
+        match &moved {
+            Ok(_) if released => {
+                tracing::info!(service = %service, address = %ip, from, to, "moved the address to the owner with the cluster name");
             }
+            Err(e) if released => {
+                tracing::warn!(service = %service, address = %ip, from, to, error = %e, "released the address of the owner without the cluster name, but the owner with it did not get it");
+            }
+            _ => {}
         }
         moved
     }
 
-    async fn allocate_once(
+    /// Allocates for the Service's owner under `owners`.
+    async fn allocate_as(
         &self,
+        owners: &Owners,
         service: &Subject,
         request: &Request,
     ) -> Result<Allocated, AllocError> {
         let req = AllocateRequest {
             pool: request.pool.clone().unwrap_or_default(),
-            owner: self.owners.of(&service.namespace, &service.name),
+            owner: owners.of(&service.namespace, &service.name),
             address: request.address.map(|a| a.to_string()).unwrap_or_default(),
-            labels: self.owners.labels(service),
+            labels: owners.labels(service),
             family: 0,
             adopt: request.adopt,
         };
@@ -283,14 +297,6 @@ mod tests {
         Owners::new(cluster.map(|c| c.parse().expect("test cluster name")))
     }
 
-    fn mk_subject() -> Subject {
-        Subject {
-            namespace: "shop".into(),
-            name: "web".into(),
-            uid: "u-1".into(),
-        }
-    }
-
     fn held() -> AllocError {
         AllocError::Held("10.0.0.1 is held by service:shop/web".into())
     }
@@ -299,18 +305,15 @@ mod tests {
     fn a_named_syncer_takes_a_kept_address_over_from_the_services_unnamed_owner() {
         let keep = Request::keep(mk_ip("10.0.0.1"));
         assert_eq!(
-            take_over_from(&mk_owners(Some("c1")), &mk_subject(), &keep, &held()),
-            Some("service:shop/web".to_string())
+            take_over_from(&mk_owners(Some("c1")), &keep, &held()),
+            Some(mk_owners(None))
         );
     }
 
     #[test]
     fn an_unnamed_syncer_takes_nothing_over() {
         let keep = Request::keep(mk_ip("10.0.0.1"));
-        assert_eq!(
-            take_over_from(&mk_owners(None), &mk_subject(), &keep, &held()),
-            None
-        );
+        assert_eq!(take_over_from(&mk_owners(None), &keep, &held()), None);
     }
 
     #[test]
@@ -320,14 +323,8 @@ mod tests {
             address: Some(mk_ip("10.0.0.1")),
             ..Default::default()
         };
-        assert_eq!(
-            take_over_from(&owners, &mk_subject(), &asked, &held()),
-            None
-        );
-        assert_eq!(
-            take_over_from(&owners, &mk_subject(), &Request::default(), &held()),
-            None
-        );
+        assert_eq!(take_over_from(&owners, &asked, &held()), None);
+        assert_eq!(take_over_from(&owners, &Request::default(), &held()), None);
     }
 
     #[test]
@@ -342,11 +339,7 @@ mod tests {
             AllocError::Refused("FAILED_PRECONDITION: x".into()),
             AllocError::UnknownPool("x".into()),
         ] {
-            assert_eq!(
-                take_over_from(&owners, &mk_subject(), &keep, &e),
-                None,
-                "{e}"
-            );
+            assert_eq!(take_over_from(&owners, &keep, &e), None, "{e}");
         }
     }
 

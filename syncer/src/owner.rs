@@ -5,7 +5,7 @@
 //! never share an owner. [`Owners::parse`] says which owners are this
 //! syncer's own: only those are released when their Service is gone. The
 //! one exception to "never touch another form" is [`Owners::former`]: the
-//! owner a Service had before its cluster got a name, from which the
+//! owners Services had before their cluster got a name, from which a
 //! Service's own address is taken over.
 
 use std::{collections::HashMap, fmt, str::FromStr};
@@ -105,14 +105,12 @@ impl Owners {
         (plain(namespace) && plain(name)).then_some((namespace, name))
     }
 
-    /// The owner a Service had before its cluster got a name (the unnamed
-    /// form), when this syncer has one. An address the Service has in its
-    /// status and that this owner holds is the Service's own, taken over
-    /// when the name is turned on.
-    pub fn former(&self, namespace: &str, name: &str) -> Option<String> {
-        self.cluster
-            .as_ref()
-            .map(|_| format!("{OWNER_PREFIX}{namespace}/{name}"))
+    /// The owners this cluster's Services had before it got a name (the
+    /// unnamed form), when this syncer has one. An address a Service has in
+    /// its status and that its owner under them holds is the Service's own,
+    /// taken over when the name is turned on.
+    pub fn former(&self) -> Option<Owners> {
+        self.cluster.as_ref().map(|_| Owners::default())
     }
 
     /// The labels recorded with a Service's allocation: its namespace, name
@@ -226,17 +224,14 @@ mod tests {
     }
 
     #[test]
-    fn only_a_named_syncer_has_a_former_owner_the_unnamed_form() {
-        assert_eq!(mk_owners(None).former("shop", "web"), None);
+    fn only_a_named_syncer_has_former_owners_the_unnamed_form() {
+        assert_eq!(mk_owners(None).former(), None);
         let owners = mk_owners(Some("c1"));
-        let former = owners.former("shop", "web").expect("a former owner");
-        assert_eq!(former, "service:shop/web");
-        assert_eq!(mk_owners(None).parse(&former), Some(("shop", "web")));
-        assert_eq!(
-            owners.parse(&former),
-            None,
-            "the former owner is not its own"
-        );
+        let former = owners.former().expect("former owners");
+        assert_eq!(former, mk_owners(None));
+        let owner = former.of("shop", "web");
+        assert_eq!(owner, "service:shop/web");
+        assert_eq!(owners.parse(&owner), None, "a former owner is not its own");
     }
 
     #[test]

@@ -193,3 +193,43 @@ async fn turning_the_cluster_name_on_moves_every_address_to_its_named_owner() ->
     }
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_named_owner_the_pool_does_not_admit_moves_nothing_and_the_name_can_be_turned_off()
+-> Result<()> {
+    let kube = Kube::start("cluster-name-refused").await?;
+    let ns = kube.namespace.clone();
+    // The pool admits the namespace's unnamed owners only: the operator
+    // has not added service:c1/<ns>/ to --pool-owners.
+    let pool_owners = format!("default=service:{ns}/");
+    let allocator = kube.allocator_with(&[POOL_DEFAULT], &["--pool-owners", &pool_owners])?;
+    let mut syncer = kube.syncer(&allocator, &[])?;
+    kube.create(kube.lb("a")).await?;
+    let a = kube.wait_ip("a").await?;
+    let data = BTreeMap::from([(a.clone(), kube.entry("a", None))]);
+    kube.wait_data(&data).await?;
+    syncer.terminate(Duration::from_secs(10))?;
+
+    let mut named = kube.syncer(&allocator, &["--cluster-name", "c1"])?;
+    let note = kube
+        .wait_event(
+            "a",
+            "Warning",
+            "AllocationFailed",
+            &["not permitted", "service:c1/"],
+        )
+        .await?;
+    println!("event: {note}");
+    // Refused before anything was released: the unnamed owner keeps the
+    // address, the status stays.
+    let unnamed_only = mk_expected(&[(owner(&ns, "a"), a.as_str())]);
+    assert_eq!(allocations(&allocator).await?, unnamed_only);
+    assert_eq!(kube.ip("a").await?.as_ref(), Some(&a));
+    named.terminate(Duration::from_secs(10))?;
+
+    // Without the name again, everything is as it was.
+    let _unnamed = kube.syncer(&allocator, &[])?;
+    kube.wait_data(&data).await?;
+    assert_eq!(allocations(&allocator).await?, unnamed_only);
+    Ok(())
+}
