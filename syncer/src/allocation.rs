@@ -1,5 +1,5 @@
 //! Calls to the allocator for Services (under the owners of
-//! [`Owners`](crate::owner::Owners)), and what their failures mean for a
+//! [`Owners`]), and what their failures mean for a
 //! Service (the reason an Event shows).
 
 use std::{net::IpAddr, time::Instant};

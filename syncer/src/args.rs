@@ -90,15 +90,16 @@ pub struct Args {
     pub load_balancer_class: Option<String>,
 
     /// This cluster's name (a DNS-1123 label), when several clusters share
-    /// the allocator's pools: owners become service:<cluster>/<namespace>/<name>.
+    /// the allocator's pools: owners become service:CLUSTER/NAMESPACE/NAME.
     ///
-    /// Unset, owners are service:<namespace>/<name>. Set, allocations also
-    /// get the label cluster=<cluster>, and only owners of this form and
-    /// cluster are released or adopted. Turned on, a Service's address held
-    /// by its unnamed owner moves to the named one (the address stays; the
-    /// credential needs owners=service:). Owner prefixes of a namespace on
-    /// the allocator (--pool-owners, --default-pool-for, --client owners=)
-    /// become service:<cluster>/<namespace>/. See docs/tool-authors.md.
+    /// Unset, owners are service:NAMESPACE/NAME. Set, allocations also get
+    /// the label cluster=CLUSTER, and only owners of this form and cluster
+    /// are released or adopted. Turned on, a Service's address held by its
+    /// unnamed owner moves to the named one (the address stays), once the
+    /// allocator admits both: owner prefixes of a namespace there
+    /// (--pool-owners, --default-pool-for, --client owners=) become
+    /// service:CLUSTER/NAMESPACE/, and the syncer's credential needs
+    /// owners=service:. See docs/tool-authors.md.
     #[arg(long, env = "VIPAM_CLUSTER_NAME", value_name = "NAME")]
     pub cluster_name: Option<ClusterName>,
 
