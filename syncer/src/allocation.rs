@@ -1,6 +1,5 @@
-//! Calls to the allocator for Services (under the owners of
-//! [`Owners`]), and what their failures mean for a
-//! Service (the reason an Event shows).
+//! Calls to the allocator for Services, under this cluster's [`Owners`],
+//! and what their failures mean for a Service (the reason an Event shows).
 
 use std::{net::IpAddr, time::Instant};
 
