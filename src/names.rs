@@ -1,12 +1,17 @@
-//! Names both programs and every client agree on: what a pool name may be,
-//! and how a gRPC status code is spelled in logs and metric labels.
+//! Names both programs and every client agree on: what a DNS label (a pool
+//! name, the syncer's cluster name) may be, and how a gRPC status code is
+//! spelled in logs and metric labels.
 
-/// What a pool name may be, in words, for error messages.
-pub const POOL_NAME_RULE: &str =
+/// What a DNS-1123 label may be, in words, for error messages.
+pub const DNS_LABEL_RULE: &str =
     "1 to 63 lowercase letters, digits and '-', not starting or ending with '-'";
 
-/// Whether `name` is a valid pool name: a DNS label.
-pub fn is_pool_name(name: &str) -> bool {
+/// What a pool name may be, in words, for error messages.
+pub const POOL_NAME_RULE: &str = DNS_LABEL_RULE;
+
+/// Whether `name` is a DNS-1123 label: 1 to 63 lowercase letters, digits and
+/// '-', starting and ending with a letter or digit.
+pub fn is_dns_label(name: &str) -> bool {
     let b = name.as_bytes();
     !b.is_empty()
         && b.len() <= 63
@@ -14,6 +19,11 @@ pub fn is_pool_name(name: &str) -> bool {
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
         && b[0] != b'-'
         && b[b.len() - 1] != b'-'
+}
+
+/// Whether `name` is a valid pool name: a DNS label.
+pub fn is_pool_name(name: &str) -> bool {
+    is_dns_label(name)
 }
 
 /// The name of a gRPC code as the gRPC specification spells it

@@ -1,14 +1,19 @@
-//! Calls to the allocator for Services, and what their failures mean for a
-//! Service (the reason an Event shows).
+//! Calls to the allocator for Services, under this cluster's [`Owners`],
+//! and what their failures mean for a Service (the reason an Event shows).
 
-use std::{collections::HashMap, net::IpAddr, time::Instant};
+use std::{net::IpAddr, time::Instant};
 
 use tonic::Code;
-use vipam::{client::Client, v1::AllocateRequest};
+use vipam::{
+    client::Client,
+    v1::{AllocateRequest, ReleaseRequest},
+};
 
 use crate::{
-    desired::{LABEL_NAME, LABEL_NAMESPACE, LABEL_UID, Request, Subject, owner},
+    desired::{Request, Subject},
+    index::ServiceKey,
     metrics::Metrics,
+    owner::Owners,
 };
 
 /// Why an allocation failed, as a Service's Event says it.
@@ -90,17 +95,47 @@ pub struct Allocated {
     pub pool: String,
 }
 
-/// The allocator as the syncer uses it.
+/// The allocator as the syncer uses it, with the owners of this cluster's
+/// Services.
 #[derive(Clone)]
 pub struct Allocator {
     client: Client,
+    owners: Owners,
     metrics: std::sync::Arc<Metrics>,
 }
 
+/// An allocation of this syncer's: its Service, owner and address.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Owned {
+    /// The Service's namespace and name.
+    pub service: ServiceKey,
+    /// The owner.
+    pub owner: String,
+    /// The address.
+    pub address: String,
+}
+
+/// The owners to take a Service's address over from, after `error` refused
+/// to keep it: those from before its cluster got a name, when the request
+/// keeps an address the Service already has (its status, or the Go
+/// provider's state) and another owner holds it. Only when the Service's
+/// owner under them holds exactly this address is it taken over (see
+/// [`Allocator::allocate`]); every other owner is left alone.
+pub fn take_over_from(owners: &Owners, request: &Request, error: &AllocError) -> Option<Owners> {
+    if !request.adopt || request.address.is_none() || !matches!(error, AllocError::Held(_)) {
+        return None;
+    }
+    owners.former()
+}
+
 impl Allocator {
-    /// Wraps a client.
-    pub fn new(client: Client, metrics: std::sync::Arc<Metrics>) -> Self {
-        Allocator { client, metrics }
+    /// Wraps a client; the Services' owners are those of `owners`.
+    pub fn new(client: Client, owners: Owners, metrics: std::sync::Arc<Metrics>) -> Self {
+        Allocator {
+            client,
+            owners,
+            metrics,
+        }
     }
 
     fn observe<T>(&self, call: &'static str, start: Instant, result: &Result<T, tonic::Status>) {
@@ -112,22 +147,79 @@ impl Allocator {
             .observe_allocator(call, code, start.elapsed().as_secs_f64());
     }
 
-    /// Allocates for a Service: the address asked for, or from the pool.
+    /// Allocates for a Service: the address asked for, or from the pool. An
+    /// address the Service keeps that its owner from before the cluster
+    /// name holds is moved to its owner now (see [`take_over_from`]).
     pub async fn allocate(
         &self,
         service: &Subject,
         request: &Request,
     ) -> Result<Allocated, AllocError> {
-        let labels = HashMap::from([
-            (LABEL_NAMESPACE.to_string(), service.namespace.clone()),
-            (LABEL_NAME.to_string(), service.name.clone()),
-            (LABEL_UID.to_string(), service.uid.clone()),
-        ]);
+        let refused = match self.allocate_as(&self.owners, service, request).await {
+            Err(e) => e,
+            allocated => return allocated,
+        };
+        match (
+            take_over_from(&self.owners, request, &refused),
+            request.address,
+        ) {
+            (Some(former), Some(ip)) => self.take_over(service, request, &former, ip).await,
+            _ => Err(refused),
+        }
+    }
+
+    /// Moves `ip` from the Service's owner under `former` to its own: a
+    /// release by owner and address (so only if that owner holds exactly
+    /// it), then the request again. The allocator refuses an owner its
+    /// credential or the pool does not admit before it looks at who holds
+    /// the address, so a move it would refuse never gets here; what remains
+    /// is the moment between the two calls, in which another client may
+    /// take the address (hence the name is turned on before other clusters
+    /// share the pool).
+    async fn take_over(
+        &self,
+        service: &Subject,
+        request: &Request,
+        former: &Owners,
+        ip: IpAddr,
+    ) -> Result<Allocated, AllocError> {
+        let from = former.of(&service.namespace, &service.name);
+        let to = self.owners.of(&service.namespace, &service.name);
+        let released = match self.release_held(&from, ip).await {
+            Ok(released) => released,
+            Err(e @ AllocError::Unreachable(_)) => return Err(e),
+            // Another owner holds the address; it may be this Service's
+            // own by now, taken over by a concurrent call: ask again.
+            Err(e) => {
+                tracing::debug!(service = %service, address = %ip, owner = from, error = %e, "the address is not the Service's former owner's");
+                false
+            }
+        };
+        let moved = self.allocate_as(&self.owners, service, request).await;
+        match &moved {
+            Ok(_) if released => {
+                tracing::info!(service = %service, address = %ip, from, to, "moved the address to the owner with the cluster name");
+            }
+            Err(e) if released => {
+                tracing::warn!(service = %service, address = %ip, from, to, error = %e, "released the address of the owner without the cluster name, but the owner with it did not get it");
+            }
+            _ => {}
+        }
+        moved
+    }
+
+    /// Allocates for the Service's owner under `owners`.
+    async fn allocate_as(
+        &self,
+        owners: &Owners,
+        service: &Subject,
+        request: &Request,
+    ) -> Result<Allocated, AllocError> {
         let req = AllocateRequest {
             pool: request.pool.clone().unwrap_or_default(),
-            owner: owner(&service.namespace, &service.name),
+            owner: owners.of(&service.namespace, &service.name),
             address: request.address.map(|a| a.to_string()).unwrap_or_default(),
-            labels,
+            labels: owners.labels(service),
             family: 0,
             adopt: request.adopt,
         };
@@ -147,24 +239,50 @@ impl Allocator {
         })
     }
 
+    /// Releases `ip` if `owner` holds it; whether it was released. Another
+    /// holder is an error of the allocator's (`FAILED_PRECONDITION`).
+    async fn release_held(&self, owner: &str, ip: IpAddr) -> Result<bool, AllocError> {
+        let start = Instant::now();
+        let result = self
+            .client
+            .release(ReleaseRequest {
+                owner: owner.to_string(),
+                address: ip.to_string(),
+            })
+            .await;
+        self.observe("Release", start, &result);
+        Ok(result.map_err(|s| AllocError::from_status(&s))?.released)
+    }
+
     /// Releases whatever the Service holds; `Ok(None)` when it held nothing.
     pub async fn release(&self, namespace: &str, name: &str) -> Result<Option<IpAddr>, AllocError> {
         let start = Instant::now();
-        let result = self.client.release_owner(&owner(namespace, name)).await;
+        let result = self
+            .client
+            .release_owner(&self.owners.of(namespace, name))
+            .await;
         self.observe("Release", start, &result);
         let released = result.map_err(|s| AllocError::from_status(&s))?;
         Ok(released.and_then(|a| a.address.parse().ok()))
     }
 
-    /// Every allocation the syncer owns, as (owner, address).
-    pub async fn owned(&self) -> Result<Vec<(String, String)>, AllocError> {
+    /// Every allocation of this syncer's own (see
+    /// [`Owners::parse`]): never one of another cluster or of the other form.
+    pub async fn owned(&self) -> Result<Vec<Owned>, AllocError> {
         let start = Instant::now();
-        let result = self.client.list_all("", crate::desired::OWNER_PREFIX).await;
+        let result = self.client.list_all("", &self.owners.prefix()).await;
         self.observe("List", start, &result);
         Ok(result
             .map_err(|s| AllocError::from_status(&s))?
             .into_iter()
-            .map(|a| (a.owner, a.address))
+            .filter_map(|a| {
+                let (namespace, name) = self.owners.parse(&a.owner)?;
+                Some(Owned {
+                    service: (namespace.to_string(), name.to_string()),
+                    owner: a.owner.clone(),
+                    address: a.address,
+                })
+            })
             .collect())
     }
 }
@@ -172,7 +290,57 @@ impl Allocator {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::error::Error;
+    use crate::{error::Error, fixtures::mk_ip};
+
+    fn mk_owners(cluster: Option<&str>) -> Owners {
+        Owners::new(cluster.map(|c| c.parse().expect("test cluster name")))
+    }
+
+    fn held() -> AllocError {
+        AllocError::Held("10.0.0.1 is held by service:shop/web".into())
+    }
+
+    #[test]
+    fn a_named_syncer_takes_a_kept_address_over_from_the_services_unnamed_owner() {
+        let keep = Request::keep(mk_ip("10.0.0.1"));
+        assert_eq!(
+            take_over_from(&mk_owners(Some("c1")), &keep, &held()),
+            Some(mk_owners(None))
+        );
+    }
+
+    #[test]
+    fn an_unnamed_syncer_takes_nothing_over() {
+        let keep = Request::keep(mk_ip("10.0.0.1"));
+        assert_eq!(take_over_from(&mk_owners(None), &keep, &held()), None);
+    }
+
+    #[test]
+    fn only_an_address_the_service_already_has_is_taken_over() {
+        let owners = mk_owners(Some("c1"));
+        let asked = Request {
+            address: Some(mk_ip("10.0.0.1")),
+            ..Default::default()
+        };
+        assert_eq!(take_over_from(&owners, &asked, &held()), None);
+        assert_eq!(take_over_from(&owners, &Request::default(), &held()), None);
+    }
+
+    #[test]
+    fn only_an_address_held_by_another_owner_is_taken_over() {
+        let owners = mk_owners(Some("c1"));
+        let keep = Request::keep(mk_ip("10.0.0.1"));
+        for e in [
+            AllocError::Exhausted("default".into()),
+            AllocError::Denied("x".into()),
+            AllocError::Invalid("x".into()),
+            AllocError::Unreachable("x".into()),
+            AllocError::Refused("FAILED_PRECONDITION: x".into()),
+            AllocError::UnknownPool("x".into()),
+        ] {
+            assert_eq!(take_over_from(&owners, &keep, &e), None, "{e}");
+        }
+    }
 
     #[test]
     fn each_refusal_of_the_allocator_keeps_its_message_and_only_transient_faults_are_unreachable() {

@@ -32,6 +32,7 @@ use crate::{
     http,
     index::Index,
     metrics::Metrics,
+    owner::{ClusterName, Owners},
     reconcile,
 };
 
@@ -87,6 +88,20 @@ pub struct Args {
     /// Services without a class.
     #[arg(long, env = "VIPAM_LOAD_BALANCER_CLASS", value_name = "CLASS")]
     pub load_balancer_class: Option<String>,
+
+    /// This cluster's name (a DNS-1123 label), when several clusters share
+    /// the allocator's pools: owners become service:CLUSTER/NAMESPACE/NAME.
+    ///
+    /// Unset, owners are service:NAMESPACE/NAME. Set, allocations also get
+    /// the label cluster=CLUSTER, and only owners of this form and cluster
+    /// are released or adopted. Turned on, a Service's address held by its
+    /// unnamed owner moves to the named one (the address stays), once the
+    /// allocator admits both: owner prefixes of a namespace there
+    /// (--pool-owners, --default-pool-for, --client owners=) become
+    /// service:CLUSTER/NAMESPACE/, and the syncer's credential needs
+    /// owners=service:. See docs/tool-authors.md.
+    #[arg(long, env = "VIPAM_CLUSTER_NAME", value_name = "NAME")]
+    pub cluster_name: Option<ClusterName>,
 
     /// Name of the Lease that elects the one active syncer.
     #[arg(
@@ -216,6 +231,7 @@ impl Args {
             default_forward_method,
             proxy_protocol_mode,
             load_balancer_class,
+            cluster_name,
             lease_name,
             lease_namespace,
             lease_duration,
@@ -250,6 +266,7 @@ impl Args {
             println!("vipam-syncer: the settings are valid");
             return Ok(());
         }
+        let owners = cluster_owners(cluster_name);
         let mut signal: Signal = Box::pin(runtime::shutdown_signal());
         let metrics = Arc::new(Metrics::new());
         let mut running = Supervisor::new();
@@ -258,13 +275,11 @@ impl Args {
             .await
             .context("connecting to the Kubernetes API (in-cluster or KUBECONFIG)")?;
         let mut leading = start_lease(&mut running, client.clone(), &lease).await?;
-        let lead = wait_to_lead(&mut leading, &lease);
+        let lead = wait_to_lead(&mut leading, &lease, &metrics);
         let Some(led) = or_signal(&mut running, &mut signal, lead).await? else {
             return stop(running, leading, Ok(Stop::Signal), &lease).await;
         };
         led?;
-        metrics.set_leader(true);
-        tracing::info!("leading");
         let (writer, index, events) = new_writer(&client, &config_map, &lease.identity, &metrics);
         let read = adopt::read_adoptable(&writer);
         let Some(adoptable) = or_signal(&mut running, &mut signal, read).await? else {
@@ -272,7 +287,7 @@ impl Args {
         };
         let (controller, ctx, retriggered) = controller_and_context(
             client,
-            allocator_client,
+            Allocator::new(allocator_client, owners, metrics.clone()),
             index,
             events,
             settings,
@@ -303,6 +318,14 @@ fn settings(
         default_forward_method,
         proxy_protocol_mode,
     })
+}
+
+/// The owners of this cluster's Services in the allocator, logged.
+fn cluster_owners(cluster_name: Option<ClusterName>) -> Owners {
+    let owners = Owners::new(cluster_name);
+    let cluster = owners.cluster().map_or("", ClusterName::as_str);
+    tracing::info!(cluster, owners = %owners.of("<namespace>", "<name>"), "allocator owners of this cluster's Services");
+    owners
 }
 
 /// The kube-keepalived-vip ConfigMap and how its writes are coalesced.
@@ -415,15 +438,19 @@ async fn start_lease(
     Ok(leading)
 }
 
+/// Waits until this syncer holds the Lease, and records that it leads.
 async fn wait_to_lead(
     leading: &mut watch::Receiver<bool>,
     lease: &LeaseFlags,
+    metrics: &Metrics,
 ) -> anyhow::Result<()> {
     tracing::info!(lease = %format!("{}/{}", lease.namespace, lease.name), "waiting to lead");
     leading
         .wait_for(|l| *l)
         .await
         .context("lease manager stopped")?;
+    metrics.set_leader(true);
+    tracing::info!("leading");
     Ok(())
 }
 
@@ -446,7 +473,7 @@ async fn or_signal<T>(
 /// The Service controller and the context its reconciles share.
 fn controller_and_context(
     client: kube::Client,
-    allocator_client: vipam::client::Client,
+    allocator: Allocator,
     index: Arc<Index>,
     events: Events,
     settings: Settings,
@@ -461,7 +488,7 @@ fn controller_and_context(
     let (retrigger, retriggered) = futures::channel::mpsc::unbounded();
     let clients = Clients {
         kube: client.clone(),
-        allocator: Allocator::new(allocator_client, metrics.clone()),
+        allocator,
         events,
     };
     let state = Shared::new(index, controller.store(), adoptable, retrigger);

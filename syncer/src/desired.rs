@@ -16,18 +16,9 @@ pub const POOL_ANNOTATION: &str = "vipam.io/pool";
 pub const ADDRESS_ANNOTATION: &str = "vipam.io/load-balancer-ips";
 /// The finalizer held while a Service has an address.
 pub const FINALIZER: &str = "service.kubernetes.io/load-balancer-cleanup";
-/// Prefix of every owner the syncer creates in the allocator. Other tools
-/// must not use it.
-pub const OWNER_PREFIX: &str = "service:";
 /// The syncer setting that declares kube-keepalived-vip's proxy-protocol
 /// mode, as messages name it.
 pub const PROXY_PROTOCOL_SETTING: &str = "--proxy-protocol-mode (VIPAM_PROXY_PROTOCOL_MODE)";
-/// Label keys recorded with each allocation.
-pub const LABEL_NAMESPACE: &str = "namespace";
-/// See [`LABEL_NAMESPACE`].
-pub const LABEL_NAME: &str = "name";
-/// See [`LABEL_NAMESPACE`].
-pub const LABEL_UID: &str = "uid";
 
 /// How kube-keepalived-vip forwards traffic to a Service.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -335,17 +326,8 @@ pub fn desired(svc: &Service, settings: &Settings) -> Desired {
     }
 }
 
-/// The allocator owner of a Service.
-pub fn owner(namespace: &str, name: &str) -> String {
-    format!("{OWNER_PREFIX}{namespace}/{name}")
-}
-
-/// The namespace and name of a syncer-made owner.
-pub fn parse_owner(owner: &str) -> Option<(&str, &str)> {
-    owner.strip_prefix(OWNER_PREFIX)?.split_once('/')
-}
-
-/// A Service as the allocator (its owner and labels) and the index know it.
+/// A Service as the allocator (its owner and labels, see
+/// [`Owners`](crate::owner::Owners)) and the index know it.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Subject {
     /// Namespace of the Service.
@@ -726,13 +708,6 @@ mod tests {
                 adopt: false,
             })
         );
-    }
-
-    #[test]
-    fn owners_round_trip() {
-        assert_eq!(owner("shop", "web"), "service:shop/web");
-        assert_eq!(parse_owner("service:shop/web"), Some(("shop", "web")));
-        assert_eq!(parse_owner("tool/x"), None);
     }
 
     #[test]

@@ -4,7 +4,8 @@
 //!
 //! Pure parts: [`desired`] (what a Service asks for), [`plan`] (what a
 //! reconcile does with it), [`render`] (the ConfigMap format and the Go
-//! provider's state). Kubernetes-facing parts: [`reconcile`] (carries a plan
+//! provider's state), [`owner`] (the allocator owners of this cluster's
+//! Services). Kubernetes-facing parts: [`reconcile`] (carries a plan
 //! out for one Service), [`writes`] (its patches of a Service), [`adopt`]
 //! (the addresses in use, claimed before new ones), [`configmap`] (the one
 //! ConfigMap writer), [`events`]. [`allocation`] talks to the allocator;
@@ -23,6 +24,7 @@ mod fixtures;
 pub mod http;
 pub mod index;
 pub mod metrics;
+pub mod owner;
 pub mod plan;
 pub mod reconcile;
 pub mod render;

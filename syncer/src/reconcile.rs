@@ -13,8 +13,9 @@ use kube::{
 };
 
 use crate::{
+    allocation::Owned,
     context::Context,
-    desired::{self, Request, Subject},
+    desired::{Request, Subject},
     error::Error,
     events::reason,
     index,
@@ -201,23 +202,26 @@ pub fn error_policy(_svc: Arc<Service>, error: &Error, ctx: Arc<Context>) -> Act
     Action::requeue(error.retry_after())
 }
 
-/// Releases allocations the syncer owns whose Service is gone. Run after the
-/// first full sync.
+/// Releases allocations the syncer owns whose Service is gone: only its own
+/// owners (this cluster's form, see [`Owners::parse`](crate::owner::Owners::parse)),
+/// never another cluster's. Run after the first full sync.
 pub async fn release_orphans(ctx: &Context) -> Result<usize, Error> {
     let allocator = &ctx.clients.allocator;
     let owned = allocator.owned().await?;
     let mut released = 0;
-    for (owner, address) in owned {
-        let Some((ns, name)) = desired::parse_owner(&owner) else {
-            continue;
-        };
+    for Owned {
+        service: (ns, name),
+        owner,
+        address,
+    } in owned
+    {
         let exists = ctx
             .state
             .services
-            .get(&ObjectRef::new(name).within(ns))
+            .get(&ObjectRef::new(&name).within(&ns))
             .is_some();
         if !exists {
-            allocator.release(ns, name).await?;
+            allocator.release(&ns, &name).await?;
             tracing::info!(
                 owner,
                 address,
