@@ -49,6 +49,11 @@ impl Reader {
         &self.stats
     }
 
+    /// Whether other allocators share the store.
+    pub fn is_shared(&self) -> bool {
+        self.store.is_shared()
+    }
+
     /// Whether the store can serve now; the reason when it cannot.
     pub fn health(&self) -> std::result::Result<(), String> {
         self.store.health()
