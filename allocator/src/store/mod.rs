@@ -147,11 +147,17 @@ pub trait Store: Send + Sync + 'static {
     fn revision(&self) -> Result<u64>;
 
     /// Stages an allocation, its owner index and its change, at the store
-    /// revision `record.revision`.
+    /// revision `record.revision`. The writer puts only an address it saw
+    /// free, for an owner it saw holding nothing; a store shared with other
+    /// writers fails the flush with [`StoreError::Conflict`] when another
+    /// took either since.
     fn put(&self, ip: IpAddr, record: &Record) -> Result<()>;
 
     /// Stages the removal of the allocation `record` at `ip` and of its owner
-    /// index, and its change, at the store revision `revision`.
+    /// index, and its change, at the store revision `revision`. `record` is
+    /// the allocation as the writer saw it; a store shared with other
+    /// writers fails the flush with [`StoreError::Conflict`] when it changed
+    /// since.
     fn delete(&self, ip: IpAddr, record: &Record, revision: u64) -> Result<()>;
 
     /// Commits every staged write as one atomic batch and makes every write

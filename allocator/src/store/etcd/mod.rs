@@ -18,7 +18,7 @@ pub mod keys;
 mod mirror;
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap, btree_map},
     net::IpAddr,
     ops::Bound,
     path::PathBuf,
@@ -227,7 +227,7 @@ impl Inner {
     }
 }
 
-/// The key a staged write expects to find.
+/// The key a staged write expects to find: what the writer decided on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Expect {
     Absent,
@@ -249,15 +249,30 @@ struct Staged {
     pools: BTreeSet<usize>,
     records: HashMap<IpAddr, Option<Record>>,
     owners: HashMap<String, Option<IpAddr>>,
+    /// A write was decided on a copy that has changed since: the flush
+    /// conflicts without asking etcd.
+    stale: bool,
 }
 
 impl Staged {
-    /// Stages `value` for `key`, which first expected `expect`.
-    fn write(&mut self, key: Vec<u8>, expect: Expect, value: Option<Vec<u8>>) {
-        self.ops
-            .entry(key)
-            .and_modify(|op| op.value = value.clone())
-            .or_insert(Op { expect, value });
+    /// Stages `value` for `key`. A key staged before keeps what it
+    /// expected then (etcd still holds that); a new one expects `expect()`,
+    /// `None` when the decision is stale.
+    fn write(
+        &mut self,
+        key: Vec<u8>,
+        expect: impl FnOnce() -> Option<Expect>,
+        value: Option<Vec<u8>>,
+    ) {
+        match self.ops.entry(key) {
+            btree_map::Entry::Occupied(mut op) => op.get_mut().value = value,
+            btree_map::Entry::Vacant(slot) => match expect() {
+                Some(expect) => {
+                    slot.insert(Op { expect, value });
+                }
+                None => self.stale = true,
+            },
+        }
     }
 
     /// The transaction that commits the staged writes.
@@ -366,20 +381,16 @@ impl EtcdStore {
         lock(&self.inner.staged)
     }
 
-    /// What `key` of the allocation at `ip` must hold for a write decided
-    /// now: the copy's state (staged writes come before and keep theirs).
-    fn expect_address(&self, ip: IpAddr) -> Expect {
+    /// What the address and owner keys of the allocation `record` at `ip`
+    /// must hold for its release: the mod revision of the entry (both keys
+    /// are written in one transaction), while the copy still holds that
+    /// very allocation there. `None` when the follower has changed the copy
+    /// since the writer decided: the decision is stale, and comparing with
+    /// the newer entry would remove another replica's allocation.
+    fn expect_held(&self, ip: IpAddr, record: &Record) -> Option<Expect> {
         match self.inner.mirror().get(ip) {
-            Some(e) => Expect::ModRevision(e.mod_revision),
-            None => Expect::Absent,
-        }
-    }
-
-    fn expect_owner(&self, owner: &str) -> Expect {
-        let mirror = self.inner.mirror();
-        match mirror.owner(owner).and_then(|ip| mirror.get(ip)) {
-            Some(e) => Expect::ModRevision(e.mod_revision),
-            None => Expect::Absent,
+            Some(e) if e.record == *record => Some(Expect::ModRevision(e.mod_revision)),
+            _ => None,
         }
     }
 
@@ -601,17 +612,18 @@ impl Store for EtcdStore {
     }
 
     fn put(&self, ip: IpAddr, record: &Record) -> Result<()> {
-        let address = self.expect_address(ip);
-        let owner = self.expect_owner(&record.owner);
         let mut staged = self.staged();
+        // The writer allocates only an address it saw free, for an owner it
+        // saw holding nothing: etcd must hold neither key (the copy may
+        // already show another replica's newer commit, which must win).
         staged.write(
             self.inner.keys.address(ip),
-            address,
+            || Some(Expect::Absent),
             Some(keys::encode(record)),
         );
         staged.write(
             self.inner.keys.owner(&record.owner),
-            owner,
+            || Some(Expect::Absent),
             Some(ip.to_string().into_bytes()),
         );
         if let Some(pool) = self.inner.pools.containing(ip) {
@@ -623,11 +635,10 @@ impl Store for EtcdStore {
     }
 
     fn delete(&self, ip: IpAddr, record: &Record, _revision: u64) -> Result<()> {
-        let address = self.expect_address(ip);
-        let owner = self.expect_owner(&record.owner);
         let mut staged = self.staged();
-        staged.write(self.inner.keys.address(ip), address, None);
-        staged.write(self.inner.keys.owner(&record.owner), owner, None);
+        let held = || self.expect_held(ip, record);
+        staged.write(self.inner.keys.address(ip), held, None);
+        staged.write(self.inner.keys.owner(&record.owner), held, None);
         staged.records.insert(ip, None);
         staged.owners.insert(record.owner.clone(), None);
         Ok(())
@@ -637,6 +648,12 @@ impl Store for EtcdStore {
         let staged = std::mem::take(&mut *self.staged());
         if let Some(why) = lock(&self.inner.fatal).as_ref() {
             return Err(StoreError::Stopped(why.clone()));
+        }
+        if staged.stale {
+            // The copy already shows what overtook the decision.
+            return Err(StoreError::Conflict {
+                seen: self.inner.revision(),
+            });
         }
         if staged.ops.is_empty() {
             return Ok(None);
