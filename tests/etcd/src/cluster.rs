@@ -1,6 +1,7 @@
 //! The etcd cluster of a test: its members' processes, data directories, ports and logs, and
 //! the waits for health after a start or a restart.
 
+use std::ffi::OsString;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -23,6 +24,26 @@ const START_ATTEMPTS: usize = 5;
 /// each begins.
 const START_MARKER: &str = "==== starting etcd member";
 
+/// How the members of a [`Cluster`] serve their clients; the default is plain HTTP with the
+/// harness's flags alone.
+#[derive(Clone, Debug, Default)]
+pub struct Options {
+    /// Serve clients on `https://` URLs. The certificate flags go in [`Options::args`]
+    /// (`--cert-file`, `--key-file`, `--trusted-ca-file`, `--client-cert-auth`). Health is then
+    /// asked on a plain-HTTP metrics listener of each member's own (`--listen-metrics-urls`),
+    /// which needs no client certificate.
+    pub client_tls: bool,
+    /// More flags for every member, after the harness's own, at every start and restart.
+    pub args: Vec<OsString>,
+}
+
+impl Options {
+    /// Listeners per member: client and peer, and the metrics one for health under TLS.
+    fn ports_per_member(&self) -> usize {
+        if self.client_tls { 3 } else { 2 }
+    }
+}
+
 /// Real etcd members on loopback, each with its own temporary data directory and its own
 /// client and peer ports. Dropping the cluster kills every member and removes the data.
 ///
@@ -33,6 +54,7 @@ pub struct Cluster {
     token: String,
     /// `--initial-cluster`: every member's name and peer URL.
     initial_cluster: String,
+    options: Options,
     members: Vec<Member>,
 }
 
@@ -42,6 +64,10 @@ struct Member {
     dir: TempDir,
     client_port: u16,
     peer_port: u16,
+    /// The plain-HTTP listener health is asked on when clients need TLS.
+    metrics_port: Option<u16>,
+    /// `http` or `https`, for the client URL.
+    scheme: &'static str,
     /// The running (or exited, not yet replaced) process; `None` once killed. Behind a
     /// mutex because finding out whether a child has exited needs `&mut`.
     process: Mutex<Option<Child>>,
@@ -63,11 +89,21 @@ impl Cluster {
     /// When etcd cannot run here (see [`crate::require`]), `n` is 0, or a member exits or is
     /// not healthy within 30 seconds; the message holds the members' logs.
     pub fn start(n: usize) -> Cluster {
+        Cluster::start_with(n, Options::default())
+    }
+
+    /// Starts `n` members as [`Cluster::start`] does, serving clients as `options` says.
+    ///
+    /// # Panics
+    ///
+    /// As [`Cluster::start`]; a flag etcd refuses makes a member exit before it is healthy.
+    pub fn start_with(n: usize, options: Options) -> Cluster {
         assert!(n > 0, "an etcd cluster needs at least one member");
         let binary = etcd_binary().unwrap_or_else(|reason| panic!("etcd cannot run: {reason}"));
         let mut last_log = String::new();
         for _ in 0..START_ATTEMPTS {
-            match Cluster::try_start(binary.clone(), ports::free_ports(2 * n)) {
+            let ports = ports::free_ports(options.ports_per_member() * n);
+            match Cluster::try_start_with(binary.clone(), ports, options.clone()) {
                 Ok(cluster) => return cluster,
                 Err(PortTaken { log }) => last_log = log,
             }
@@ -77,14 +113,15 @@ impl Cluster {
         );
     }
 
-    /// The client URLs, `http://127.0.0.1:PORT`, one per member in member order.
+    /// The client URLs, `http://127.0.0.1:PORT` (`https://` under [`Options::client_tls`]),
+    /// one per member in member order.
     pub fn endpoints(&self) -> Vec<String> {
         (0..self.members.len()).map(|i| self.endpoint(i)).collect()
     }
 
-    /// The client URL of member `i`, `http://127.0.0.1:PORT`.
+    /// The client URL of member `i`, `http://127.0.0.1:PORT` (or `https://`).
     pub fn endpoint(&self, i: usize) -> String {
-        format!("http://127.0.0.1:{}", self.members[i].client_port)
+        self.members[i].client_url()
     }
 
     /// Kills member `i` with SIGKILL, as a crash or a power cut would, and waits until it
@@ -167,7 +204,8 @@ impl Cluster {
     /// Whether member `i` answers `GET /health` with `{"health":"true"}`: it has a leader, no
     /// alarm, and a read through the quorum succeeded.
     pub fn is_healthy(&self, i: usize) -> bool {
-        health::is_healthy(self.members[i].client_port)
+        let member = &self.members[i];
+        health::is_healthy(member.metrics_port.unwrap_or(member.client_port))
     }
 
     /// Member `i`'s output so far, across its restarts, for failure messages.
@@ -178,8 +216,19 @@ impl Cluster {
     /// Starts a cluster whose member `i` listens for clients on `ports[2 * i]` and for peers
     /// on `ports[2 * i + 1]`, and waits until every member is healthy; `Err` when a port was
     /// taken (the members that did start are killed).
+    #[cfg(test)]
     pub(crate) fn try_start(binary: PathBuf, ports: Vec<u16>) -> Result<Cluster, PortTaken> {
-        let cluster = Cluster::new(binary, &ports);
+        Cluster::try_start_with(binary, ports, Options::default())
+    }
+
+    /// As [`Cluster::try_start`], with [`Options::ports_per_member`] ports per member (client,
+    /// peer, then metrics).
+    fn try_start_with(
+        binary: PathBuf,
+        ports: Vec<u16>,
+        options: Options,
+    ) -> Result<Cluster, PortTaken> {
+        let cluster = Cluster::new(binary, &ports, options);
         let all: Vec<usize> = (0..cluster.members.len()).collect();
         for &i in &all {
             cluster.spawn(i);
@@ -188,20 +237,23 @@ impl Cluster {
         Ok(cluster)
     }
 
-    /// A cluster with a member per pair of `ports` (client, peer) and new data directories,
-    /// none started.
-    fn new(binary: PathBuf, ports: &[u16]) -> Cluster {
+    /// A cluster with a member per group of `ports` (client, peer, metrics under TLS) and new
+    /// data directories, none started.
+    fn new(binary: PathBuf, ports: &[u16], options: Options) -> Cluster {
+        let scheme = if options.client_tls { "https" } else { "http" };
         let members: Vec<Member> = ports
-            .chunks_exact(2)
+            .chunks_exact(options.ports_per_member())
             .enumerate()
-            .map(|(i, pair)| Member {
+            .map(|(i, group)| Member {
                 name: format!("m{i}"),
                 dir: tempfile::Builder::new()
                     .prefix("vipam-etcd-")
                     .tempdir()
                     .unwrap_or_else(|e| panic!("a temporary directory for etcd: {e}")),
-                client_port: pair[0],
-                peer_port: pair[1],
+                client_port: group[0],
+                peer_port: group[1],
+                metrics_port: group.get(2).copied(),
+                scheme,
                 process: Mutex::new(None),
             })
             .collect();
@@ -214,6 +266,7 @@ impl Cluster {
             binary,
             token: unique_token(),
             initial_cluster,
+            options,
             members,
         }
     }
@@ -229,7 +282,11 @@ impl Cluster {
         let client_url = member.client_url();
         let peer_url = member.peer_url();
         let data_dir = member.dir.path().join("data");
-        let child = Command::new(&self.binary)
+        let mut command = Command::new(&self.binary);
+        if let Some(port) = member.metrics_port {
+            command.args(["--listen-metrics-urls", &format!("http://127.0.0.1:{port}")]);
+        }
+        let child = command
             .args(["--name", &member.name])
             .arg("--data-dir")
             .arg(&data_dir)
@@ -241,6 +298,7 @@ impl Cluster {
             .args(["--initial-cluster-state", "new"])
             .args(["--initial-cluster-token", &self.token])
             .args(["--logger", "zap", "--log-outputs", "stderr"])
+            .args(&self.options.args)
             .stdin(Stdio::null())
             .stdout(stdout)
             .stderr(log)
@@ -307,7 +365,7 @@ impl Drop for Cluster {
 
 impl Member {
     fn client_url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
+        format!("{}://127.0.0.1:{}", self.scheme, self.client_port)
     }
 
     fn peer_url(&self) -> String {

@@ -18,12 +18,16 @@
 //! # let _ = endpoints;
 //! ```
 //!
+//! Members may serve clients over TLS with client certificates ([`Cluster::start_with`],
+//! [`Certificates`], made with the `openssl` program that [`require_tool`] finds).
+//!
 //! Std only, no async runtime: the cluster is driven by blocking calls, which a test on any
 //! runtime may make before and after its async part.
 
 mod cluster;
 mod health;
 mod ports;
+mod tls;
 
 #[cfg(test)]
 mod tests;
@@ -33,7 +37,8 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-pub use cluster::Cluster;
+pub use cluster::{Cluster, Options};
+pub use tls::Certificates;
 
 /// The env variable naming the etcd binary to run instead of `etcd` on `PATH`.
 pub const ETCD_BIN_ENV: &str = "VIPAM_ETCD_BIN";
@@ -65,6 +70,36 @@ pub fn require(test: &str) -> Option<PathBuf> {
             None
         }
     }
+}
+
+/// For tests: `Some(path)` of `etcdctl` (next to the etcd binary, or on `PATH`), or, when
+/// etcd or etcdctl is missing, says so as [`require`] does and returns `None`.
+///
+/// # Panics
+///
+/// When one is missing and env `CI` is set.
+pub fn require_etcdctl(test: &str) -> Option<PathBuf> {
+    let etcd = require(test)?;
+    let mut dirs: Vec<PathBuf> = etcd.parent().map(PathBuf::from).into_iter().collect();
+    dirs.extend(std::env::split_paths(
+        &std::env::var_os("PATH").unwrap_or_default(),
+    ));
+    let found = std::env::join_paths(dirs)
+        .map_err(|e| format!("a PATH of the etcd directory and PATH: {e}"))
+        .and_then(|path| find_binary("etcdctl", None, Some(&path)));
+    found.map_err(|reason| skip_or_fail(test, &reason)).ok()
+}
+
+/// For tests: `Some(path)` of the program `name` on `PATH` (such as `openssl`), or, when
+/// there is none, says so as [`require`] does and returns `None`.
+///
+/// # Panics
+///
+/// When it is missing and env `CI` is set.
+pub fn require_tool(test: &str, name: &str) -> Option<PathBuf> {
+    find_binary(name, None, std::env::var_os("PATH").as_deref())
+        .map_err(|reason| skip_or_fail(test, &reason))
+        .ok()
 }
 
 /// Says that `test` cannot run here and why, or fails it when env `CI` is set.

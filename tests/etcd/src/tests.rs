@@ -10,24 +10,12 @@ use std::time::Duration;
 
 use crate::cluster::PortTaken;
 use crate::health::healthy_response;
-use crate::{Cluster, find_binary, ports, require, skip_or_fail};
+use crate::{Certificates, Cluster, find_binary, ports, require, require_etcdctl, require_tool};
 
 /// `etcdctl`, next to the etcd binary or on PATH, when etcd runs here; `None` (after saying
 /// why) when the test cannot run.
 fn mk_etcdctl(test: &str) -> Option<PathBuf> {
-    let etcd = require(test)?;
-    let mut dirs: Vec<PathBuf> = etcd.parent().map(PathBuf::from).into_iter().collect();
-    dirs.extend(std::env::split_paths(
-        &std::env::var_os("PATH").unwrap_or_default(),
-    ));
-    let path = std::env::join_paths(dirs).expect("a PATH of the etcd directory and PATH");
-    match find_binary("etcdctl", None, Some(&path)) {
-        Ok(etcdctl) => Some(etcdctl),
-        Err(reason) => {
-            skip_or_fail(test, &reason);
-            None
-        }
-    }
+    require_etcdctl(test)
 }
 
 /// Runs `etcdctl --endpoints {endpoint} {args}` and returns its stdout; panics with its
@@ -155,6 +143,58 @@ fn a_whole_cluster_restarts_on_its_data() {
         "v",
         "{}",
         mk_logs(&cluster)
+    );
+}
+
+#[test]
+fn a_member_with_client_tls_admits_only_clients_with_a_certificate_of_its_ca() {
+    let test = "a_member_with_client_tls_admits_only_clients_with_a_certificate_of_its_ca";
+    let (Some(etcdctl_bin), Some(openssl)) = (mk_etcdctl(test), require_tool(test, "openssl"))
+    else {
+        return;
+    };
+    let certs = Certificates::generate(&openssl).expect("certificates");
+    let cluster = Cluster::start_with(1, certs.server_options());
+    assert!(cluster.endpoint(0).starts_with("https://127.0.0.1:"));
+    assert!(cluster.is_healthy(0), "health over the metrics listener");
+    let tls = |with_client_cert: bool| {
+        let mut command = Command::new(&etcdctl_bin);
+        command
+            .arg(format!("--endpoints={}", cluster.endpoint(0)))
+            .args(["--command-timeout=3s", "--dial-timeout=1s"])
+            .arg("--cacert")
+            .arg(certs.ca());
+        if with_client_cert {
+            command
+                .arg("--cert")
+                .arg(certs.client_cert())
+                .arg("--key")
+                .arg(certs.client_key());
+        }
+        command
+            .args(["put", "k", "v"])
+            .output()
+            .expect("run etcdctl")
+    };
+    let with = tls(true);
+    assert!(
+        with.status.success(),
+        "{}{}\n{}",
+        String::from_utf8_lossy(&with.stdout),
+        String::from_utf8_lossy(&with.stderr),
+        cluster.log(0)
+    );
+    let without = tls(false);
+    assert!(
+        !without.status.success(),
+        "a client without a certificate was admitted"
+    );
+    assert!(
+        cluster
+            .log(0)
+            .contains("tls: client didn't provide a certificate"),
+        "refused for another reason: {}",
+        cluster.log(0)
     );
 }
 
