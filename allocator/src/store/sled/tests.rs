@@ -1,0 +1,199 @@
+//! The sled engine's own promises, beyond the contract: what survives a
+//! reopen, the directory lock, the kept change history, unreadable entries.
+
+use super::*;
+use crate::store::contract::{ip, mk_record, revisions, store_contract, write_three};
+
+fn mk_store() -> (tempfile::TempDir, SledStore) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = SledStore::open(dir.path(), 8 << 20).expect("open");
+    (dir, store)
+}
+
+/// A store opened on a directory whose previous store `write` wrote to
+/// and which was then closed.
+fn reopened(write: impl FnOnce(&SledStore)) -> (tempfile::TempDir, SledStore) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    write(&SledStore::open(dir.path(), 8 << 20).expect("open"));
+    let store = SledStore::open(dir.path(), 8 << 20).expect("reopen");
+    (dir, store)
+}
+
+store_contract!(mk_store());
+
+#[test]
+fn staged_writes_that_were_never_flushed_are_not_on_disk() {
+    let (_dir, store) = reopened(|store| {
+        store
+            .put(ip("10.0.0.1"), &mk_record("svc-a", 1))
+            .expect("put");
+        store.flush().expect("flush");
+        store
+            .put(ip("10.0.0.2"), &mk_record("svc-b", 2))
+            .expect("put");
+    });
+    assert_eq!(store.get(ip("10.0.0.2")).expect("get"), None);
+    assert_eq!(store.owner_address("svc-b").expect("owner"), None);
+    assert_eq!(store.revision().expect("rev"), 1);
+    assert_eq!(store.addresses().count(), 1);
+}
+
+#[test]
+fn flushed_writes_survive_reopen() {
+    let (_dir, store) = reopened(write_three);
+    assert_eq!(store.get(ip("10.0.0.1")).expect("get"), None);
+    assert_eq!(
+        store.get(ip("fd00::2")).expect("get"),
+        Some(mk_record("svc-b", 2))
+    );
+    assert_eq!(
+        store.owner_address("svc-b").expect("owner"),
+        Some(ip("fd00::2"))
+    );
+    assert_eq!(store.revision().expect("rev"), 3);
+    let index: Vec<(String, IpAddr)> = store.owner_index().map(|r| r.expect("index")).collect();
+    assert_eq!(index, vec![("svc-b".to_string(), ip("fd00::2"))]);
+}
+
+#[test]
+fn a_directory_held_by_an_open_store_is_refused_after_the_lock_wait() {
+    let (dir, _store) = mk_store();
+    let started = Instant::now();
+    let err = match SledStore::open(dir.path(), 8 << 20) {
+        Ok(_) => panic!("a second store opened a directory in use"),
+        Err(e) => e,
+    };
+    assert!(err.to_string().contains("could not acquire lock"), "{err}");
+    assert!(started.elapsed() >= LOCK_WAIT, "it waited for the lock");
+}
+
+#[test]
+fn a_directory_whose_store_was_just_closed_reopens() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Each close leaves sled's thread to release the lock a moment
+    // later; enough rounds that opening right away would hit that.
+    for round in 0..100u64 {
+        let store = SledStore::open(dir.path(), 8 << 20).expect("reopen");
+        assert_eq!(store.revision().expect("rev"), round);
+        let addr = IpAddr::from([10, 0, 0, round as u8 + 1]);
+        store
+            .put(addr, &mk_record(&format!("o{round}"), round + 1))
+            .expect("put");
+        store.flush().expect("flush");
+    }
+}
+
+#[test]
+fn an_unreadable_record_is_an_error_not_a_panic() {
+    let (_dir, store) = mk_store();
+    store
+        .db
+        .insert(alloc_key(ip("10.0.0.1")), b"not json".to_vec())
+        .expect("raw insert");
+    assert!(matches!(
+        store.get(ip("10.0.0.1")),
+        Err(StoreError::Corrupt { .. })
+    ));
+    store
+        .db
+        .insert([ALLOC, TAG_V4, 1], b"{}".to_vec())
+        .expect("raw insert");
+    assert!(
+        store
+            .addresses()
+            .any(|r| matches!(r, Err(StoreError::Corrupt { .. })))
+    );
+}
+
+#[test]
+fn the_change_log_survives_reopen() {
+    let (_dir, store) = reopened(|store| {
+        store
+            .put(ip("10.0.0.1"), &mk_record("svc-a", 1))
+            .expect("put");
+        store
+            .delete(ip("10.0.0.1"), &mk_record("svc-a", 1), 2)
+            .expect("delete");
+        store.flush().expect("flush");
+    });
+    assert_eq!(
+        revisions(&store, 0, u64::MAX),
+        vec![
+            (1, ChangeKind::Allocated, ip("10.0.0.1")),
+            (2, ChangeKind::Released, ip("10.0.0.1")),
+        ]
+    );
+}
+
+#[test]
+fn the_change_log_keeps_exactly_the_last_history_revisions() {
+    let (_dir, store) = mk_store();
+    let store = store.with_history(3);
+    assert_eq!(store.first_change().expect("first"), None);
+    for r in 1..=10u64 {
+        let addr = IpAddr::from([10, 0, 0, r as u8]);
+        store
+            .put(addr, &mk_record(&format!("o{r}"), r))
+            .expect("put");
+        if r % 4 == 0 {
+            // Trimming works within one staged batch and across batches.
+            store.flush().expect("flush");
+        }
+    }
+    store.flush().expect("flush");
+    assert_eq!(store.first_change().expect("first"), Some(8));
+    let kept: Vec<u64> = revisions(&store, 0, 10).iter().map(|c| c.0).collect();
+    assert_eq!(kept, vec![8, 9, 10]);
+    store
+        .delete(IpAddr::from([10, 0, 0, 1]), &mk_record("o1", 1), 11)
+        .expect("delete");
+    store.flush().expect("flush");
+    let kept: Vec<u64> = revisions(&store, 0, 11).iter().map(|c| c.0).collect();
+    assert_eq!(kept, vec![9, 10, 11], "a release trims too");
+}
+
+#[test]
+fn a_shortened_history_is_trimmed_after_reopen() {
+    let (_dir, store) = reopened(|store| {
+        for r in 1..=20u64 {
+            let addr = IpAddr::from([10, 0, 0, r as u8]);
+            store
+                .put(addr, &mk_record(&format!("o{r}"), r))
+                .expect("put");
+        }
+        store.flush().expect("flush");
+    });
+    let store = store.with_history(5);
+    assert_eq!(store.first_change().expect("first"), Some(1));
+    assert_eq!(store.trim_history().expect("trim"), 15);
+    assert_eq!(store.first_change().expect("first"), Some(16));
+    assert_eq!(store.trim_history().expect("trim again"), 0);
+    store
+        .put(ip("10.0.1.1"), &mk_record("o21", 21))
+        .expect("put");
+    store.flush().expect("flush");
+    let kept: Vec<u64> = revisions(&store, 0, 21).iter().map(|c| c.0).collect();
+    assert_eq!(kept, vec![17, 18, 19, 20, 21]);
+    // The allocations themselves are untouched.
+    assert_eq!(store.addresses().count(), 21);
+}
+
+#[test]
+fn an_unreadable_change_is_an_error_not_a_panic() {
+    let (_dir, store) = mk_store();
+    store
+        .db
+        .insert(change_key(1), b"?garbage".to_vec())
+        .expect("raw insert");
+    store
+        .db
+        .insert(change_key(2), b"+a".to_vec())
+        .expect("raw insert");
+    let results: Vec<_> = store.changes(0, 2).collect();
+    assert_eq!(results.len(), 2);
+    assert!(
+        results
+            .iter()
+            .all(|r| matches!(r, Err(StoreError::Corrupt { .. })))
+    );
+}
