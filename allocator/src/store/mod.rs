@@ -1,8 +1,9 @@
 //! The store seam: what the allocation rules, the writer and the readers need
 //! from a database, as the [`Store`] trait, with the types every engine
 //! shares ([`Record`], [`Change`], [`StoreError`]). The engines live in the
-//! submodules ([`sled`], the embedded default); nothing outside them knows
-//! which one runs, and only an engine's own file names its database.
+//! submodules ([`sled`], the embedded default, and [`etcd`], shared by
+//! replicas); nothing outside them knows which one runs, and only an
+//! engine's own files name its database.
 //!
 //! The contract, which the suite in `contract.rs` checks against every
 //! engine:
@@ -11,14 +12,26 @@
 //!   together by [`Store::flush`]: atomically (all staged writes or none) and
 //!   durably (on disk, or acknowledged by a quorum, before it returns). One
 //!   flush covers any number of writes: that is the group commit. When it
-//!   fails, none of the staged writes is applied and the error says why.
-//! - The writer decides on its own staged writes: [`Store::get_latest`],
-//!   [`Store::owner_address_latest`] and [`Store::revision`] see them. Every
-//!   other read sees committed writes only.
+//!   fails, none stays staged, the error says why, and none of the staged
+//!   writes is applied unless the error says the outcome is unknown (a
+//!   database that did not answer may have committed them). A flush with
+//!   nothing staged answers `Ok(None)`.
+//! - The writer decides on its own staged writes: [`Store::get_latest`] and
+//!   [`Store::owner_address_latest`] see them. Every other read sees
+//!   committed writes only.
 //! - Scans are ordered by address, IPv4 before IPv6.
-//! - Every write has a revision, one higher than the one before, and leaves
-//!   a [`Change`] in a change history that Watch replays; the history keeps
-//!   the most recent revisions without gaps.
+//! - Every write has a revision: the one it was staged at (the writer's
+//!   numbering, one per write, when the flush answers `Ok(None)`), or the
+//!   batch's (the database's numbering, when it answers `Ok(Some(r))`). A
+//!   record reads back with the revision of the write that created it; each
+//!   flush's revisions are higher than the last flush's, and
+//!   [`Store::revision`] is at least the last of them once it returns.
+//! - Every write leaves a [`Change`] at its revision in a change history
+//!   that Watch replays, by revision; replaying it gives the committed
+//!   allocations. A release is a change even when the same flush allocates
+//!   the address again; an address allocated and released within one flush
+//!   may leave both changes or none. The history keeps the most recent
+//!   revisions without gaps.
 
 pub mod etcd;
 pub mod sled;
@@ -143,7 +156,11 @@ pub trait Store: Send + Sync + 'static {
     /// decides on.
     fn owner_address_latest(&self, owner: &str) -> Result<Option<IpAddr>>;
 
-    /// The revision of the last write, staged or not (0 for a new store).
+    /// The revision the store stands at, which the writer stages its next
+    /// write after: for an engine that takes the writer's numbering, the
+    /// last write's, staged or not (0 for a new store); for one whose
+    /// database numbers the batches, the database revision its committed
+    /// reads show.
     fn revision(&self) -> Result<u64>;
 
     /// Stages an allocation, its owner index and its change, at the store

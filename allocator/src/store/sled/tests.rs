@@ -2,7 +2,22 @@
 //! reopen, the directory lock, the kept change history, unreadable entries.
 
 use super::*;
-use crate::store::contract::{ip, mk_record, revisions, store_contract, write_three};
+use crate::store::contract::{ip, mk_record, revisions, store_contract};
+
+/// Allocates 10.0.0.1 to `svc-a` (revision 1) and fd00::2 to `svc-b` (2),
+/// releases 10.0.0.1 (3), and flushes.
+fn write_three(store: &SledStore) {
+    store
+        .put(ip("10.0.0.1"), &mk_record("svc-a", 1))
+        .expect("put");
+    store
+        .put(ip("fd00::2"), &mk_record("svc-b", 2))
+        .expect("put");
+    store
+        .delete(ip("10.0.0.1"), &mk_record("svc-a", 1), 3)
+        .expect("delete");
+    store.flush().expect("flush");
+}
 
 fn mk_store() -> (tempfile::TempDir, SledStore) {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -20,6 +35,60 @@ fn reopened(write: impl FnOnce(&SledStore)) -> (tempfile::TempDir, SledStore) {
 }
 
 store_contract!(mk_store());
+
+#[test]
+fn a_new_store_is_at_revision_zero_with_no_history() {
+    let (_dir, store) = mk_store();
+    assert_eq!(store.revision().expect("rev"), 0);
+    assert_eq!(store.first_change().expect("first"), None);
+}
+
+#[test]
+fn each_write_of_a_flush_is_a_change_at_the_revision_it_was_staged_at() {
+    let (_dir, store) = mk_store();
+    store
+        .put(ip("10.0.0.1"), &mk_record("svc-a", 1))
+        .expect("put");
+    assert_eq!(store.revision().expect("rev"), 1, "the staged revision");
+    store
+        .put(ip("fd00::2"), &mk_record("svc-b", 2))
+        .expect("put");
+    store
+        .delete(ip("10.0.0.1"), &mk_record("svc-a", 1), 3)
+        .expect("delete");
+    assert_eq!(store.revision().expect("rev"), 3, "the staged revision");
+    assert_eq!(store.changes(0, 3).count(), 0, "nothing applied yet");
+    assert_eq!(store.flush().expect("flush"), None, "the staged ones stand");
+    assert_eq!(
+        store
+            .changes(0, 3)
+            .map(|c| c.expect("change"))
+            .collect::<Vec<_>>(),
+        vec![
+            Change {
+                revision: 1,
+                kind: ChangeKind::Allocated,
+                address: ip("10.0.0.1"),
+                record: mk_record("svc-a", 1),
+            },
+            Change {
+                revision: 2,
+                kind: ChangeKind::Allocated,
+                address: ip("fd00::2"),
+                record: mk_record("svc-b", 2),
+            },
+            Change {
+                revision: 3,
+                kind: ChangeKind::Released,
+                address: ip("10.0.0.1"),
+                record: mk_record("svc-a", 1),
+            },
+        ],
+        "the address written twice in the flush is two changes"
+    );
+    assert_eq!(store.revision().expect("rev"), 3);
+    assert_eq!(store.first_change().expect("first"), Some(1));
+}
 
 #[test]
 fn staged_writes_that_were_never_flushed_are_not_on_disk() {
