@@ -17,7 +17,7 @@
 
 use std::{collections::BTreeMap, net::IpAddr};
 
-use super::{Change, ChangeKind, Record, Store};
+use super::{Change, ChangeKind, Record, Store, StoreError};
 use crate::pool::{Family, to_int};
 
 /// Declares a module `contract` with one `#[test]` per contract function,
@@ -512,4 +512,49 @@ pub(crate) fn a_release_and_a_new_allocation_of_its_address_in_one_flush_are_bot
             },
         ]
     );
+}
+
+/// A failed flush commits none of its writes and leaves none staged.
+/// `fail` is called with the writes staged and must make the next flush
+/// fail (another writer taking the staged address, the database going
+/// away); `mend` is called after the failed flush and must make the store
+/// readable again. Returns the error of the failed flush.
+pub(crate) fn a_failed_flush_applies_nothing_and_keeps_nothing_staged<S: Store>(
+    store: &S,
+    fail: impl FnOnce(&S),
+    mend: impl FnOnce(&S),
+) -> StoreError {
+    let kept = allocate(store, "10.0.0.1", "kept");
+    stage_put(store, "10.0.0.2", "staged");
+    stage_delete(store, "10.0.0.1");
+    fail(store);
+    let err = match store.flush() {
+        Ok(r) => panic!("the flush did not fail (batch revision {r:?})"),
+        Err(e) => e,
+    };
+    mend(store);
+    assert_eq!(
+        store.get(ip("10.0.0.1")).expect("get"),
+        Some(kept.clone()),
+        "the release was not applied"
+    );
+    assert_eq!(store.owner_address("staged").expect("owner"), None);
+    // Nothing stays staged: the writer's reads show what is committed.
+    assert_eq!(store.get_latest(ip("10.0.0.1")).expect("get"), Some(kept));
+    assert_eq!(
+        store.get_latest(ip("10.0.0.2")).expect("get"),
+        store.get(ip("10.0.0.2")).expect("get")
+    );
+    assert_eq!(
+        store.owner_address_latest("staged").expect("owner"),
+        store.owner_address("staged").expect("owner")
+    );
+    let revision = store.revision().expect("rev");
+    assert_eq!(
+        store.flush().expect("flush"),
+        None,
+        "nothing was left staged"
+    );
+    assert_eq!(store.revision().expect("rev"), revision);
+    err
 }

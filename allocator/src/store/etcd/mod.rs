@@ -16,6 +16,8 @@
 mod follow;
 pub mod keys;
 mod mirror;
+#[cfg(test)]
+mod tests;
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, btree_map},
