@@ -123,8 +123,11 @@ fn apply(inner: &Inner, response: &WatchResponse) -> Result<(), StoreError> {
             last = last.max(u64::try_from(kv.mod_revision()).unwrap_or(0));
             match inner.keys.classify(kv.key())? {
                 Key::Address(address) => {
-                    let change = to_change(event.event_type(), address, kv, event.prev_kv())?;
-                    mirror.apply(change, kv.mod_revision());
+                    let (released, change) =
+                        to_changes(event.event_type(), address, kv, event.prev_kv())?;
+                    for change in released.into_iter().chain(change) {
+                        mirror.apply(change, kv.mod_revision());
+                    }
                 }
                 Key::Pool(name) => {
                     if let Some(why) = inner.pool_changed(&name, event.event_type(), kv.value()) {
@@ -151,29 +154,38 @@ fn apply(inner: &Inner, response: &WatchResponse) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// The change an event on the key of `address` made.
-fn to_change(
+/// The changes an event on the key of `address` made: a release, an
+/// allocation, or both in that order (a put over an allocation: the same
+/// transaction released the address and allocated it again).
+fn to_changes(
     kind: EventType,
     address: std::net::IpAddr,
     kv: &etcd_client::KeyValue,
     prev: Option<&etcd_client::KeyValue>,
-) -> Result<Change, StoreError> {
+) -> Result<(Option<Change>, Option<Change>), StoreError> {
     let revision = u64::try_from(kv.mod_revision()).unwrap_or(0);
-    let (kind, held) = match kind {
-        EventType::Put => (ChangeKind::Allocated, kv),
-        EventType::Delete => (
-            ChangeKind::Released,
-            prev.ok_or_else(|| StoreError::Corrupt {
+    let change = |kind, held: &etcd_client::KeyValue| {
+        let record = super::keys::decode(held.key(), held.value(), held.mod_revision())?;
+        Ok::<_, StoreError>(Change {
+            revision,
+            kind,
+            address,
+            record,
+        })
+    };
+    let released = match (kind, prev) {
+        (_, Some(prev)) => Some(change(ChangeKind::Released, prev)?),
+        (EventType::Put, None) => None,
+        (EventType::Delete, None) => {
+            return Err(StoreError::Corrupt {
                 key: kv.key().escape_ascii().to_string(),
                 why: format!("deleted at revision {revision} without its previous value"),
-            })?,
-        ),
+            });
+        }
     };
-    let record = super::keys::decode(held.key(), held.value(), held.create_revision())?;
-    Ok(Change {
-        revision,
-        kind,
-        address,
-        record,
-    })
+    let allocated = match kind {
+        EventType::Put => Some(change(ChangeKind::Allocated, kv)?),
+        EventType::Delete => None,
+    };
+    Ok((released, allocated))
 }

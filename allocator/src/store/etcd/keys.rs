@@ -3,7 +3,11 @@
 //!
 //! - `<prefix>a/4/<8 hex digits>` and `<prefix>a/6/<32 hex digits>`: an
 //!   allocation by address (keys sort by address, IPv4 first) → JSON
-//!   [`Value`]. Its create revision is the allocation's revision.
+//!   [`Value`]. Its mod revision is the allocation's revision: a key is
+//!   only ever written to allocate, and a release and a new allocation of
+//!   the address in one transaction is one put over the old key (etcd
+//!   refuses a delete and a put of one key in a transaction), which keeps
+//!   the old create revision but not the old mod revision.
 //! - `<prefix>o/<owner>`: the address an owner holds, as text; written in
 //!   the same transaction as the address key, so both share their mod
 //!   revision.
@@ -113,7 +117,7 @@ fn parse_hex(key: &[u8], hex: &[u8], digits: usize) -> Result<u128, StoreError> 
 }
 
 /// What an allocation key holds: the record but its revision, which is
-/// the key's create revision.
+/// the key's mod revision.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Value {
     /// The owner.
@@ -136,15 +140,15 @@ pub fn encode(record: &Record) -> Vec<u8> {
     serde_json::to_vec(&value).unwrap_or_default()
 }
 
-/// The record in `value` of `key`, created at `create_revision`.
-pub fn decode(key: &[u8], value: &[u8], create_revision: i64) -> Result<Record, StoreError> {
+/// The record in `value` of `key`, written at `mod_revision`.
+pub fn decode(key: &[u8], value: &[u8], mod_revision: i64) -> Result<Record, StoreError> {
     let v: Value =
         serde_json::from_slice(value).map_err(|e| corrupt(key, format!("value: {e}")))?;
     Ok(Record {
         owner: v.owner,
         labels: v.labels,
         created_unix_nanos: v.created_unix_nanos,
-        revision: u64::try_from(create_revision).unwrap_or(0),
+        revision: u64::try_from(mod_revision).unwrap_or(0),
     })
 }
 
@@ -218,7 +222,7 @@ mod tests {
     }
 
     #[test]
-    fn values_keep_owner_labels_and_time_and_take_the_create_revision() {
+    fn values_keep_owner_labels_and_time_and_take_the_key_revision() {
         let record = Record {
             owner: "vm:a".into(),
             labels: BTreeMap::from([("k".into(), "v".into())]),

@@ -15,7 +15,7 @@ use crate::store::{Change, ChangeKind, Record};
 /// An allocation as etcd holds it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Entry {
-    /// The allocation (its revision is the key's create revision).
+    /// The allocation (its revision is the key's mod revision).
     pub record: Record,
     /// The mod revision of its keys (address and owner).
     pub mod_revision: i64,

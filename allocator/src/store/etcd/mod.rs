@@ -537,7 +537,7 @@ async fn load(
         }
         for kv in page.kvs() {
             if let keys::Key::Address(ip) = keys.classify(kv.key())? {
-                let record = keys::decode(kv.key(), kv.value(), kv.create_revision())?;
+                let record = keys::decode(kv.key(), kv.value(), kv.mod_revision())?;
                 entries.push((
                     ip,
                     Entry {
