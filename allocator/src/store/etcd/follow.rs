@@ -1,7 +1,16 @@
 //! The follower: one task per store that keeps the replica's copy
 //! ([`super::mirror`]) current from etcd's watch of the installation
-//! prefix, reconnects when the watch breaks, answers the writer's requests
-//! for progress, and probes etcd so readiness tells whether it can commit.
+//! prefix, reconnects when the watch breaks, and probes etcd so readiness
+//! tells whether it can commit.
+//!
+//! It does not ask etcd for progress notifications: before 3.4.25 and
+//! 3.5.8 etcd may send a requested one ahead of events of the revisions it
+//! reports (etcd-io/etcd#15220), so the copy would claim a revision whose
+//! changes it has not seen. To learn that the watch has delivered
+//! everything up to now, the store writes its sync key
+//! ([`super::Inner::barrier`]) and waits for that event, which comes after
+//! all earlier ones. The periodic notifications etcd sends on its own go
+//! through the events' queue and are kept.
 
 use std::{sync::Arc, sync::atomic::Ordering, time::Duration};
 
@@ -81,18 +90,13 @@ async fn watch(inner: &Inner, from: u64) -> Ended {
                 }
                 if response.created() {
                     inner.set_connected(true);
-                    // Tells when the replay has caught up.
-                    if let Err(e) = stream.request_progress().await {
+                    // The sync key's event tells when the replay caught up.
+                    if let Err(e) = inner.barrier().await {
                         return Ended::Broken(e.to_string());
                     }
                 }
                 if let Err(e) = apply(inner, &response) {
                     inner.fail(e.to_string());
-                    return Ended::Broken(e.to_string());
-                }
-            }
-            () = inner.progress_wanted.notified() => {
-                if let Err(e) = stream.request_progress().await {
                     return Ended::Broken(e.to_string());
                 }
             }

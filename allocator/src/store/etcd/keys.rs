@@ -12,6 +12,9 @@
 //!   the same transaction as the address key, so both share their mod
 //!   revision.
 //! - `<prefix>pools/<name>`: a pool's definition ([`pool_definition`]).
+//! - `<prefix>sync`: written empty when a replica needs to know that its
+//!   watch has delivered every change up to now (its event comes after
+//!   them); read by no one.
 
 use std::{collections::BTreeMap, net::IpAddr};
 
@@ -75,6 +78,11 @@ impl Keys {
     /// The key of the definition of pool `name`.
     pub fn pool(&self, name: &str) -> Vec<u8> {
         format!("{}pools/{name}", self.prefix).into_bytes()
+    }
+
+    /// The sync key.
+    pub fn sync(&self) -> Vec<u8> {
+        format!("{}sync", self.prefix).into_bytes()
     }
 
     /// What `key` is; an unreadable allocation key is an error.

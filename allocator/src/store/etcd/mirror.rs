@@ -169,13 +169,17 @@ impl Mirror {
     /// watch's first revision once it has replayed up to the initial copy,
     /// only later changes before.
     pub fn covered_from(&self) -> u64 {
-        let replayed = self.watched >= self.loaded;
-        let from = if replayed {
+        let from = if self.replayed() {
             self.start
         } else {
             self.loaded + 1
         };
         from.max(self.trimmed_to)
+    }
+
+    /// Whether the watch has replayed the history up to the initial copy.
+    pub fn replayed(&self) -> bool {
+        self.watched >= self.loaded
     }
 
     /// The changes applied since the last call.

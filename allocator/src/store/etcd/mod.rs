@@ -35,7 +35,7 @@ use etcd_client::{
     Certificate, Client, Compare, CompareOp, ConnectOptions, GetOptions, Identity, TlsOptions, Txn,
     TxnOp,
 };
-use tokio::sync::{Notify, watch};
+use tokio::sync::watch;
 
 use self::{
     keys::Keys,
@@ -125,7 +125,6 @@ struct Inner {
     seen: watch::Sender<u64>,
     connected: AtomicBool,
     healthy: AtomicBool,
-    progress_wanted: Notify,
     wake: OnceLock<Box<dyn Fn() + Send + Sync>>,
     fatal: Mutex<Option<String>>,
     pools: Arc<Pools>,
@@ -210,6 +209,23 @@ impl Inner {
             ));
         }
         Ok(())
+    }
+
+    /// Writes the sync key: its revision, whose event every replica's watch
+    /// delivers after those of all earlier revisions (see `follow.rs`).
+    async fn barrier(&self) -> Result<u64> {
+        let mut client = self.client.clone();
+        let put = client.put(self.keys.sync(), Vec::new(), None);
+        match tokio::time::timeout(self.timeout, put).await {
+            Ok(Ok(response)) => Ok(response
+                .header()
+                .map_or(0, |h| u64::try_from(h.revision()).unwrap_or(0))),
+            Ok(Err(e)) => Err(unavailable(format!("writing etcd's sync key: {e}"))),
+            Err(_) => Err(unavailable(format!(
+                "etcd did not answer within {:?} (writing its sync key)",
+                self.timeout
+            ))),
+        }
     }
 
     /// Waits until the copy reaches `revision`.
@@ -355,7 +371,6 @@ impl EtcdStore {
             seen: watch::Sender::new(revision),
             connected: AtomicBool::new(false),
             healthy: AtomicBool::new(true),
-            progress_wanted: Notify::new(),
             wake: OnceLock::new(),
             fatal: Mutex::new(None),
             pools,
@@ -367,12 +382,16 @@ impl EtcdStore {
         Ok(store)
     }
 
-    /// Waits for the follower's watch to be established.
+    /// Waits for the follower's watch to be established and to have
+    /// replayed the history up to the copy, so the history is whole from
+    /// the start.
     async fn wait_connected(&self) -> Result<()> {
         let deadline = tokio::time::Instant::now() + self.inner.timeout;
-        while !self.inner.connected.load(Ordering::Relaxed) {
+        while !(self.inner.connected.load(Ordering::Relaxed) && self.inner.mirror().replayed()) {
             if tokio::time::Instant::now() > deadline {
-                return Err(unavailable("etcd's watch did not start in time"));
+                return Err(unavailable(
+                    "etcd's watch did not start and catch up in time",
+                ));
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
@@ -412,8 +431,8 @@ impl EtcdStore {
             return Ok(revision);
         }
         // Another writer got there first: catch up with what it did.
-        inner.progress_wanted.notify_one();
-        inner.wait_for(revision)?;
+        let barrier = inner.runtime.block_on(inner.barrier())?;
+        inner.wait_for(barrier)?;
         Err(StoreError::Conflict { seen: revision })
     }
 }
