@@ -349,7 +349,15 @@ impl EtcdStore {
                 ))
             })?;
         let keys = Keys::new(&settings.prefix);
-        let pool_keys = agree_on_pools(&mut client, &keys, &pools, settings.timeout).await?;
+        // The first request: where a connection that cannot work shows.
+        let pool_keys = agree_on_pools(&mut client, &keys, &pools, settings.timeout)
+            .await
+            .map_err(|e| match e {
+                StoreError::Unavailable(why) => {
+                    unavailable(format!("etcd at {}: {why}", endpoints.join(",")))
+                }
+                other => other,
+            })?;
         let (entries, revision) = load(&mut client, &keys, settings.timeout).await?;
         let history = usize::try_from(settings.history).unwrap_or(usize::MAX);
         // Replay history: as much of etcd's as `history` revisions reach.
@@ -478,6 +486,23 @@ fn is_not_sent(e: &etcd_client::Error) -> bool {
     text.contains("tcp connect error") || text.contains("Connection refused")
 }
 
+/// What to check when `e` says the connection itself failed (a server that
+/// refused the TLS handshake shows only as a closed connection).
+fn connection_hint(e: &etcd_client::Error) -> &'static str {
+    let connection = match e {
+        etcd_client::Error::TransportError(_) => true,
+        etcd_client::Error::GRpcStatus(status) => std::error::Error::source(status).is_some(),
+        _ => false,
+    };
+    if connection {
+        "; check that etcd answers at that address and, over TLS, that --etcd-ca-file signed \
+         its certificate and that it accepts the client certificate of --etcd-cert-file and \
+         --etcd-key-file (or requires one)"
+    } else {
+        ""
+    }
+}
+
 /// Writes the pool definitions etcd does not hold yet and checks the others;
 /// the mod revision of each pool's key.
 async fn agree_on_pools(
@@ -497,7 +522,12 @@ async fn agree_on_pools(
         let response = tokio::time::timeout(timeout, client.txn(txn))
             .await
             .map_err(|_| unavailable("etcd did not answer in time while checking pools"))?
-            .map_err(|e| unavailable(format!("checking pool definitions in etcd: {e}")))?;
+            .map_err(|e| {
+                unavailable(format!(
+                    "checking pool definitions: {e}{}",
+                    connection_hint(&e)
+                ))
+            })?;
         let revision = if response.succeeded() {
             tracing::info!(pool = pool.name(), definition = %ours, "pool definition written to etcd");
             response.header().map_or(0, |h| h.revision())
