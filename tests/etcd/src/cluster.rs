@@ -196,6 +196,38 @@ impl Cluster {
         }
     }
 
+    /// Stops member `i` with SIGSTOP: it keeps its connections and ports but answers
+    /// nothing, as a hung process or a network partition would, until [`Cluster::thaw`].
+    ///
+    /// # Panics
+    ///
+    /// When the member is not running or the signal cannot be sent.
+    pub fn freeze(&self, i: usize) {
+        self.signal(i, "-STOP");
+    }
+
+    /// Lets member `i` go on after [`Cluster::freeze`] (SIGCONT).
+    ///
+    /// # Panics
+    ///
+    /// As [`Cluster::freeze`].
+    pub fn thaw(&self, i: usize) {
+        self.signal(i, "-CONT");
+    }
+
+    /// Sends `signal` (`kill`'s spelling) to member `i`'s process.
+    fn signal(&self, i: usize, signal: &str) {
+        let pid = match self.members[i].process().as_ref() {
+            Some(child) => child.id(),
+            None => panic!("etcd member {i} is not running"),
+        };
+        let status = Command::new("kill")
+            .args([signal, &pid.to_string()])
+            .status()
+            .unwrap_or_else(|e| panic!("run kill {signal} {pid}: {e}"));
+        assert!(status.success(), "kill {signal} {pid}: {status}");
+    }
+
     /// Whether member `i`'s process is running (started, not killed, not exited).
     pub fn is_running(&self, i: usize) -> bool {
         self.members[i].is_running()

@@ -199,6 +199,19 @@ fn a_member_with_client_tls_admits_only_clients_with_a_certificate_of_its_ca() {
 }
 
 #[test]
+fn a_frozen_member_answers_nothing_until_thawed() {
+    if require("a_frozen_member_answers_nothing_until_thawed").is_none() {
+        return;
+    }
+    let cluster = Cluster::start(1);
+    cluster.freeze(0);
+    assert!(cluster.is_running(0), "a frozen member is still there");
+    assert!(!cluster.is_healthy(0), "a frozen member answered health");
+    cluster.thaw(0);
+    cluster.wait_healthy(0);
+}
+
+#[test]
 fn dropping_the_cluster_stops_every_member() {
     if require("dropping_the_cluster_stops_every_member").is_none() {
         return;
