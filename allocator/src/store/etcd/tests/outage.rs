@@ -9,7 +9,7 @@ use super::{Etcd, eventually};
 use crate::store::{
     Store, StoreError,
     contract::{a_failed_flush_applies_nothing_and_keeps_nothing_staged, allocate, ip, stage_put},
-    etcd::EtcdStore,
+    etcd::{EtcdStore, keys::Keys},
 };
 
 /// The etcd timeout of these tests.
@@ -45,7 +45,9 @@ fn cut_off<T: std::fmt::Debug>(result: Result<T, StoreError>) -> bool {
 
 #[test]
 fn while_etcd_is_down_reads_and_flushes_fail_in_time_and_work_again_once_it_is_back() {
-    let Some((etcd, store)) = mk_store("while_etcd_is_down_reads_and_flushes_fail") else {
+    let Some((etcd, store)) = mk_store(
+        "while_etcd_is_down_reads_and_flushes_fail_in_time_and_work_again_once_it_is_back",
+    ) else {
         return;
     };
     let kept = allocate(&store, "10.0.0.1", "kept");
@@ -84,7 +86,9 @@ fn while_etcd_is_down_reads_and_flushes_fail_in_time_and_work_again_once_it_is_b
 
 #[test]
 fn a_failed_flush_applies_nothing_and_keeps_nothing_staged_while_etcd_is_down() {
-    let Some((etcd, store)) = mk_store("a_failed_flush_while_etcd_is_down") else {
+    let Some((etcd, store)) =
+        mk_store("a_failed_flush_applies_nothing_and_keeps_nothing_staged_while_etcd_is_down")
+    else {
         return;
     };
     let err = a_failed_flush_applies_nothing_and_keeps_nothing_staged(
@@ -96,4 +100,56 @@ fn a_failed_flush_applies_nothing_and_keeps_nothing_staged_while_etcd_is_down() 
         },
     );
     assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
+}
+
+#[test]
+fn while_etcd_answers_nothing_a_flush_fails_within_the_timeout_and_reads_stop() {
+    let Some((etcd, store)) =
+        mk_store("while_etcd_answers_nothing_a_flush_fails_within_the_timeout_and_reads_stop")
+    else {
+        return;
+    };
+    let kept = allocate(&store, "10.0.0.1", "kept");
+    etcd.cluster().freeze(0);
+
+    stage_put(&store, "10.0.0.2", "staged");
+    let started = Instant::now();
+    let err = store
+        .flush()
+        .expect_err("a flush while etcd answers nothing");
+    let took = started.elapsed();
+    assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
+    assert!(err.to_string().contains("outcome unknown"), "{err}");
+    assert!(took < TIMEOUT + MARGIN, "the flush took {took:?}");
+    // The connection looks alive, but its keep-alive finds out.
+    eventually("reads fail", || {
+        cut_off(store.get(ip("10.0.0.1"))).then_some(())
+    });
+    assert!(store.health().is_err());
+
+    etcd.cluster().thaw(0);
+    eventually("reads work again", || store.get(ip("10.0.0.1")).ok()).map_or_else(
+        || panic!("the allocation is gone"),
+        |record| assert_eq!(record, kept),
+    );
+    eventually("healthy again", || store.health().ok());
+    // The write it did not answer may have been taken (its bytes were on
+    // the way): the copy shows what etcd holds, and nothing stays staged.
+    let key = Keys::new(&etcd.settings().prefix).address(ip("10.0.0.2"));
+    let endpoints = etcd.settings().endpoints;
+    let taken = etcd.block_on(async {
+        let mut client = etcd_client::Client::connect(&endpoints, None)
+            .await
+            .expect("connect");
+        !client.get(key, None).await.expect("get").kvs().is_empty()
+    });
+    eventually("the copy shows what etcd holds", || {
+        (store.get(ip("10.0.0.2")).expect("get").is_some() == taken).then_some(())
+    });
+    assert_eq!(
+        store.get_latest(ip("10.0.0.2")).expect("get"),
+        store.get(ip("10.0.0.2")).expect("get")
+    );
+    let after = allocate(&store, "10.0.0.3", "after");
+    assert_eq!(store.get(ip("10.0.0.3")).expect("get"), Some(after));
 }

@@ -14,7 +14,8 @@ use crate::{
 
 #[test]
 fn a_replica_defining_a_pool_otherwise_is_refused_naming_the_pool() {
-    let Some(etcd) = Etcd::start("a_replica_defining_a_pool_otherwise_is_refused") else {
+    let Some(etcd) = Etcd::start("a_replica_defining_a_pool_otherwise_is_refused_naming_the_pool")
+    else {
         return;
     };
     let _first = etcd.open();
@@ -40,7 +41,8 @@ fn a_replica_defining_a_pool_otherwise_is_refused_naming_the_pool() {
 
 #[test]
 fn another_prefix_is_another_installation_with_pools_of_its_own() {
-    let Some(etcd) = Etcd::start("another_prefix_is_another_installation") else {
+    let Some(etcd) = Etcd::start("another_prefix_is_another_installation_with_pools_of_its_own")
+    else {
         return;
     };
     let first = etcd.open();
@@ -66,7 +68,9 @@ fn another_prefix_is_another_installation_with_pools_of_its_own() {
 
 #[test]
 fn replicas_with_the_same_prefix_and_definitions_share_the_allocations() {
-    let Some(etcd) = Etcd::start("replicas_with_the_same_prefix_and_definitions_share") else {
+    let Some(etcd) =
+        Etcd::start("replicas_with_the_same_prefix_and_definitions_share_the_allocations")
+    else {
         return;
     };
     let first = etcd.open();
@@ -89,7 +93,8 @@ fn replicas_with_the_same_prefix_and_definitions_share_the_allocations() {
 
 #[test]
 fn a_pool_redefined_in_etcd_stops_the_replicas_writes_and_reads() {
-    let Some(etcd) = Etcd::start("a_pool_redefined_in_etcd_stops_the_replica") else {
+    let Some(etcd) = Etcd::start("a_pool_redefined_in_etcd_stops_the_replicas_writes_and_reads")
+    else {
         return;
     };
     let store = etcd.open();

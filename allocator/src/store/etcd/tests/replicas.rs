@@ -52,7 +52,9 @@ fn wait_for_address(store: &EtcdStore, address: &str, expected: Option<&str>) {
 
 #[test]
 fn replicas_racing_for_one_address_for_two_owners_commit_one() {
-    let Some((_etcd, a, b)) = mk_replicas("replicas_racing_for_one_address_for_two_owners") else {
+    let Some((_etcd, a, b)) =
+        mk_replicas("replicas_racing_for_one_address_for_two_owners_commit_one")
+    else {
         return;
     };
     stage_put(&a, "10.0.0.1", "owner-a");
@@ -76,7 +78,9 @@ fn replicas_racing_for_one_address_for_two_owners_commit_one() {
 
 #[test]
 fn replicas_racing_to_give_one_owner_two_addresses_commit_one() {
-    let Some((_etcd, a, b)) = mk_replicas("replicas_racing_to_give_one_owner_two_addresses") else {
+    let Some((_etcd, a, b)) =
+        mk_replicas("replicas_racing_to_give_one_owner_two_addresses_commit_one")
+    else {
         return;
     };
     stage_put(&a, "10.0.0.1", "owner");
@@ -102,7 +106,8 @@ fn replicas_racing_to_give_one_owner_two_addresses_commit_one() {
 
 #[test]
 fn replicas_racing_to_release_one_allocation_commit_one() {
-    let Some((_etcd, a, b)) = mk_replicas("replicas_racing_to_release_one_allocation") else {
+    let Some((_etcd, a, b)) = mk_replicas("replicas_racing_to_release_one_allocation_commit_one")
+    else {
         return;
     };
     allocate(&a, "10.0.0.1", "owner");
@@ -123,7 +128,9 @@ fn replicas_racing_to_release_one_allocation_commit_one() {
 
 #[test]
 fn a_failed_flush_applies_nothing_and_keeps_nothing_staged_after_a_lost_race() {
-    let Some((_etcd, a, b)) = mk_replicas("a_failed_flush_after_a_lost_race") else {
+    let Some((_etcd, a, b)) =
+        mk_replicas("a_failed_flush_applies_nothing_and_keeps_nothing_staged_after_a_lost_race")
+    else {
         return;
     };
     let err = a_failed_flush_applies_nothing_and_keeps_nothing_staged(
@@ -183,7 +190,9 @@ fn write_some(store: &EtcdStore) -> Vec<Change> {
 
 #[test]
 fn a_replica_observes_the_others_writes_in_revision_order_and_replays_them() {
-    let Some((_etcd, a, b)) = mk_replicas("a_replica_observes_the_others_writes") else {
+    let Some((_etcd, a, b)) =
+        mk_replicas("a_replica_observes_the_others_writes_in_revision_order_and_replays_them")
+    else {
         return;
     };
     assert!(b.is_shared());
@@ -204,7 +213,9 @@ fn a_replica_observes_the_others_writes_in_revision_order_and_replays_them() {
 
 #[test]
 fn a_replica_opened_later_replays_history_from_before_it_started() {
-    let Some((etcd, a, _)) = mk_replicas("a_replica_opened_later_replays_history") else {
+    let Some((etcd, a, _)) =
+        mk_replicas("a_replica_opened_later_replays_history_from_before_it_started")
+    else {
         return;
     };
     let written = write_some(&a);
