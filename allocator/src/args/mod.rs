@@ -16,7 +16,7 @@ use vipam::runtime::{self, Supervisor, parse_duration};
 
 mod store;
 
-pub use self::store::{Engine, StoreFlags};
+pub use self::store::{Engine, EtcdFlags, StoreFlags};
 
 use crate::{
     credentials::{Access, ClientDef, Credentials, Needs},
@@ -209,7 +209,7 @@ impl Args {
                 start_writer(store, &pools, policy, watch)?
             }
             Engine::Etcd => {
-                let store = store_flags.open_etcd(pools.clone(), watch_history).await?;
+                let store = store_flags.etcd.open(pools.clone(), watch_history).await?;
                 start_writer(store, &pools, policy, watch)?
             }
         };

@@ -33,6 +33,14 @@ pub struct StoreFlags {
     )]
     pub engine: Engine,
 
+    #[command(flatten)]
+    pub etcd: EtcdFlags,
+}
+
+/// The flags that reach etcd: for `--store etcd`, and for either side of
+/// `migrate`.
+#[derive(Debug, clap::Args)]
+pub struct EtcdFlags {
     /// etcd client URLs, comma-separated (http:// or https://).
     #[arg(
         long,
@@ -80,54 +88,64 @@ pub struct StoreFlags {
 
 /// The settings wrong together, as the message the allocator exits with.
 pub fn check_flags(f: &StoreFlags) -> Result<(), ConfigError> {
-    let err = |m: String| Err(ConfigError(m));
-    let etcd_flag_set = !f.etcd_endpoints.is_empty()
-        || f.etcd_ca_file.is_some()
-        || f.etcd_cert_file.is_some()
-        || f.etcd_username.is_some();
-    if f.engine == Engine::Sled {
-        if etcd_flag_set {
-            return err("--etcd-* flags are set but --store is sled; add --store etcd".into());
-        }
-        return Ok(());
+    match f.engine {
+        Engine::Sled if f.etcd.is_set() => Err(ConfigError(
+            "--etcd-* flags are set but --store is sled; add --store etcd".into(),
+        )),
+        Engine::Sled => Ok(()),
+        Engine::Etcd => f.etcd.check("--store etcd"),
     }
-    if f.etcd_endpoints.is_empty() {
-        return err("--store etcd needs --etcd-endpoints URL[,URL...]".into());
-    }
-    for url in &f.etcd_endpoints {
-        if !(url.starts_with("http://") || url.starts_with("https://")) || url.len() < 9 {
-            return err(format!(
-                "--etcd-endpoints {url:?}: not an http:// or https:// URL"
-            ));
-        }
-    }
-    if f.etcd_prefix.is_empty() {
-        return err("--etcd-prefix \"\": give a prefix such as /vipam/".into());
-    }
-    if f.etcd_cert_file.is_some() != f.etcd_key_file.is_some() {
-        return err("--etcd-cert-file and --etcd-key-file go together".into());
-    }
-    if f.etcd_username.is_some() != f.etcd_password_file.is_some() {
-        return err("--etcd-username and --etcd-password-file go together".into());
-    }
-    for (flag, path) in [
-        ("--etcd-ca-file", &f.etcd_ca_file),
-        ("--etcd-cert-file", &f.etcd_cert_file),
-        ("--etcd-key-file", &f.etcd_key_file),
-        ("--etcd-password-file", &f.etcd_password_file),
-    ] {
-        if let Some(path) = path
-            && let Err(e) = std::fs::metadata(path)
-        {
-            return err(format!("{flag} {}: {e}", path.display()));
-        }
-    }
-    Ok(())
 }
 
-impl StoreFlags {
+impl EtcdFlags {
+    /// Whether any flag that reaches etcd is given.
+    pub fn is_set(&self) -> bool {
+        !self.etcd_endpoints.is_empty()
+            || self.etcd_ca_file.is_some()
+            || self.etcd_cert_file.is_some()
+            || self.etcd_username.is_some()
+    }
+
+    /// The flags wrong alone or together; `user` (such as "--store etcd")
+    /// is what needs them.
+    pub fn check(&self, user: &str) -> Result<(), ConfigError> {
+        let err = |m: String| Err(ConfigError(m));
+        if self.etcd_endpoints.is_empty() {
+            return err(format!("{user} needs --etcd-endpoints URL[,URL...]"));
+        }
+        for url in &self.etcd_endpoints {
+            if !(url.starts_with("http://") || url.starts_with("https://")) || url.len() < 9 {
+                return err(format!(
+                    "--etcd-endpoints {url:?}: not an http:// or https:// URL"
+                ));
+            }
+        }
+        if self.etcd_prefix.is_empty() {
+            return err("--etcd-prefix \"\": give a prefix such as /vipam/".into());
+        }
+        if self.etcd_cert_file.is_some() != self.etcd_key_file.is_some() {
+            return err("--etcd-cert-file and --etcd-key-file go together".into());
+        }
+        if self.etcd_username.is_some() != self.etcd_password_file.is_some() {
+            return err("--etcd-username and --etcd-password-file go together".into());
+        }
+        for (flag, path) in [
+            ("--etcd-ca-file", &self.etcd_ca_file),
+            ("--etcd-cert-file", &self.etcd_cert_file),
+            ("--etcd-key-file", &self.etcd_key_file),
+            ("--etcd-password-file", &self.etcd_password_file),
+        ] {
+            if let Some(path) = path
+                && let Err(e) = std::fs::metadata(path)
+            {
+                return err(format!("{flag} {}: {e}", path.display()));
+            }
+        }
+        Ok(())
+    }
+
     /// The etcd engine's settings.
-    pub fn etcd_settings(&self, history: u64) -> EtcdSettings {
+    pub fn settings(&self, history: u64) -> EtcdSettings {
         EtcdSettings {
             endpoints: self.etcd_endpoints.clone(),
             prefix: self.etcd_prefix.clone(),
@@ -141,10 +159,19 @@ impl StoreFlags {
         }
     }
 
+    /// Where the store lives, for messages: the endpoints and the prefix.
+    pub fn describe(&self) -> String {
+        format!(
+            "etcd at {} under prefix {}",
+            self.etcd_endpoints.join(","),
+            self.etcd_prefix
+        )
+    }
+
     /// Connects to etcd and opens the store there; a pool defined otherwise
     /// in etcd is a settings error.
-    pub async fn open_etcd(&self, pools: Arc<Pools>, history: u64) -> anyhow::Result<EtcdStore> {
-        match EtcdStore::open(&self.etcd_settings(history), pools).await {
+    pub async fn open(&self, pools: Arc<Pools>, history: u64) -> anyhow::Result<EtcdStore> {
+        match EtcdStore::open(&self.settings(history), pools).await {
             Ok(store) => Ok(store),
             Err(e @ StoreError::PoolDisagrees { .. }) => Err(ConfigError(e.to_string()).into()),
             Err(e) => Err(anyhow::Error::new(e).context("opening the etcd store")),
