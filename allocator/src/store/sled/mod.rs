@@ -240,6 +240,12 @@ impl SledStore {
         })
     }
 
+    /// Whether `dir` holds a database (sled's file `db`), without opening or
+    /// creating one.
+    pub fn exists_in(dir: &Path) -> bool {
+        dir.join("db").is_file()
+    }
+
     /// Keeps the change log of the last `revisions` writes (at least 1) from
     /// now on. Entries already older than that go with
     /// [`SledStore::trim_history`].

@@ -125,6 +125,15 @@ fn flushed_writes_survive_reopen() {
 }
 
 #[test]
+fn a_database_exists_in_a_directory_only_once_a_store_was_opened_there() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    assert!(!SledStore::exists_in(dir.path()));
+    assert!(!SledStore::exists_in(&dir.path().join("missing")));
+    drop(SledStore::open(dir.path(), 8 << 20).expect("open"));
+    assert!(SledStore::exists_in(dir.path()));
+}
+
+#[test]
 fn a_directory_held_by_an_open_store_is_refused_after_the_lock_wait() {
     let (dir, _store) = mk_store();
     let started = Instant::now();
