@@ -4,6 +4,7 @@
 //! Layers, from the inside out, each depending only on those before it:
 //! [`intervals`], [`family`] and [`pool`] (address arithmetic, no I/O); [`store`] (the
 //! store seam and its engines, the only place that knows a database);
+//! [`migrate`] (copying the allocations from one engine to another);
 //! [`error`] and [`request`] (the error enum, input checks, requests and
 //! answers); [`scope`] (what a credential may touch, pure checks);
 //! [`rules`] (the allocation rules, pure decisions); [`stats`],
@@ -25,6 +26,7 @@ pub mod hub;
 pub mod intervals;
 pub mod ipam;
 pub mod metrics;
+pub mod migrate;
 pub mod policy;
 pub mod pool;
 pub mod reader;

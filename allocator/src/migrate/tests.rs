@@ -1,0 +1,383 @@
+use std::{
+    collections::BTreeMap,
+    sync::atomic::{AtomicUsize, Ordering},
+};
+
+use super::*;
+use crate::{
+    pool::PoolDef,
+    store::{Change, Scan, SledStore, contract::ip},
+};
+
+fn mk_pools() -> Pools {
+    let defs: Vec<PoolDef> = ["a=10.1.0.0/24,fd00:a::/120", "b=10.2.0.0/24"]
+        .iter()
+        .map(|d| d.parse().expect("pool"))
+        .collect();
+    Pools::new(defs, None).expect("pools")
+}
+
+fn mk_record(owner: &str, label: &str, created: u64) -> Record {
+    Record {
+        owner: owner.to_string(),
+        labels: BTreeMap::from([("name".to_string(), label.to_string())]),
+        created_unix_nanos: created,
+        revision: 1,
+    }
+}
+
+fn ok(entries: &[(&str, Record)]) -> std::vec::IntoIter<Result<(IpAddr, Record), String>> {
+    entries
+        .iter()
+        .map(|(a, r)| Ok((ip(a), r.clone())))
+        .collect::<Vec<_>>()
+        .into_iter()
+}
+
+fn mk_store() -> (tempfile::TempDir, SledStore) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = SledStore::open(dir.path(), 8 << 20).expect("open");
+    (dir, store)
+}
+
+/// A source holding `entries` (address, owner), written at revisions 1, 2, ...
+fn mk_source(entries: &[(&str, &str)]) -> (tempfile::TempDir, SledStore) {
+    let (dir, store) = mk_store();
+    for (i, (address, owner)) in entries.iter().enumerate() {
+        let record = Record {
+            revision: i as u64 + 1,
+            ..mk_record(
+                owner,
+                &format!("svc-{i}"),
+                1_700_000_000_000_000_000 + i as u64,
+            )
+        };
+        store.put(ip(address), &record).expect("put");
+    }
+    store.flush().expect("flush");
+    (dir, store)
+}
+
+fn side<'a>(store: &'a dyn Store, name: &'a str) -> Side<'a> {
+    Side { store, name }
+}
+
+fn all(store: &dyn Store) -> Vec<(IpAddr, Record)> {
+    store.scan_after(None).map(|r| r.expect("entry")).collect()
+}
+
+#[test]
+fn identical_scans_have_no_difference_whatever_their_revisions() {
+    let a = [
+        ("10.0.0.1", mk_record("o1", "x", 1)),
+        ("fd00::1", mk_record("o2", "y", 2)),
+    ];
+    let mut b = a.clone();
+    b[0].1.revision = 99;
+    let (count, differences) = compare(ok(&a), ok(&b)).expect("compare");
+    assert_eq!(count, 2);
+    assert_eq!(differences, Differences::default());
+}
+
+#[test]
+fn missing_extra_and_changed_allocations_are_each_named_in_address_order() {
+    let source = [
+        ("10.0.0.1", mk_record("o1", "x", 1)),
+        ("10.0.0.2", mk_record("o2", "x", 2)),
+        ("10.0.0.3", mk_record("o3", "x", 3)),
+        ("10.0.0.4", mk_record("o4", "x", 4)),
+        ("fd00::1", mk_record("o6", "x", 6)),
+    ];
+    let target = [
+        ("10.0.0.1", mk_record("other", "x", 1)),
+        ("10.0.0.3", mk_record("o3", "changed", 3)),
+        ("10.0.0.4", mk_record("o4", "x", 40)),
+        ("10.0.0.5", mk_record("o5", "x", 5)),
+        ("fd00::1", mk_record("o6", "x", 6)),
+    ];
+    let (count, differences) = compare(ok(&source), ok(&target)).expect("compare");
+    assert_eq!(count, 5);
+    assert_eq!(
+        differences.listed,
+        vec![
+            Difference::Changed {
+                address: ip("10.0.0.1"),
+                what: "owner"
+            },
+            Difference::Missing(ip("10.0.0.2")),
+            Difference::Changed {
+                address: ip("10.0.0.3"),
+                what: "labels"
+            },
+            Difference::Changed {
+                address: ip("10.0.0.4"),
+                what: "creation time"
+            },
+            Difference::Extra(ip("10.0.0.5")),
+        ]
+    );
+    assert_eq!(differences.count, 5);
+}
+
+#[test]
+fn an_empty_target_misses_everything_and_an_empty_source_has_only_extras() {
+    let some = [
+        ("10.0.0.1", mk_record("o1", "x", 1)),
+        ("fd00::1", mk_record("o2", "x", 2)),
+    ];
+    let (count, missing) = compare(ok(&some), ok(&[])).expect("compare");
+    assert_eq!((count, missing.count), (2, 2));
+    assert_eq!(missing.listed[1], Difference::Missing(ip("fd00::1")));
+    let (count, extra) = compare(ok(&[]), ok(&some)).expect("compare");
+    assert_eq!((count, extra.count), (0, 2));
+    assert_eq!(extra.listed[0], Difference::Extra(ip("10.0.0.1")));
+}
+
+#[test]
+fn a_failed_read_on_either_side_ends_the_comparison_with_its_error() {
+    let good = [("10.0.0.1", mk_record("o1", "x", 1))];
+    let failing = || {
+        ok(&good).chain(std::iter::once(Err::<(IpAddr, Record), _>(
+            "disk gone".to_string(),
+        )))
+    };
+    assert_eq!(
+        compare(failing(), ok(&good)).expect_err("source"),
+        "disk gone"
+    );
+    assert_eq!(
+        compare(ok(&good), failing()).expect_err("target"),
+        "disk gone"
+    );
+}
+
+#[test]
+fn differences_list_the_first_ten_and_count_the_rest() {
+    let mut differences = Differences::default();
+    for i in 0..12u8 {
+        differences.push(Difference::Missing(IpAddr::from([10, 0, 0, i])));
+    }
+    differences.push(Difference::OwnerIndex {
+        owner: "o".into(),
+        address: ip("10.0.0.1"),
+        found: None,
+    });
+    let text = differences.to_string();
+    assert!(
+        text.starts_with("13 difference(s): 10.0.0.0 is missing; "),
+        "{text}"
+    );
+    assert!(text.ends_with("10.0.0.9 is missing; and 3 more"), "{text}");
+    assert_eq!(
+        Difference::OwnerIndex {
+            owner: "svc".into(),
+            address: ip("10.0.0.1"),
+            found: Some(ip("10.0.0.2")),
+        }
+        .to_string(),
+        "owner svc holds 10.0.0.1 but its index names 10.0.0.2"
+    );
+}
+
+#[test]
+fn the_summary_counts_per_pool_and_family_and_outside_every_pool() {
+    let pools = mk_pools();
+    let mut summary = Summary::new(&pools);
+    for a in [
+        "10.1.0.1",
+        "10.1.0.2",
+        "fd00:a::1",
+        "192.0.2.7",
+        "2001:db8::1",
+    ] {
+        summary.add(&pools, ip(a));
+    }
+    assert_eq!(summary.total(), 5);
+    assert_eq!(
+        summary.lines(&pools),
+        vec![
+            "pool a: 3 (IPv4 2, IPv6 1)",
+            "pool b: 0",
+            "outside every pool: 2 (IPv4 1, IPv6 1)",
+        ]
+    );
+}
+
+#[test]
+fn copy_keeps_every_allocation_with_owner_labels_and_creation_time() {
+    let pools = mk_pools();
+    let (_s, source) = mk_source(&[
+        ("10.1.0.1", "svc-a"),
+        ("10.2.0.9", "svc-b"),
+        ("fd00:a::5", "svc-c"),
+        ("192.0.2.7", "svc-outside"),
+    ]);
+    let (_t, target) = mk_store();
+    let summary = copy(side(&source, "source"), side(&target, "target"), &pools).expect("copy");
+    assert_eq!(summary.total(), 4);
+    assert_eq!(
+        summary.lines(&pools)[2],
+        "outside every pool: 1 (IPv4 1)".to_string()
+    );
+    let copied = all(&target);
+    let original = all(&source);
+    assert_eq!(copied.len(), 4);
+    for ((a, theirs), (b, ours)) in original.iter().zip(&copied) {
+        assert_eq!(a, b);
+        assert_eq!(
+            (&theirs.owner, &theirs.labels, theirs.created_unix_nanos),
+            (&ours.owner, &ours.labels, ours.created_unix_nanos)
+        );
+        assert_eq!(target.owner_address(&ours.owner).expect("owner"), Some(*b));
+    }
+    assert_eq!(
+        verify(side(&source, "source"), side(&target, "target")).expect("verify"),
+        4
+    );
+}
+
+#[test]
+fn copied_allocations_take_revisions_after_the_sources_last() {
+    let (_s, source) = mk_source(&[("10.1.0.1", "svc-a"), ("10.1.0.2", "svc-b")]);
+    // A release, so the source's revision is ahead of its allocations.
+    source
+        .delete(ip("10.1.0.2"), &mk_record("svc-b", "svc-1", 0), 3)
+        .expect("delete");
+    source.flush().expect("flush");
+    let (_t, target) = mk_store();
+    copy(
+        side(&source, "source"),
+        side(&target, "target"),
+        &mk_pools(),
+    )
+    .expect("copy");
+    assert_eq!(target.revision().expect("revision"), 4);
+    let changes: Vec<Change> = target
+        .changes(0, u64::MAX)
+        .map(|c| c.expect("change"))
+        .collect();
+    assert_eq!(changes.len(), 1);
+    assert_eq!(changes[0].revision, 4);
+}
+
+#[test]
+fn a_target_that_holds_allocations_is_refused_with_their_number() {
+    let (_s, source) = mk_source(&[("10.1.0.1", "svc-a")]);
+    let (_t, target) = mk_source(&[("10.1.0.7", "svc-x"), ("10.1.0.8", "svc-y")]);
+    let err = copy(
+        side(&source, "source"),
+        side(&target, "the sled store in /data"),
+        &mk_pools(),
+    )
+    .expect_err("refused");
+    assert_eq!(
+        err.to_string(),
+        "the target, the sled store in /data, is not empty: it holds 2 allocation(s); migrate copies only into a store that holds none"
+    );
+    assert_eq!(all(&target).len(), 2, "nothing written");
+}
+
+#[test]
+fn verify_names_what_the_target_lacks_or_holds_otherwise() {
+    let (_s, source) = mk_source(&[("10.1.0.1", "svc-a"), ("10.1.0.2", "svc-b")]);
+    let (_t, target) = mk_source(&[("10.1.0.1", "svc-a"), ("10.1.0.3", "svc-c")]);
+    let err =
+        verify(side(&source, "the source"), side(&target, "the target")).expect_err("differs");
+    assert_eq!(
+        err.to_string(),
+        "the target does not hold exactly the allocations of the source: 2 difference(s): 10.1.0.2 is missing; 10.1.0.3 is there but not in the source"
+    );
+}
+
+#[test]
+fn copy_commits_at_most_max_batch_allocations_at_once() {
+    let addresses: Vec<String> = (1..=7).map(|i| format!("10.1.0.{i}")).collect();
+    let entries: Vec<(&str, String)> = addresses
+        .iter()
+        .enumerate()
+        .map(|(i, a)| (a.as_str(), format!("svc-{i}")))
+        .collect();
+    let entries: Vec<(&str, &str)> = entries.iter().map(|(a, o)| (*a, o.as_str())).collect();
+    let (_s, source) = mk_source(&entries);
+    let (_t, inner) = mk_store();
+    let target = Batched {
+        inner,
+        max: 3,
+        staged: AtomicUsize::new(0),
+        largest: AtomicUsize::new(0),
+        flushes: AtomicUsize::new(0),
+    };
+    let summary = copy(
+        side(&source, "source"),
+        side(&target, "target"),
+        &mk_pools(),
+    )
+    .expect("copy");
+    assert_eq!(summary.total(), 7);
+    assert_eq!(target.largest.load(Ordering::Relaxed), 3);
+    assert_eq!(target.flushes.load(Ordering::Relaxed), 3, "3 + 3 + 1");
+    assert_eq!(all(&target).len(), 7);
+}
+
+/// A store that commits at most `max` writes per flush and counts them.
+struct Batched {
+    inner: SledStore,
+    max: usize,
+    staged: AtomicUsize,
+    largest: AtomicUsize,
+    flushes: AtomicUsize,
+}
+
+impl Store for Batched {
+    fn get(&self, ip: IpAddr) -> crate::store::Result<Option<Record>> {
+        self.inner.get(ip)
+    }
+    fn owner_address(&self, owner: &str) -> crate::store::Result<Option<IpAddr>> {
+        self.inner.owner_address(owner)
+    }
+    fn get_latest(&self, ip: IpAddr) -> crate::store::Result<Option<Record>> {
+        self.inner.get_latest(ip)
+    }
+    fn owner_address_latest(&self, owner: &str) -> crate::store::Result<Option<IpAddr>> {
+        self.inner.owner_address_latest(owner)
+    }
+    fn revision(&self) -> crate::store::Result<u64> {
+        self.inner.revision()
+    }
+    fn put(&self, ip: IpAddr, record: &Record) -> crate::store::Result<()> {
+        let staged = self.staged.fetch_add(1, Ordering::Relaxed) + 1;
+        assert!(
+            staged <= self.max,
+            "{staged} writes staged, at most {}",
+            self.max
+        );
+        self.inner.put(ip, record)
+    }
+    fn delete(&self, ip: IpAddr, record: &Record, revision: u64) -> crate::store::Result<()> {
+        self.inner.delete(ip, record, revision)
+    }
+    fn flush(&self) -> crate::store::Result<Option<u64>> {
+        let staged = self.staged.swap(0, Ordering::Relaxed);
+        self.largest.fetch_max(staged, Ordering::Relaxed);
+        self.flushes.fetch_add(1, Ordering::Relaxed);
+        self.inner.flush()
+    }
+    fn max_batch(&self) -> usize {
+        self.max
+    }
+    fn scan(&self, family: Family, first: u128, last: u128) -> Scan<(IpAddr, Record)> {
+        self.inner.scan(family, first, last)
+    }
+    fn scan_after(&self, after: Option<IpAddr>) -> Scan<(IpAddr, Record)> {
+        self.inner.scan_after(after)
+    }
+    fn addresses(&self) -> Scan<IpAddr> {
+        self.inner.addresses()
+    }
+    fn changes(&self, after: u64, last: u64) -> Scan<Change> {
+        self.inner.changes(after, last)
+    }
+    fn first_change(&self) -> crate::store::Result<Option<u64>> {
+        self.inner.first_change()
+    }
+}
