@@ -14,8 +14,10 @@ use ipnet::IpNet;
 pub use vipam::runtime::ConfigError;
 use vipam::runtime::{self, Supervisor, parse_duration};
 
+mod migrate;
 mod store;
 
+pub use self::migrate::MigrateArgs;
 pub use self::store::{Engine, EtcdFlags, StoreFlags};
 
 use crate::{
@@ -40,7 +42,12 @@ pub const KEEPALIVED_POOL: &str = "default";
 /// vipam-allocator hands out IP addresses from named pools over gRPC and
 /// keeps them in an embedded database.
 #[derive(Debug, Parser)]
-#[command(name = "vipam-allocator", version)]
+#[command(
+    name = "vipam-allocator",
+    version,
+    args_conflicts_with_subcommands = true,
+    disable_help_subcommand = true
+)]
 pub struct Args {
     /// Address to serve gRPC (HTTP/2 without TLS) and /healthz, /readyz,
     /// /metrics (HTTP/1.1) on.
@@ -143,6 +150,26 @@ pub struct Args {
     /// environment separate clients with ';'.
     #[arg(long = "client", env = "VIPAM_CLIENTS", value_name = "name=NAME,token-file=PATH,owners=P|P,pools=P|P", value_delimiter = ';', value_parser = parse_client)]
     pub clients: Vec<ClientDef>,
+
+    /// A command instead of serving; without one the allocator serves.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// What the binary does instead of serving.
+#[derive(Debug, clap::Subcommand)]
+pub enum Command {
+    /// Copy every allocation from one store engine to the other (sled ↔
+    /// etcd), then verify the copy.
+    ///
+    /// Copies each allocation with its owner, labels and creation time from
+    /// the sled store in --data-dir to etcd under --etcd-prefix, or back,
+    /// then checks that the target holds exactly the source's allocations
+    /// (exit 1 if not). Stop every allocator using either store first. The
+    /// target must hold no allocation. Give the pool flags the allocator
+    /// runs with: etcd keeps the pool definitions and refuses different
+    /// ones. Revisions start anew in the target.
+    Migrate(MigrateArgs),
 }
 
 fn parse_client(s: &str) -> Result<ClientDef, String> {
@@ -164,7 +191,8 @@ fn parse_element(s: &str) -> Result<Element, String> {
 impl Args {
     /// Runs the allocator until SIGTERM or SIGINT: checks the settings,
     /// opens the store, starts its writer, binds the listeners and serves,
-    /// supervising the server and the writer.
+    /// supervising the server and the writer. With a command, runs that
+    /// instead.
     pub async fn run(self) -> anyhow::Result<()> {
         let Self {
             listen,
@@ -186,7 +214,11 @@ impl Args {
             log_format,
             check,
             clients,
+            command,
         } = self;
+        if let Some(Command::Migrate(migrate)) = command {
+            return migrate.run().await;
+        }
         runtime::init_logging(&log, &log_format)?;
         let (pools, policy) = pool_flags.check()?;
         let pools = Arc::new(pools);
