@@ -301,26 +301,32 @@ async fn every_setting_works_from_the_environment() {
 
 #[test]
 fn help_lists_an_environment_form_for_every_flag() {
-    let out = run_allocator(&["--help"], &[], Duration::from_secs(10)).expect("help");
-    assert!(out.status.success());
-    let help = String::from_utf8_lossy(&out.stdout);
-    // Each flag's block: its line and, when clap puts the help on the next
-    // lines, those up to the next flag.
-    let mut flags: Vec<String> = Vec::new();
-    for line in help.lines().map(str::trim_start) {
-        if line.starts_with('-') {
-            flags.push(line.to_string());
-        } else if let Some(block) = flags.last_mut() {
-            block.push(' ');
-            block.push_str(line);
+    for command in [&["--help"][..], &["migrate", "--help"]] {
+        let out = run_allocator(command, &[], Duration::from_secs(10)).expect("help");
+        assert!(out.status.success());
+        let help = String::from_utf8_lossy(&out.stdout);
+        // Each flag's block: its line and, when clap puts the help on the
+        // next lines (possible values, "- sled: ...", among them), those up
+        // to the next flag.
+        let mut flags: Vec<String> = Vec::new();
+        for line in help.lines().map(str::trim_start) {
+            if line.starts_with('-') && !line.starts_with("- ") {
+                flags.push(line.to_string());
+            } else if let Some(block) = flags.last_mut() {
+                block.push(' ');
+                block.push_str(line);
+            }
         }
-    }
-    assert!(flags.len() >= 10, "{help}");
-    for block in flags
-        .iter()
-        .filter(|b| !b.starts_with("-h") && !b.starts_with("-V"))
-    {
-        assert!(block.contains("[env: "), "no env form: {block}");
+        assert!(flags.len() >= 10, "{help}");
+        for block in flags
+            .iter()
+            .filter(|b| !b.starts_with("-h") && !b.starts_with("-V"))
+        {
+            assert!(
+                block.contains("[env: "),
+                "{command:?}: no env form: {block}"
+            );
+        }
     }
 }
 
