@@ -477,6 +477,32 @@ fn the_migration_job_copies_the_sled_volume_into_the_installations_prefix() {
             .flatten()
             .find(|e| e.name == "VIPAM_ETCD_ENDPOINTS"),
     );
+    // With the base allocator's pool settings, which migrate needs: etcd
+    // keeps the pool definitions and refuses others.
+    let (_, migrate_envs) = help_of_command("vipam-allocator", &["migrate"]);
+    let settings: Vec<_> = container(&base_pod, "vipam-allocator")
+        .env
+        .iter()
+        .flatten()
+        .filter(|e| migrate_envs.contains(&e.name))
+        .cloned()
+        .collect();
+    assert!(
+        settings.iter().any(|e| e.name == "KEEPALIVED_SERVICE_CIDR"),
+        "{settings:?}"
+    );
+    for setting in &settings {
+        assert_eq!(
+            migrate
+                .env
+                .iter()
+                .flatten()
+                .find(|e| e.name == setting.name),
+            Some(setting),
+            "{}",
+            setting.name
+        );
+    }
     // Its pod is none of the Deployment's (nor counted by the budget).
     let labels = job
         .spec
