@@ -92,11 +92,8 @@ impl Stores {
 
     async fn open(&self, engine: Engine) -> anyhow::Result<Arc<dyn Store>> {
         Ok(match engine {
-            Engine::Sled => Arc::new(super::open_store(
-                &self.data_dir,
-                self.cache_bytes,
-                crate::store::DEFAULT_HISTORY,
-            )?),
+            // As it is: the source's change history stays whole.
+            Engine::Sled => Arc::new(super::open_sled(&self.data_dir, self.cache_bytes)?),
             Engine::Etcd => Arc::new(self.etcd.open(self.pools.clone(), ETCD_HISTORY).await?),
         })
     }

@@ -455,16 +455,7 @@ fn print_pools(pools: &Pools) {
 /// Opens (creating) the database in `data_dir` and trims its change
 /// history to `watch_history` revisions.
 fn open_store(data_dir: &Path, cache_bytes: u64, watch_history: u64) -> anyhow::Result<SledStore> {
-    std::fs::create_dir_all(data_dir)
-        .map_err(|e| ConfigError(format!("--data-dir {}: {e}", data_dir.display())))?;
-    let store = SledStore::open(data_dir, cache_bytes)
-        .map_err(|e| {
-            ConfigError(format!(
-                "--data-dir {}: cannot open the database (is another allocator using it?): {e}",
-                data_dir.display()
-            ))
-        })?
-        .with_history(watch_history);
+    let store = open_sled(data_dir, cache_bytes)?.with_history(watch_history);
     let trimmed = store
         .trim_history()
         .context("trimming the change history")?;
@@ -477,6 +468,18 @@ fn open_store(data_dir: &Path, cache_bytes: u64, watch_history: u64) -> anyhow::
         );
     }
     Ok(store)
+}
+
+/// Opens (creating) the database in `data_dir`, as it is.
+fn open_sled(data_dir: &Path, cache_bytes: u64) -> Result<SledStore, ConfigError> {
+    std::fs::create_dir_all(data_dir)
+        .map_err(|e| ConfigError(format!("--data-dir {}: {e}", data_dir.display())))?;
+    SledStore::open(data_dir, cache_bytes).map_err(|e| {
+        ConfigError(format!(
+            "--data-dir {}: cannot open the database (is another allocator using it?): {e}",
+            data_dir.display()
+        ))
+    })
 }
 
 /// Loads the allocations, starts the store writer and logs each pool's
