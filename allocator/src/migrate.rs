@@ -9,7 +9,8 @@
 //! Revisions are not copied: the target gives each copied allocation one of
 //! its own, after the source's last revision where it can (sled), so a
 //! Watch client resuming from a revision of the source is told to start
-//! again rather than replayed changes it never missed.
+//! again, or, if it had seen every change, sent the copy once more, rather
+//! than replayed changes that do not follow what it has.
 
 use std::{cmp::Ordering, fmt, net::IpAddr};
 

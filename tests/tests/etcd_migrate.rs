@@ -4,7 +4,8 @@
 //! from there, then copied back into a fresh sled directory and served
 //! again, every allocation and owner unchanged and new allocations still
 //! taking the lowest free address; a copy into a store that holds
-//! allocations, or from an engine to itself, is refused.
+//! allocations, from a directory an allocator holds, from one with no store,
+//! or from an engine to itself, is refused.
 
 use std::{collections::HashMap, path::Path, process::Output, time::Duration};
 
@@ -228,6 +229,14 @@ async fn migrate_moves_every_allocation_to_etcd_and_back() {
     assert_eq!(
         allocate(&mut c, mk_allocate("shop/a5", "a")).await,
         "10.1.0.4"
+    );
+    // Not while an allocator holds the directory.
+    let out = migrate("sled", "etcd", back.path(), &endpoints);
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("is another allocator using it?"),
+        "{stderr}"
     );
     stop(a);
 
