@@ -134,9 +134,13 @@ fn write_batch<S: Store>(
     stats: &Stats,
 ) -> Result<(), StoreError> {
     let commands: Vec<Command> = std::mem::take(batch);
-    stats
-        .writes
-        .fetch_add(commands.len() as u64, Ordering::Relaxed);
+    // Requests only: a shared store's wake-ups (Observe) and barriers ride
+    // in the same batches.
+    let requests = commands
+        .iter()
+        .filter(|c| matches!(c, Command::Allocate(..) | Command::Release(..)))
+        .count();
+    stats.writes.fetch_add(requests as u64, Ordering::Relaxed);
     let mut round = 1;
     loop {
         publish_observed(ipam, hub)?;
@@ -344,5 +348,37 @@ impl Queue {
     /// Whether the writer has stopped taking requests.
     pub fn is_closed(&self) -> bool {
         self.tx.is_closed()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::Ordering;
+
+    use crate::{
+        handle::start,
+        ipam::Ipam,
+        request::ReleaseArgs,
+        rules::tests::{mk_args, mk_pools},
+        store::SledStore,
+    };
+
+    #[tokio::test]
+    async fn only_allocate_and_release_requests_count_as_writes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SledStore::open(dir.path(), 8 << 20).expect("open");
+        let ipam = Ipam::load(store.clone(), mk_pools(&["a=10.0.0.0/24"])).expect("load");
+        let (handle, _writer) = start(ipam, store, 16).expect("start");
+        handle.allocate(mk_args("svc")).await.expect("allocate");
+        handle.barrier().await.expect("barrier");
+        let release = ReleaseArgs {
+            owner: Some("svc".into()),
+            address: None,
+            scope: Default::default(),
+        };
+        handle.release(release).await.expect("release");
+        handle.barrier().await.expect("barrier");
+        assert_eq!(handle.stats().writes.load(Ordering::Relaxed), 2);
+        assert_eq!(handle.stats().flushes.load(Ordering::Relaxed), 2);
     }
 }
