@@ -59,6 +59,11 @@ impl Server {
     /// Starts the binary on `data_dir` with the given `--pool` values and
     /// waits until it serves.
     pub fn start(data_dir: &Path, pools: &[&str]) -> Server {
+        Server::start_with(data_dir, pools, &[])
+    }
+
+    /// Like [`Server::start`], with `extra` flags (such as `--store etcd`).
+    pub fn start_with(data_dir: &Path, pools: &[&str], extra: &[&str]) -> Server {
         let started = Instant::now();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_vipam-allocator"));
         cmd.arg("--listen")
@@ -76,6 +81,7 @@ impl Server {
         for pool in pools {
             cmd.arg("--pool").arg(pool);
         }
+        cmd.args(extra);
         let mut child = cmd.spawn().expect("starting vipam-allocator");
         let stderr = child.stderr.take().expect("piped stderr");
         let (tx, rx) = mpsc::channel::<Result<SocketAddr, String>>();
