@@ -212,7 +212,7 @@ async fn measure(members: usize, endpoints: &[String], addr: SocketAddr) -> Vec<
     rows
 }
 
-fn print_tables(rows: &[Row]) {
+fn print_allocator(rows: &[Row]) {
     println!();
     println!(
         "durable Allocate of new owners over gRPC, --store etcd, pool 10.0.0.0/8, {} s per row",
@@ -241,7 +241,9 @@ fn print_tables(rows: &[Row]) {
         ]);
     }
     t.print();
+}
 
+fn print_baseline(rows: &[Row]) {
     println!();
     println!(
         "baseline: raw etcd txn of the same shape (compare version 0 on an address key and an owner key, put both), one per allocation, same client crate, same cluster and concurrency"
@@ -258,7 +260,9 @@ fn print_tables(rows: &[Row]) {
         ]);
     }
     t.print();
+}
 
+fn print_ratios(rows: &[Row]) {
     println!();
     println!("ratios (same run); reference: go-ipam's published 368 acquisitions/s");
     let mut t = Table::new(&[
@@ -280,7 +284,9 @@ fn print_tables(rows: &[Row]) {
         ]);
     }
     t.print();
+}
 
+fn print_targets(rows: &[Row]) {
     println!();
     println!("targets at concurrency 64");
     let mut t = Table::new(&["target", "etcd members", "measured", "verdict"]);
@@ -347,7 +353,10 @@ fn main() {
         server.stop();
         drop(cluster);
     }
-    print_tables(&rows);
+    print_allocator(&rows);
+    print_baseline(&rows);
+    print_ratios(&rows);
+    print_targets(&rows);
     println!();
     println!("{} (at end)", machine());
 }

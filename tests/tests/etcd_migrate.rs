@@ -168,6 +168,62 @@ async fn fill_sled(dir: &Path) -> Vec<Allocation> {
     held
 }
 
+/// Serves the store in etcd at `endpoints`: it holds `held`, and new
+/// allocations take the lowest free addresses; what it then holds.
+async fn serve_from_etcd(endpoints: &str, held: &[Allocation]) -> Vec<Allocation> {
+    let unused = tempfile::tempdir().expect("tempdir");
+    let a = start(
+        unused.path(),
+        &["--store", "etcd", "--etcd-endpoints", endpoints],
+    );
+    let mut c = a.client().await.expect("connect");
+    assert_serves(&mut c, held, &a.log()).await;
+    assert_eq!(
+        allocate(&mut c, mk_allocate("shop/a4", "a")).await,
+        "10.1.0.2"
+    );
+    assert_eq!(
+        allocate(&mut c, mk_allocate("shop/b3", "b")).await,
+        "10.2.0.2"
+    );
+    let on_etcd = list(&mut c).await;
+    stop(a);
+    on_etcd
+}
+
+/// Serves the sled store in `dir`: it holds `held`, the next allocation
+/// takes the lowest free address, and migrate cannot open the directory
+/// meanwhile.
+async fn serve_from_sled(dir: &Path, endpoints: &str, held: &[Allocation]) {
+    let a = start(dir, &[]);
+    let mut c = a.client().await.expect("connect");
+    assert_serves(&mut c, held, &a.log()).await;
+    assert_eq!(
+        allocate(&mut c, mk_allocate("shop/a5", "a")).await,
+        "10.1.0.4"
+    );
+    let out = migrate("sled", "etcd", dir, endpoints);
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("is another allocator using it?"),
+        "{stderr}"
+    );
+    stop(a);
+}
+
+/// Checks that migrate refuses the target, which holds `count` allocations.
+fn assert_refused(out: &Output, target: &str, count: u64) {
+    let (_, stderr) = text(out);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "the target, {target}, is not empty: it holds {count} allocation(s)"
+        )),
+        "{stderr}"
+    );
+}
+
 // Multi-threaded: the client's connection must answer the allocator's
 // shutdown while this thread waits for the process to exit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -177,15 +233,12 @@ async fn migrate_moves_every_allocation_to_etcd_and_back() {
     }
     let cluster = Cluster::start(1);
     let endpoints = cluster.endpoint(0);
-    let etcd_args = ["--store", "etcd", "--etcd-endpoints", endpoints.as_str()];
     let sled = tempfile::tempdir().expect("tempdir");
-    let unused = tempfile::tempdir().expect("tempdir");
     let back = tempfile::tempdir().expect("tempdir");
 
     let held = fill_sled(sled.path()).await;
     assert_eq!(held.len(), 6);
     assert!(held.iter().all(|a| a.labels.len() == 3));
-
     let out = migrate("sled", "etcd", sled.path(), &endpoints);
     assert_copied(
         &out,
@@ -196,22 +249,8 @@ async fn migrate_moves_every_allocation_to_etcd_and_back() {
             "outside every pool: 1 (IPv4 1)",
         ],
     );
-
-    // Served from etcd: the same allocations, and the hole is next.
-    let a = start(unused.path(), &etcd_args);
-    let mut c = a.client().await.expect("connect");
-    assert_serves(&mut c, &held, &a.log()).await;
-    assert_eq!(
-        allocate(&mut c, mk_allocate("shop/a4", "a")).await,
-        "10.1.0.2"
-    );
-    assert_eq!(
-        allocate(&mut c, mk_allocate("shop/b3", "b")).await,
-        "10.2.0.2"
-    );
-    let on_etcd = list(&mut c).await;
+    let on_etcd = serve_from_etcd(&endpoints, &held).await;
     assert_eq!(on_etcd.len(), 8);
-    stop(a);
 
     // And back into a fresh sled directory.
     let out = migrate("etcd", "sled", back.path(), &endpoints);
@@ -223,43 +262,18 @@ async fn migrate_moves_every_allocation_to_etcd_and_back() {
             "pool b: 3 (IPv4 3)",
         ],
     );
-    let a = start(back.path(), &[]);
-    let mut c = a.client().await.expect("connect");
-    assert_serves(&mut c, &on_etcd, &a.log()).await;
-    assert_eq!(
-        allocate(&mut c, mk_allocate("shop/a5", "a")).await,
-        "10.1.0.4"
-    );
-    // Not while an allocator holds the directory.
-    let out = migrate("sled", "etcd", back.path(), &endpoints);
-    let (_, stderr) = text(&out);
-    assert_eq!(out.status.code(), Some(2), "{stderr}");
-    assert!(
-        stderr.contains("is another allocator using it?"),
-        "{stderr}"
-    );
-    stop(a);
+    serve_from_sled(back.path(), &endpoints, &on_etcd).await;
 
     // Neither target is empty any more.
     let out = migrate("sled", "etcd", back.path(), &endpoints);
-    let (_, stderr) = text(&out);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
-    assert!(
-        stderr.contains(&format!(
-            "the target, etcd at {endpoints} under prefix /vipam/, is not empty: it holds 8 allocation(s)"
-        )),
-        "{stderr}"
+    assert_refused(
+        &out,
+        &format!("etcd at {endpoints} under prefix /vipam/"),
+        8,
     );
     let out = migrate("etcd", "sled", back.path(), &endpoints);
-    let (_, stderr) = text(&out);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
-    assert!(
-        stderr.contains(&format!(
-            "the target, the sled store in {}, is not empty: it holds 9 allocation(s)",
-            back.path().display()
-        )),
-        "{stderr}"
-    );
+    let sled_name = format!("the sled store in {}", back.path().display());
+    assert_refused(&out, &sled_name, 9);
 }
 
 #[test]
