@@ -319,6 +319,69 @@ fn copy_commits_at_most_max_batch_allocations_at_once() {
     assert_eq!(all(&target).len(), 7);
 }
 
+#[test]
+fn a_copy_into_etcd_commits_in_transactions_etcd_accepts_and_reads_back() {
+    use crate::store::{EtcdSettings, EtcdStore};
+    if vipam_test_etcd::require(
+        "a_copy_into_etcd_commits_in_transactions_etcd_accepts_and_reads_back",
+    )
+    .is_none()
+    {
+        return;
+    }
+    let cluster = vipam_test_etcd::Cluster::start(1);
+    let pools = std::sync::Arc::new(mk_pools());
+    // More than one transaction's worth, in both families and both pools.
+    let addresses: Vec<String> = (1..=150)
+        .map(|i| format!("10.1.0.{i}"))
+        .chain((1..=60).map(|i| format!("10.2.0.{i}")))
+        .chain((1..=40).map(|i| format!("fd00:a::{i:x}")))
+        .collect();
+    let entries: Vec<(&str, String)> = addresses
+        .iter()
+        .enumerate()
+        .map(|(i, a)| (a.as_str(), format!("svc-{i}")))
+        .collect();
+    let entries: Vec<(&str, &str)> = entries.iter().map(|(a, o)| (*a, o.as_str())).collect();
+    let (_s, source) = mk_source(&entries);
+    let settings = EtcdSettings {
+        endpoints: cluster.endpoints(),
+        prefix: "/vipam/".into(),
+        timeout: std::time::Duration::from_secs(5),
+        ca_file: None,
+        cert_file: None,
+        key_file: None,
+        username: None,
+        password_file: None,
+        history: 1,
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let open = || {
+        rt.block_on(EtcdStore::open(&settings, pools.clone()))
+            .expect("open etcd")
+    };
+    let target = open();
+    assert!(target.max_batch() < 250, "{}", target.max_batch());
+    let summary = copy(side(&source, "sled"), side(&target, "etcd"), &pools).expect("copy");
+    assert_eq!(
+        summary.lines(&pools),
+        vec![
+            "pool a: 190 (IPv4 150, IPv6 40)",
+            "pool b: 60 (IPv4 60)",
+            "outside every pool: 0"
+        ]
+    );
+    let reopened = open();
+    assert_eq!(
+        verify(side(&source, "sled"), side(&reopened, "etcd")).expect("verify"),
+        250
+    );
+}
+
 /// A store that commits at most `max` writes per flush and counts them.
 struct Batched {
     inner: SledStore,
