@@ -22,7 +22,7 @@ const MAX_BATCH: usize = 512;
 
 /// How often one batch is decided again after losing a race to another
 /// writer sharing the store, before its requests are answered UNAVAILABLE.
-pub const MAX_ROUNDS: u32 = 8;
+pub const MAX_ROUNDS: u32 = 24;
 
 enum Command {
     Allocate(AllocateArgs, oneshot::Sender<Result<Allocation>>),
