@@ -305,10 +305,11 @@ fn help_lists_an_environment_form_for_every_flag() {
     assert!(out.status.success());
     let help = String::from_utf8_lossy(&out.stdout);
     // Each flag's block: its line and, when clap puts the help on the next
-    // lines, those up to the next flag.
+    // lines, those up to the next flag (a list of possible values, "- sled:
+    // ...", belongs to its flag).
     let mut flags: Vec<String> = Vec::new();
     for line in help.lines().map(str::trim_start) {
-        if line.starts_with('-') {
+        if line.starts_with('-') && !line.starts_with("- ") {
             flags.push(line.to_string());
         } else if let Some(block) = flags.last_mut() {
             block.push(' ');
