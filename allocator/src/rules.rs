@@ -31,11 +31,11 @@ pub trait View {
 
 impl<S: Store> View for S {
     fn held_by(&self, owner: &str) -> Result<Option<IpAddr>, StoreError> {
-        self.owner_address_latest(owner)
+        self.owner_address_for_decision(owner)
     }
 
     fn record_at(&self, ip: IpAddr) -> Result<Option<Record>, StoreError> {
-        self.get_latest(ip)
+        self.get_for_decision(ip)
     }
 }
 

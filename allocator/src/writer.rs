@@ -156,7 +156,13 @@ fn write_batch<S: Store>(
             .collect();
         // Answers wait for the flush even when this request wrote nothing: an
         // idempotent answer may report a write made earlier in this batch.
-        let flushed = if dirty { ipam.flush() } else { Ok(None) };
+        // A store shared with other writers also checks then what the
+        // decisions that wrote nothing read.
+        let flushed = if dirty || (ipam.is_shared() && decides(&commands)) {
+            ipam.flush()
+        } else {
+            Ok(None)
+        };
         let failure = match flushed {
             Ok(assigned) => {
                 outcomes
@@ -205,6 +211,14 @@ fn write_batch<S: Store>(
         }
         return Ok(());
     }
+}
+
+/// Whether a batch holds a request the writer decides (an Allocate or a
+/// Release), not only barriers and wake-ups.
+fn decides(commands: &[Command]) -> bool {
+    commands
+        .iter()
+        .any(|c| matches!(c, Command::Allocate(..) | Command::Release(..)))
 }
 
 /// Why a batch's writes were not committed.

@@ -6,7 +6,10 @@
 //!
 //! The writer decides from its taken set and reads, while the follower may
 //! already have applied another replica's commit to the copy; the store
-//! must not compare with that newer state.
+//! must not compare with that newer state. And a decision that writes
+//! nothing (an owner holds its address, a release finds nothing) read a
+//! copy that may lag: its flush fails the same way when etcd holds
+//! something else.
 
 use std::{
     collections::BTreeMap,
@@ -189,4 +192,41 @@ fn a_release_and_a_new_allocation_of_its_address_in_one_flush_commit() {
     wait_holds(&r.a, at, Some("y"));
     assert_eq!(r.a.owner_address("x").expect("read"), None);
     assert_eq!(r.a.owner_address("y").expect("read"), Some(at));
+}
+
+#[test]
+fn a_release_that_found_nothing_on_a_copy_behind_conflicts() {
+    if require("a_release_that_found_nothing_on_a_copy_behind_conflicts").is_none() {
+        return;
+    }
+    let r = mk_replicas();
+    let at = ip("10.0.0.1");
+    // b's writer reads that x holds nothing, and would answer so.
+    assert_eq!(r.b.owner_address_for_decision("x").expect("read"), None);
+    commit_put(&r.a, at, &mk_record("x", 1));
+    assert_conflict(r.b.flush());
+    wait_holds(&r.b, at, Some("x"));
+    assert_eq!(r.b.owner_address_for_decision("x").expect("read"), Some(at));
+    assert_eq!(r.b.flush().expect("nothing changed since"), None);
+}
+
+#[test]
+fn an_owner_seen_holding_an_address_released_since_conflicts() {
+    if require("an_owner_seen_holding_an_address_released_since_conflicts").is_none() {
+        return;
+    }
+    let r = mk_replicas();
+    let at = ip("10.0.0.1");
+    commit_put(&r.a, at, &mk_record("x", 1));
+    wait_holds(&r.b, at, Some("x"));
+    // b's writer reads that x holds the address, and would answer it.
+    assert_eq!(r.b.owner_address_for_decision("x").expect("read"), Some(at));
+    assert!(r.b.get_for_decision(at).expect("read").is_some());
+
+    let held = wait_holds(&r.a, at, Some("x")).expect("x's allocation");
+    r.a.delete(at, &held, 0).expect("stage");
+    r.a.flush().expect("commit");
+    assert_conflict(r.b.flush());
+    wait_holds(&r.b, at, None);
+    assert_eq!(r.b.owner_address_for_decision("x").expect("read"), None);
 }

@@ -1,7 +1,7 @@
 //! Helpers to run the real vipam binaries in tests: find them in the target
 //! directory, start them on a free loopback port with a data directory of
-//! their own, stop them with SIGTERM or SIGKILL, and run the real `grpcurl`
-//! and the Python examples.
+//! their own (or as replicas on etcd, [`etcd`]), stop them with SIGTERM or
+//! SIGKILL, and run the real `grpcurl` and the Python examples.
 
 use std::{
     io::{BufRead, BufReader},
@@ -19,6 +19,7 @@ use vipam::{
     v1::allocator_client::AllocatorClient,
 };
 
+pub mod etcd;
 pub mod syncer;
 
 /// How long a binary may take to start serving.
@@ -254,6 +255,18 @@ impl Allocator {
     /// Sends SIGTERM and waits for the exit status.
     pub fn terminate(&mut self, timeout: Duration) -> Result<ExitStatus> {
         signal(self.pid(), nix::sys::signal::Signal::SIGTERM)?;
+        self.wait_exit(timeout)
+            .context("allocator did not exit after SIGTERM")
+    }
+
+    /// How the process ended, when it has; `None` while it runs.
+    pub fn exit_status(&mut self) -> Result<Option<ExitStatus>> {
+        Ok(self.child.try_wait()?)
+    }
+
+    /// Waits for the process to exit by itself and returns its status;
+    /// SIGKILL and an error when it still runs after `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<ExitStatus> {
         let deadline = std::time::Instant::now() + timeout;
         loop {
             if let Some(status) = self.child.try_wait()? {
@@ -261,7 +274,7 @@ impl Allocator {
             }
             if std::time::Instant::now() > deadline {
                 let _ = self.child.kill();
-                bail!("allocator did not exit within {timeout:?} of SIGTERM");
+                bail!("allocator still running after {timeout:?}");
             }
             std::thread::sleep(Duration::from_millis(10));
         }

@@ -156,6 +156,21 @@ pub trait Store: Send + Sync + 'static {
     /// decides on.
     fn owner_address_latest(&self, owner: &str) -> Result<Option<IpAddr>>;
 
+    /// [`Store::get_latest`] for a decision of the writer. A store shared
+    /// with other writers checks at the next flush that the allocation is
+    /// still as read, and fails it with [`StoreError::Conflict`] when not,
+    /// also when the batch writes nothing; a repeated read answers as the
+    /// first.
+    fn get_for_decision(&self, ip: IpAddr) -> Result<Option<Record>> {
+        self.get_latest(ip)
+    }
+
+    /// [`Store::owner_address_latest`] for a decision of the writer, checked
+    /// at the next flush as [`Store::get_for_decision`] is.
+    fn owner_address_for_decision(&self, owner: &str) -> Result<Option<IpAddr>> {
+        self.owner_address_latest(owner)
+    }
+
     /// The revision the store stands at, which the writer stages its next
     /// write after: for an engine that takes the writer's numbering, the
     /// last write's, staged or not (0 for a new store); for one whose

@@ -24,7 +24,8 @@ const MAX_BACKOFF: Duration = Duration::from_secs(2);
 
 /// Why a watch ended.
 enum Ended {
-    /// etcd compacted revisions the copy has not seen: only a reload helps.
+    /// etcd compacted the revisions up to this one, which the watch asked
+    /// for.
     Compacted(i64),
     /// The connection or the watch broke; watching again may work.
     Broken(String),
@@ -36,6 +37,17 @@ pub(super) async fn run(inner: Arc<Inner>, mut from: u64) {
     loop {
         match watch(&inner, from).await {
             Ended::Compacted(at) => {
+                let at = u64::try_from(at).unwrap_or(0);
+                if inner.mirror().replay_after(at) {
+                    // A replica starting after a compaction: its copy came
+                    // whole from a read; only older history is gone.
+                    tracing::info!(
+                        compacted = at,
+                        "etcd compacted its history; Watch can resume from revision {at} on"
+                    );
+                    from = at + 1;
+                    continue;
+                }
                 inner.fail(format!(
                     "etcd compacted its history up to revision {at} while this replica was \
                      behind at {}; restart the allocator to reload its copy",

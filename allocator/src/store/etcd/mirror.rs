@@ -155,6 +155,19 @@ impl Mirror {
         self.revision + 1
     }
 
+    /// etcd compacted its history up to `at` before the watch replayed
+    /// anything: when the copy holds every change up to `at` (it was read
+    /// at a later revision), the replayed history starts after `at` and
+    /// the watch may start there. False when changes the copy has not seen
+    /// are gone, or replayed changes would be replayed again.
+    pub fn replay_after(&mut self, at: u64) -> bool {
+        if !self.ring.is_empty() || self.watched > 0 || at > self.revision {
+            return false;
+        }
+        self.start = self.start.max(at + 1);
+        true
+    }
+
     /// The changes after `after` up to `last`, by revision.
     pub fn changes(&self, after: u64, last: u64) -> Vec<Change> {
         let start = self.ring.partition_point(|c| c.revision <= after);
@@ -264,6 +277,17 @@ mod tests {
         assert_eq!(m.resume_from(), 9);
         m.progress(12);
         assert_eq!(m.covered_from(), 9, "revisions 7 and 8 were never replayed");
+    }
+
+    #[test]
+    fn a_replay_compacted_before_the_copy_starts_after_the_compaction() {
+        let mut m = Mirror::new(vec![], 8, 100, 1);
+        assert!(!m.replay_after(9), "revision 9 is not in the copy");
+        assert!(m.replay_after(5));
+        m.apply(change(ChangeKind::Allocated, "10.0.0.6", "f", 6), 6);
+        m.progress(8);
+        assert_eq!(m.covered_from(), 6);
+        assert!(!m.replay_after(7), "changes were replayed");
     }
 
     #[test]

@@ -3,26 +3,27 @@
 //!
 //! A replica starts by agreeing with etcd on the pool definitions and
 //! loading the allocations ([`start`]), then keeps a copy of the committed
-//! allocations from etcd's watch ([`mirror`], fed by [`follow`]); reads, scans and the writer's decisions
-//! use it, so a /8 costs what a /24 costs and nothing scans etcd. The
-//! writer's staged writes become one etcd transaction per flush, which
-//! compares every address and owner key it writes with what the copy held
-//! when deciding (absent for a new allocation, the same mod revision for a
-//! release) and the definition of every pool it allocates in: when another
-//! replica got there first the transaction changes nothing, the copy
-//! catches up, and the writer decides again. A flush returns only once etcd
-//! committed the batch and the copy shows it. Revisions are etcd's: the
-//! batch's revision is its allocations' revision and Watch's.
+//! allocations from etcd's watch ([`mirror`], fed by [`follow`]); reads,
+//! scans and the writer's decisions use it, so a /8 costs what a /24 costs
+//! and nothing scans etcd. The writer's staged writes become one etcd
+//! transaction per flush ([`staged`]), which compares every address and
+//! owner key it writes or its decisions read with what the writer decided
+//! on (absent for a new allocation, the same mod revision for a release or
+//! a key read) and the definition of every pool it allocates in: when
+//! another replica got there first the transaction changes nothing, the
+//! copy catches up, and the writer decides again. A flush returns only once
+//! etcd committed the batch and the copy shows it. Revisions are etcd's:
+//! the batch's revision is its allocations' revision and Watch's.
 
 mod follow;
 pub mod keys;
 mod mirror;
+mod staged;
 mod start;
 #[cfg(test)]
 mod tests;
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap, btree_map},
     net::IpAddr,
     ops::Bound,
     sync::{
@@ -32,13 +33,14 @@ use std::{
     time::Duration,
 };
 
-use etcd_client::{Client, Compare, CompareOp, Txn, TxnOp};
+use etcd_client::{Client, Txn};
 use tokio::sync::watch;
 
 pub use self::start::EtcdSettings;
 use self::{
     keys::Keys,
     mirror::Mirror,
+    staged::{Expect, Staged},
     start::{agree_on_pools, load},
 };
 use super::{Change, Record, Result, Scan, Store, StoreError};
@@ -185,80 +187,6 @@ impl Inner {
     }
 }
 
-/// The key a staged write expects to find: what the writer decided on.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Expect {
-    Absent,
-    ModRevision(i64),
-}
-
-/// A staged write of one key: what it must find, and what it writes
-/// (`None` deletes).
-#[derive(Debug)]
-struct Op {
-    expect: Expect,
-    value: Option<Vec<u8>>,
-}
-
-/// The writes of the next flush, and how they change what the writer sees.
-#[derive(Default)]
-struct Staged {
-    ops: BTreeMap<Vec<u8>, Op>,
-    pools: BTreeSet<usize>,
-    records: HashMap<IpAddr, Option<Record>>,
-    owners: HashMap<String, Option<IpAddr>>,
-    /// A write was decided on a copy that has changed since: the flush
-    /// conflicts without asking etcd.
-    stale: bool,
-}
-
-impl Staged {
-    /// Stages `value` for `key`. A key staged before keeps what it
-    /// expected then (etcd still holds that); a new one expects `expect()`,
-    /// `None` when the decision is stale.
-    fn write(
-        &mut self,
-        key: Vec<u8>,
-        expect: impl FnOnce() -> Option<Expect>,
-        value: Option<Vec<u8>>,
-    ) {
-        match self.ops.entry(key) {
-            btree_map::Entry::Occupied(mut op) => op.get_mut().value = value,
-            btree_map::Entry::Vacant(slot) => match expect() {
-                Some(expect) => {
-                    slot.insert(Op { expect, value });
-                }
-                None => self.stale = true,
-            },
-        }
-    }
-
-    /// The transaction that commits the staged writes.
-    fn txn(&self, keys: &Keys, pool_keys: &[(String, i64)], pools: &Pools) -> Txn {
-        let mut compares: Vec<Compare> = self
-            .ops
-            .iter()
-            .map(|(key, op)| match op.expect {
-                Expect::Absent => Compare::version(key.clone(), CompareOp::Equal, 0),
-                Expect::ModRevision(m) => Compare::mod_revision(key.clone(), CompareOp::Equal, m),
-            })
-            .collect();
-        compares.extend(self.pools.iter().map(|&i| {
-            let name = pools.at(i).name();
-            Compare::mod_revision(keys.pool(name), CompareOp::Equal, pool_keys[i].1)
-        }));
-        let ops: Vec<TxnOp> = self
-            .ops
-            .iter()
-            .map(|(key, op)| match &op.value {
-                Some(v) => TxnOp::put(key.clone(), v.clone(), None),
-                None => TxnOp::delete(key.clone(), None),
-            })
-            .collect();
-        Txn::new().when(compares).and_then(ops)
-    }
-}
-
 /// The etcd engine; clones share one connection and one copy.
 #[derive(Clone)]
 pub struct EtcdStore {
@@ -375,7 +303,10 @@ impl EtcdStore {
             .header()
             .map_or(0, |h| u64::try_from(h.revision()).unwrap_or(0));
         if response.succeeded() {
-            inner.wait_for(revision)?;
+            // A transaction that only compared wrote nothing to wait for.
+            if staged.writes() {
+                inner.wait_for(revision)?;
+            }
             return Ok(revision);
         }
         // Another writer got there first: catch up with what it did.
@@ -478,6 +409,45 @@ impl Store for EtcdStore {
         Ok(self.inner.mirror().owner(owner))
     }
 
+    fn get_for_decision(&self, ip: IpAddr) -> Result<Option<Record>> {
+        let mut staged = self.staged();
+        if let Some(record) = staged.records.get(&ip) {
+            return Ok(record.clone());
+        }
+        let mirror = self.inner.mirror();
+        let entry = mirror.get(ip);
+        let expect = Expect::of(entry.map(|e| e.mod_revision));
+        staged.read(self.inner.keys.address(ip), expect);
+        let record = entry.map(|e| e.record.clone());
+        staged.records.insert(ip, record.clone());
+        Ok(record)
+    }
+
+    fn owner_address_for_decision(&self, owner: &str) -> Result<Option<IpAddr>> {
+        let mut staged = self.staged();
+        if let Some(ip) = staged.owners.get(owner) {
+            return Ok(*ip);
+        }
+        let mirror = self.inner.mirror();
+        let held = mirror
+            .owner(owner)
+            .and_then(|ip| mirror.get(ip).map(|e| (ip, e)));
+        let expect = Expect::of(held.map(|(_, e)| e.mod_revision));
+        staged.read(self.inner.keys.owner(owner), expect);
+        if let Some((ip, e)) = held {
+            // Read together, so the decision sees the owner's allocation
+            // even when the copy moves on before it asks for it.
+            staged.read(self.inner.keys.address(ip), expect);
+            staged
+                .records
+                .entry(ip)
+                .or_insert_with(|| Some(e.record.clone()));
+        }
+        let ip = held.map(|(ip, _)| ip);
+        staged.owners.insert(owner.to_string(), ip);
+        Ok(ip)
+    }
+
     fn revision(&self) -> Result<u64> {
         Ok(self.inner.revision())
     }
@@ -526,10 +496,11 @@ impl Store for EtcdStore {
                 seen: self.inner.revision(),
             });
         }
-        if staged.ops.is_empty() {
+        if staged.is_empty() {
             return Ok(None);
         }
-        self.commit(&staged).map(Some)
+        let revision = self.commit(&staged)?;
+        Ok(staged.writes().then_some(revision))
     }
 
     fn max_batch(&self) -> usize {

@@ -1,7 +1,8 @@
 //! Replicas sharing one etcd: a race for an address, an owner or a release
 //! has one winner and a [`StoreError::Conflict`] for the others, whose
 //! committed reads then show the winner; every replica observes every
-//! write in revision order, and one opened later replays what came before.
+//! write in revision order, and one opened later replays what came before
+//! (what etcd has not compacted).
 
 use std::sync::{
     Arc,
@@ -240,4 +241,32 @@ fn a_replica_opened_later_replays_history_from_before_it_started() {
     let news = observe(&c, 1);
     assert_eq!(news[0].record, later);
     assert_eq!(news[0].kind, ChangeKind::Allocated);
+}
+
+#[test]
+fn a_replica_opened_after_a_compaction_replays_what_came_after_it() {
+    let Some((etcd, a, _)) =
+        mk_replicas("a_replica_opened_after_a_compaction_replays_what_came_after_it")
+    else {
+        return;
+    };
+    let written = write_some(&a);
+    let compacted = written[2].revision;
+    let endpoints = etcd.cluster().endpoints();
+    etcd.block_on(async {
+        let mut client = etcd_client::Client::connect(endpoints, None)
+            .await
+            .expect("connect");
+        let at = i64::try_from(compacted).expect("a revision");
+        client.compact(at, None).await.expect("compact");
+    });
+    let c = etcd.open();
+    eventually("the history replayed after the compaction", || {
+        matches!(c.first_change(), Ok(Some(from)) if from == compacted + 1).then_some(())
+    });
+    let replayed: Vec<Change> = c.changes(0, u64::MAX).map(|c| c.expect("change")).collect();
+    assert_eq!(replayed, written[3..]);
+    let later = allocate(&a, "10.0.0.9", "later");
+    let news = observe(&c, 1);
+    assert_eq!(news[0].record, later);
 }

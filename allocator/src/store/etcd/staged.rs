@@ -1,0 +1,173 @@
+//! What the writer has staged for the next flush: its writes, the reads its
+//! decisions rest on, and what both make it see; and the one etcd
+//! transaction that commits the writes only while every key is still as the
+//! writer saw it.
+//!
+//! The copy a replica decides on follows etcd's watch, so it may lack what
+//! another replica committed a moment ago. A decision that writes nothing
+//! (an owner already holds its address, a release finds nothing) is as
+//! exposed to that as one that writes: each key a decision read is compared
+//! in the transaction too, and when one changed meanwhile the transaction
+//! fails and the writer decides again on the caught-up copy.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap, btree_map},
+    net::IpAddr,
+};
+
+use etcd_client::{Compare, CompareOp, GetOptions, Txn, TxnOp};
+
+use super::keys::Keys;
+use crate::{pool::Pools, store::Record};
+
+/// What a key must hold for the transaction to commit: what the writer
+/// decided on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Expect {
+    Absent,
+    ModRevision(i64),
+}
+
+impl Expect {
+    /// A key absent, or last written at `mod_revision`.
+    pub(super) fn of(mod_revision: Option<i64>) -> Expect {
+        mod_revision.map_or(Expect::Absent, Expect::ModRevision)
+    }
+
+    fn compare(self, key: &[u8]) -> Compare {
+        match self {
+            Expect::Absent => Compare::version(key.to_vec(), CompareOp::Equal, 0),
+            Expect::ModRevision(m) => Compare::mod_revision(key.to_vec(), CompareOp::Equal, m),
+        }
+    }
+}
+
+/// A staged write of one key: what it must find, and what it writes
+/// (`None` deletes).
+#[derive(Debug)]
+struct Op {
+    expect: Expect,
+    value: Option<Vec<u8>>,
+}
+
+/// The writes and reads of the next flush, and how they change what the
+/// writer sees.
+#[derive(Default)]
+pub(super) struct Staged {
+    ops: BTreeMap<Vec<u8>, Op>,
+    /// Keys decisions read but do not write, with what they held.
+    reads: BTreeMap<Vec<u8>, Expect>,
+    /// Pools allocated in, whose definitions must not have changed.
+    pub(super) pools: BTreeSet<usize>,
+    /// Allocations as the staged writes leave them, or as decisions first
+    /// read them (so every decision of a batch sees one state).
+    pub(super) records: HashMap<IpAddr, Option<Record>>,
+    /// Owners' addresses, likewise.
+    pub(super) owners: HashMap<String, Option<IpAddr>>,
+    /// A write was decided on a copy that has changed since: the flush
+    /// conflicts without asking etcd.
+    pub(super) stale: bool,
+}
+
+impl Staged {
+    /// Stages `value` for `key`. A key staged before keeps what it
+    /// expected then (etcd still holds that); a new one expects `expect()`,
+    /// `None` when the decision is stale.
+    pub(super) fn write(
+        &mut self,
+        key: Vec<u8>,
+        expect: impl FnOnce() -> Option<Expect>,
+        value: Option<Vec<u8>>,
+    ) {
+        self.reads.remove(&key);
+        match self.ops.entry(key) {
+            btree_map::Entry::Occupied(mut op) => op.get_mut().value = value,
+            btree_map::Entry::Vacant(slot) => match expect() {
+                Some(expect) => {
+                    slot.insert(Op { expect, value });
+                }
+                None => self.stale = true,
+            },
+        }
+    }
+
+    /// Notes that a decision read `key` holding `expect`. The first read
+    /// of a key counts, and a write of it replaces the read.
+    pub(super) fn read(&mut self, key: Vec<u8>, expect: Expect) {
+        if !self.ops.contains_key(&key) {
+            self.reads.entry(key).or_insert(expect);
+        }
+    }
+
+    /// Whether no transaction is needed.
+    pub(super) fn is_empty(&self) -> bool {
+        self.ops.is_empty() && self.reads.is_empty()
+    }
+
+    /// Whether the transaction writes anything.
+    pub(super) fn writes(&self) -> bool {
+        !self.ops.is_empty()
+    }
+
+    /// The transaction that commits the staged writes while every key
+    /// written or read, and every pool allocated in, is as the writer saw
+    /// it.
+    pub(super) fn txn(&self, keys: &Keys, pool_keys: &[(String, i64)], pools: &Pools) -> Txn {
+        let mut compares: Vec<Compare> = self
+            .ops
+            .iter()
+            .map(|(key, op)| op.expect.compare(key))
+            .chain(self.reads.iter().map(|(key, expect)| expect.compare(key)))
+            .collect();
+        compares.extend(self.pools.iter().map(|&i| {
+            let name = pools.at(i).name();
+            Compare::mod_revision(keys.pool(name), CompareOp::Equal, pool_keys[i].1)
+        }));
+        let mut ops: Vec<TxnOp> = self
+            .ops
+            .iter()
+            .map(|(key, op)| match &op.value {
+                Some(v) => TxnOp::put(key.clone(), v.clone(), None),
+                None => TxnOp::delete(key.clone(), None),
+            })
+            .collect();
+        if ops.is_empty() {
+            // etcd serves a transaction without operations from whichever
+            // member it reaches, however far behind (it counts as a
+            // serializable read); a linearizable read makes it compare
+            // with what the cluster has committed.
+            let count = GetOptions::new().with_count_only();
+            ops.push(TxnOp::get(keys.sync(), Some(count)));
+        }
+        Txn::new().when(compares).and_then(ops)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_key_read_then_written_is_compared_once_with_the_writes_expectation() {
+        let mut s = Staged::default();
+        s.read(b"k".to_vec(), Expect::Absent);
+        s.read(b"k".to_vec(), Expect::ModRevision(3));
+        assert_eq!(s.reads.get(b"k".as_slice()), Some(&Expect::Absent));
+        s.write(b"k".to_vec(), || Some(Expect::Absent), Some(b"v".to_vec()));
+        s.read(b"k".to_vec(), Expect::ModRevision(9));
+        assert!(s.reads.is_empty());
+        assert!(s.writes());
+        s.write(b"k".to_vec(), || Some(Expect::ModRevision(9)), None);
+        assert_eq!(s.ops[b"k".as_slice()].expect, Expect::Absent);
+        assert_eq!(s.ops[b"k".as_slice()].value, None);
+    }
+
+    #[test]
+    fn reads_alone_still_need_a_transaction() {
+        let mut s = Staged::default();
+        assert!(s.is_empty());
+        s.read(b"o".to_vec(), Expect::Absent);
+        assert!(!s.is_empty());
+        assert!(!s.writes());
+    }
+}

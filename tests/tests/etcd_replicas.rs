@@ -1,0 +1,292 @@
+//! Three allocator replicas on a three-member etcd, through the real
+//! binaries: clients spread over the replicas allocate and release owners
+//! of one shared set while replicas and an etcd member are killed with
+//! SIGKILL and started again. Every acknowledged write holds afterwards, on
+//! every replica and in etcd's keys, and no address or owner is held twice.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use tokio::{sync::Mutex, time::Instant};
+use tonic::Status;
+use vipam::{
+    client::Client,
+    v1::{AllocateRequest, Allocation},
+};
+use vipam_e2e::{
+    Allocator,
+    etcd::{self, DEFAULT_PREFIX, Keys, is_transient},
+    mk_client,
+};
+use vipam_test_etcd::{Cluster, require};
+
+const REPLICAS: usize = 3;
+const CLIENTS: usize = 8;
+const OWNERS: usize = 96;
+/// Acknowledged writes between two faults.
+const STEP: u64 = 60;
+/// How long anything that must happen may take.
+const WAIT: Duration = Duration::from_secs(30);
+const POOL: &str = "default=10.80.0.0/23";
+
+/// What the clients know of an owner: the last acknowledged write.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+enum Known {
+    #[default]
+    Free,
+    Held(String),
+}
+
+/// The shared owners, each behind a lock so that one write on an owner is
+/// acknowledged before the next starts: then the last acknowledged write
+/// is what must hold.
+type Owners = Arc<Vec<Mutex<Known>>>;
+
+fn owner_name(i: usize) -> String {
+    format!("o/{i:02}")
+}
+
+fn mk_allocate(owner: &str) -> AllocateRequest {
+    AllocateRequest {
+        owner: owner.to_string(),
+        ..Default::default()
+    }
+}
+
+/// A small deterministic generator, one per client.
+struct Xorshift(u64);
+
+impl Xorshift {
+    fn below(&mut self, n: usize) -> usize {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        (self.0 % n as u64) as usize
+    }
+}
+
+/// Sends `call` to the replica `first`, then round the others, until one
+/// answers other than transiently; whether an attempt failed before (its
+/// outcome unknown) comes with the answer.
+async fn until_answered<T, F, Fut>(
+    clients: &[Client],
+    first: usize,
+    transient: &AtomicU64,
+    mut call: F,
+) -> (Result<T, Status>, bool)
+where
+    F: FnMut(Client) -> Fut,
+    Fut: Future<Output = Result<T, Status>>,
+{
+    let deadline = Instant::now() + WAIT;
+    let mut failed = false;
+    let mut i = first;
+    loop {
+        match call(clients[i % clients.len()].clone()).await {
+            Err(s) if is_transient(s.code()) && Instant::now() < deadline => {
+                failed = true;
+                transient.fetch_add(1, Ordering::Relaxed);
+                i += 1;
+                if (i - first).is_multiple_of(clients.len()) {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+            answer => return (answer, failed),
+        }
+    }
+}
+
+/// One client: picks owners of the shared set at random and allocates a
+/// free one, releases a held one, or now and then allocates a held one
+/// again (which must answer the address it holds).
+async fn client(
+    id: usize,
+    clients: Vec<Client>,
+    owners: Owners,
+    stop: Arc<AtomicBool>,
+    acks: Arc<AtomicU64>,
+    transient: Arc<AtomicU64>,
+) {
+    let mut random = Xorshift(0x9e37_79b9_7f4a_7c15 ^ (id as u64 + 1));
+    let prefer = id % clients.len();
+    while !stop.load(Ordering::Relaxed) {
+        let i = random.below(OWNERS);
+        let owner = owner_name(i);
+        let mut known = owners[i].lock().await;
+        let again = random.below(4) == 0;
+        match known.clone() {
+            Known::Held(address) if !again => {
+                let (answer, failed) = until_answered(&clients, prefer, &transient, |c| {
+                    let owner = owner.clone();
+                    async move { c.release_owner(&owner).await }
+                })
+                .await;
+                match answer {
+                    Ok(Some(a)) => assert_eq!(a.address, address, "{owner} held {address}"),
+                    // An attempt cut off by a fault had released it.
+                    Ok(None) => assert!(failed, "{owner} held {address}, release found nothing"),
+                    Err(s) => panic!("release {owner}: {s:?}"),
+                }
+                *known = Known::Free;
+            }
+            held => {
+                let (answer, _) = until_answered(&clients, prefer, &transient, |c| {
+                    let owner = owner.clone();
+                    async move { c.allocate(mk_allocate(&owner)).await }
+                })
+                .await;
+                let a: Allocation = answer.unwrap_or_else(|s| panic!("allocate {owner}: {s:?}"));
+                if let Known::Held(address) = held {
+                    assert_eq!(a.address, address, "allocate {owner} again");
+                }
+                *known = Known::Held(a.address);
+            }
+        }
+        acks.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Waits for `STEP` more acknowledged writes after `from`; the count then.
+async fn step(acks: &AtomicU64, from: u64, during: &str) -> u64 {
+    let deadline = Instant::now() + WAIT;
+    let want = from + STEP;
+    loop {
+        let n = acks.load(Ordering::Relaxed);
+        if n >= want {
+            return n;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{n} acknowledged writes, not {want}, within {WAIT:?} {during}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// The allocations a replica lists, address → owner; panics when one is
+/// listed twice or an owner holds two.
+async fn listed(client: &Client) -> Result<BTreeMap<IpAddr, String>, Status> {
+    let all = client.list_all("", "").await?;
+    let mut by_address = BTreeMap::new();
+    let mut owners = BTreeSet::new();
+    for a in all {
+        let address: IpAddr = a.address.parse().expect("address");
+        assert!(owners.insert(a.owner.clone()), "{} listed twice", a.owner);
+        assert!(
+            by_address.insert(address, a.owner).is_none(),
+            "{address} listed twice"
+        );
+    }
+    Ok(by_address)
+}
+
+/// Waits until every replica lists exactly `want`.
+async fn assert_every_replica_lists(
+    clients: &[Client],
+    replicas: &[Allocator],
+    want: &BTreeMap<IpAddr, String>,
+) {
+    for (i, c) in clients.iter().enumerate() {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let got = listed(c).await;
+            if got.as_ref().ok() == Some(want) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "replica {i} lists {got:?}, etcd holds {want:?}; its log:\n{}",
+                replicas[i].log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_writes_hold_across_sigkills_of_replicas_and_an_etcd_member() {
+    let test = "acknowledged_writes_hold_across_sigkills_of_replicas_and_an_etcd_member";
+    if require(test).is_none() {
+        return;
+    }
+    let mut cluster = Cluster::start(3);
+    let endpoints = cluster.endpoints();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut replicas: Vec<Option<Allocator>> = (0..REPLICAS)
+        .map(|i| {
+            let data = dir.path().join(format!("r{i}"));
+            let args = ["--pool", POOL, "--etcd-timeout", "2s"];
+            Some(etcd::start_replica(&data, &endpoints, &args).expect("replica"))
+        })
+        .collect();
+    let clients: Vec<Client> = replicas
+        .iter()
+        .flatten()
+        .map(|r| mk_client(&r.url(), None).expect("client"))
+        .collect();
+
+    let owners: Owners = Arc::new((0..OWNERS).map(|_| Mutex::default()).collect());
+    let stop = Arc::new(AtomicBool::new(false));
+    let acks = Arc::new(AtomicU64::new(0));
+    let transient = Arc::new(AtomicU64::new(0));
+    let tasks: Vec<_> = (0..CLIENTS)
+        .map(|id| {
+            tokio::spawn(client(
+                id,
+                clients.clone(),
+                owners.clone(),
+                stop.clone(),
+                acks.clone(),
+                transient.clone(),
+            ))
+        })
+        .collect();
+
+    let mut n = step(&acks, 0, "before any fault").await;
+    for (victim, etcd_fault) in [(0, false), (1, true), (2, false)] {
+        let mut replica = replicas[victim].take().expect("running");
+        replica.kill().expect("SIGKILL a replica");
+        n = step(&acks, n, &format!("with replica {victim} down")).await;
+        let replica = tokio::task::block_in_place(|| replica.restart()).expect("restart");
+        replicas[victim] = Some(replica);
+        n = step(&acks, n, "after a replica restart").await;
+        if etcd_fault {
+            let leader = etcd::leader(&endpoints).await.expect("the etcd leader");
+            cluster.kill(leader);
+            n = step(&acks, n, &format!("with etcd member {leader} down")).await;
+            tokio::task::block_in_place(|| cluster.restart(leader));
+            n = step(&acks, n, "after an etcd member restart").await;
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.await.expect("client task");
+    }
+    eprintln!(
+        "{n} acknowledged writes or more, {} transient failures retried",
+        transient.load(Ordering::Relaxed)
+    );
+
+    let replicas: Vec<Allocator> = replicas.into_iter().flatten().collect();
+    let mut etcd = etcd::connect(&endpoints).await.expect("etcd");
+    let keys = Keys::read(&mut etcd, DEFAULT_PREFIX).await.expect("keys");
+    keys.check_agree().expect("address and owner keys agree");
+    let mut expected = BTreeMap::new();
+    for (i, known) in owners.iter().enumerate() {
+        if let Known::Held(address) = &*known.lock().await {
+            expected.insert(owner_name(i), address.parse::<IpAddr>().expect("address"));
+        }
+    }
+    assert_eq!(
+        keys.owners, expected,
+        "etcd's owner keys are the acknowledged writes"
+    );
+    assert_every_replica_lists(&clients, &replicas, &keys.addresses).await;
+}
