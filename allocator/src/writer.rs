@@ -134,13 +134,9 @@ fn write_batch<S: Store>(
     stats: &Stats,
 ) -> Result<(), StoreError> {
     let commands: Vec<Command> = std::mem::take(batch);
-    // Requests only: a shared store's wake-ups (Observe) and barriers ride
-    // in the same batches.
-    let requests = commands
-        .iter()
-        .filter(|c| matches!(c, Command::Allocate(..) | Command::Release(..)))
-        .count();
-    stats.writes.fetch_add(requests as u64, Ordering::Relaxed);
+    stats
+        .writes
+        .fetch_add(requests(&commands), Ordering::Relaxed);
     let mut round = 1;
     loop {
         publish_observed(ipam, hub)?;
@@ -168,13 +164,7 @@ fn write_batch<S: Store>(
                 outcomes
                     .iter_mut()
                     .for_each(|o| o.renumber(assigned, published));
-                if ipam.is_shared() {
-                    publish_observed(ipam, hub)?;
-                } else if dirty {
-                    hub.publish(ipam.revision(), events, || {
-                        ipam.events_between(published, ipam.revision())
-                    });
-                }
+                publish_batch(ipam, hub, published, dirty.then_some(events))?;
                 None
             }
             Err(StoreError::Conflict { seen }) if round < MAX_ROUNDS => {
@@ -211,6 +201,36 @@ fn write_batch<S: Store>(
         }
         return Ok(());
     }
+}
+
+/// How many Allocate and Release requests a batch holds: a shared store's
+/// wake-ups (Observe) and barriers ride in the same batches.
+fn requests(commands: &[Command]) -> u64 {
+    let n = commands
+        .iter()
+        .filter(|c| matches!(c, Command::Allocate(..) | Command::Release(..)))
+        .count();
+    n as u64
+}
+
+/// Publishes a committed batch to watchers: on a shared store what the
+/// store observed (this batch included), else, when it `wrote`, its own
+/// `events` (collected while watched) after revision `published`.
+fn publish_batch<S: Store>(
+    ipam: &mut Ipam<S>,
+    hub: &Hub,
+    published: u64,
+    wrote: Option<Option<Vec<Event>>>,
+) -> Result<(), StoreError> {
+    if ipam.is_shared() {
+        return publish_observed(ipam, hub);
+    }
+    if let Some(events) = wrote {
+        hub.publish(ipam.revision(), events, || {
+            ipam.events_between(published, ipam.revision())
+        });
+    }
+    Ok(())
 }
 
 /// Whether a batch holds a request the writer decides (an Allocate or a
