@@ -43,11 +43,17 @@ enum Outcome {
 }
 
 impl Outcome {
-    /// A request that wrote, answered with `error` instead.
-    fn fail(self, error: impl Fn() -> Error) -> Outcome {
+    /// A request that wrote, answered with `error` instead; with
+    /// `checked`, also one that wrote nothing, whose answer the flush was
+    /// to check (a store shared with other writers).
+    fn fail(self, error: impl Fn() -> Error, checked: bool) -> Outcome {
         match self {
-            Outcome::Allocate(Ok((_, true))) => Outcome::Allocate(Err(error())),
-            Outcome::Release(Ok(Some(_))) => Outcome::Release(Err(error())),
+            Outcome::Allocate(Ok((_, wrote))) if wrote || checked => {
+                Outcome::Allocate(Err(error()))
+            }
+            Outcome::Release(Ok(released)) if released.is_some() || checked => {
+                Outcome::Release(Err(error()))
+            }
             other => other,
         }
     }
@@ -187,7 +193,7 @@ fn write_batch<S: Store>(
             }
             Err(e) => {
                 tracing::error!(error = %e, "store flush failed; refusing further writes");
-                answer_all(commands, outcomes, Failure::Stopped, 0);
+                answer_all(commands, outcomes, Failure::Stopped, 0, ipam.is_shared());
                 return Err(e);
             }
         };
@@ -197,7 +203,7 @@ fn write_batch<S: Store>(
                 .into_iter()
                 .zip(outcomes)
                 .for_each(|(cmd, outcome)| answer(cmd, outcome, revision)),
-            Some(failure) => answer_all(commands, outcomes, failure, revision),
+            Some(failure) => answer_all(commands, outcomes, failure, revision, ipam.is_shared()),
         }
         return Ok(());
     }
@@ -252,8 +258,16 @@ enum Failure {
 }
 
 /// Answers every request of a batch whose writes failed: those that wrote
-/// get the failure, the others their own answer.
-fn answer_all(commands: Vec<Command>, outcomes: Vec<Outcome>, failure: Failure, revision: u64) {
+/// get the failure, the others their own answer, but on a `shared` store,
+/// where the failed flush was also to check what answers that wrote
+/// nothing read, those get the failure too.
+fn answer_all(
+    commands: Vec<Command>,
+    outcomes: Vec<Outcome>,
+    failure: Failure,
+    revision: u64,
+    shared: bool,
+) {
     let error = || match &failure {
         Failure::Lost => Error::LostRace { rounds: MAX_ROUNDS },
         Failure::Unavailable(why) => Error::StoreUnavailable { why: why.clone() },
@@ -264,7 +278,7 @@ fn answer_all(commands: Vec<Command>, outcomes: Vec<Outcome>, failure: Failure, 
             // A dropped barrier answers UNAVAILABLE.
             continue;
         }
-        answer(cmd, outcome.fail(error), revision);
+        answer(cmd, outcome.fail(error, shared), revision);
     }
 }
 
