@@ -34,7 +34,7 @@ use common::{
 use etcd_client::{Client, Compare, CompareOp, ConnectOptions, Txn, TxnOp};
 use tonic::transport::Channel;
 use vipam::v1::{AllocateRequest, allocator_client::AllocatorClient};
-use vipam_allocator::store::{Record, etcd::keys};
+use vipam_allocator::{model::Record, store::etcd::keys};
 use vipam_test_etcd::{Cluster, require};
 
 /// Cluster sizes measured.

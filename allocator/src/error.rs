@@ -5,7 +5,7 @@
 use std::net::IpAddr;
 
 use crate::{
-    pool::{Exclusion, Family},
+    addresses::pool::{Exclusion, Family},
     store::StoreError,
 };
 

@@ -19,8 +19,9 @@ use std::{
 };
 
 use vipam_allocator::{
-    pool::{PoolDef, Pools},
-    store::{EtcdSettings, EtcdStore, Record, Store, StoreError},
+    addresses::pool::{PoolDef, Pools},
+    model::Record,
+    store::{EtcdSettings, EtcdStore, Store, StoreError},
 };
 use vipam_test_etcd::{Cluster, require};
 

@@ -10,7 +10,7 @@ use vipam::v1::{
     AllocateRequest, Allocation, ListRequest, ReleaseRequest, WatchEvent, WatchEventType,
     WatchRequest, allocator_client::AllocatorClient,
 };
-use vipam_allocator::watch::WatchSettings;
+use vipam_allocator::engine::watch::WatchSettings;
 
 mod common;
 

@@ -22,8 +22,8 @@ use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 use vipam::v1::{AllocateRequest, ReleaseRequest, allocator_client::AllocatorClient};
 use vipam_allocator::{
     Ipam,
-    pool::{PoolDef, Pools},
-    request::AllocateArgs,
+    addresses::pool::{PoolDef, Pools},
+    model::AllocateArgs,
     store::SledStore,
 };
 

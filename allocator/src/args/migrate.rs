@@ -1,5 +1,5 @@
 //! `vipam-allocator migrate`: its flags, and the wiring that opens the two
-//! stores, runs [`crate::migrate`]'s copy, opens the target again and
+//! stores, runs [`crate::store::migrate`]'s copy, opens the target again and
 //! verifies it, and prints what was copied.
 
 use std::{path::PathBuf, sync::Arc};
@@ -9,8 +9,8 @@ use vipam::runtime::{self, ConfigError};
 
 use super::{Engine, EtcdFlags, PoolFlags};
 use crate::{
-    migrate::{self, Side},
-    pool::Pools,
+    addresses::pool::Pools,
+    store::migrate::{self, Side},
     store::{SledStore, Store},
 };
 

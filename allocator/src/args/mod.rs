@@ -21,16 +21,16 @@ pub use self::migrate::MigrateArgs;
 pub use self::store::{Engine, EtcdFlags, StoreFlags};
 
 use crate::{
-    credentials::{Access, ClientDef, Credentials, Needs},
-    handle::{self, Handle},
-    ipam::Ipam,
+    addresses::pool::{self, Element, PoolDef, Pools},
+    api::server::{self, Bound, Listener, Settings},
+    api::service::Token,
+    engine::handle::{self, Handle},
+    engine::ipam::Ipam,
+    engine::watch::{DEFAULT_PROGRESS_INTERVAL, WatchSettings},
+    engine::writer::Writer,
+    policy::credentials::{Access, ClientDef, Credentials, Needs},
     policy::{self, Policy},
-    pool::{self, Element, PoolDef, Pools},
-    server::{self, Bound, Listener, Settings},
-    service::Token,
     store::{SledStore, Store},
-    watch::{DEFAULT_PROGRESS_INTERVAL, WatchSettings},
-    writer::Writer,
 };
 
 /// How long to wait for the writer to stop after the servers have.
@@ -115,11 +115,11 @@ pub struct Args {
 
     /// Most events queued for one watcher; a watcher that falls further
     /// behind is cut off and reconnects from its last revision.
-    #[arg(long, env = "VIPAM_WATCH_BUFFER", default_value_t = crate::watch::DEFAULT_BUFFER as u64, value_name = "EVENTS", value_parser = clap::value_parser!(u64).range(1..=1 << 24))]
+    #[arg(long, env = "VIPAM_WATCH_BUFFER", default_value_t = crate::engine::watch::DEFAULT_BUFFER as u64, value_name = "EVENTS", value_parser = clap::value_parser!(u64).range(1..=1 << 24))]
     pub watch_buffer: u64,
 
     /// Most Watch streams open at once.
-    #[arg(long, env = "VIPAM_MAX_WATCHERS", default_value_t = crate::watch::DEFAULT_MAX_WATCHERS as u64, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=1 << 20))]
+    #[arg(long, env = "VIPAM_MAX_WATCHERS", default_value_t = crate::engine::watch::DEFAULT_MAX_WATCHERS as u64, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=1 << 20))]
     pub max_watchers: u64,
 
     /// Page cache of the database, in bytes.
@@ -177,7 +177,7 @@ fn parse_client(s: &str) -> Result<ClientDef, String> {
 }
 
 fn parse_pool_def(s: &str) -> Result<PoolDef, String> {
-    s.parse().map_err(|e: pool::ConfigError| e.to_string())
+    s.parse().map_err(|e: pool::PoolError| e.to_string())
 }
 
 fn parse_reserved(s: &str) -> Result<(String, Vec<Element>), String> {
@@ -185,7 +185,7 @@ fn parse_reserved(s: &str) -> Result<(String, Vec<Element>), String> {
 }
 
 fn parse_element(s: &str) -> Result<Element, String> {
-    s.parse().map_err(|e: pool::ConfigError| e.to_string())
+    s.parse().map_err(|e: pool::PoolError| e.to_string())
 }
 
 impl Args {
@@ -319,14 +319,14 @@ pub struct PoolFlags {
     /// team-a=service:team-a/ for the Services of namespace team-a). A pool
     /// without it admits every owner. Repeatable; in the environment
     /// separate entries with ';'.
-    #[arg(long = "pool-owners", env = "VIPAM_POOL_OWNERS", value_name = "POOL=PREFIX[,PREFIX...]", value_delimiter = ';', value_parser = policy::parse_pool_owners)]
+    #[arg(long = "pool-owners", env = "VIPAM_POOL_OWNERS", value_name = "POOL=PREFIX[,PREFIX...]", value_delimiter = ';', value_parser = policy::operator::parse_pool_owners)]
     pub pool_owners: Vec<(String, Vec<String>)>,
 
     /// The pool that owners with a prefix get when a request names none:
     /// PREFIX=POOL (for example service:team-a/=team-a). The longest
     /// matching prefix wins; other owners get --default-pool. Repeatable; in
     /// the environment separate entries with ';'.
-    #[arg(long = "default-pool-for", env = "VIPAM_DEFAULT_POOL_FOR", value_name = "PREFIX=POOL", value_delimiter = ';', value_parser = policy::parse_default_for)]
+    #[arg(long = "default-pool-for", env = "VIPAM_DEFAULT_POOL_FOR", value_name = "PREFIX=POOL", value_delimiter = ';', value_parser = policy::operator::parse_default_for)]
     pub default_pool_for: Vec<(String, String)>,
 }
 

@@ -7,7 +7,7 @@ use std::{sync::Arc, time::Duration};
 use vipam::runtime::{ConfigError, parse_duration};
 
 use crate::{
-    pool::Pools,
+    addresses::pool::Pools,
     store::{EtcdSettings, EtcdStore, StoreError},
 };
 

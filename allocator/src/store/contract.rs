@@ -17,8 +17,9 @@
 
 use std::{collections::BTreeMap, net::IpAddr};
 
-use super::{Change, ChangeKind, Record, Store, StoreError};
-use crate::pool::{Family, to_int};
+use super::{Store, StoreError};
+use crate::addresses::pool::{Family, to_int};
+use crate::model::{Change, ChangeKind, Record};
 
 /// Declares a module `contract` with one `#[test]` per contract function,
 /// each on a fresh store.

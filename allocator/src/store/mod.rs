@@ -34,58 +34,24 @@
 //!   revisions without gaps.
 
 pub mod etcd;
+pub mod migrate;
 pub mod sled;
 
 #[cfg(test)]
 pub(crate) mod contract;
 
-use std::{collections::BTreeMap, net::IpAddr};
+use std::net::IpAddr;
 
-use serde::{Deserialize, Serialize};
-
-use crate::pool::Family;
+use crate::{
+    addresses::pool::Family,
+    model::{Change, Record},
+};
 
 pub use self::etcd::{EtcdSettings, EtcdStore};
 pub use self::sled::SledStore;
 
 /// Revisions of change history kept when none is configured.
 pub const DEFAULT_HISTORY: u64 = 100_000;
-
-/// What the store keeps of an allocation.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Record {
-    /// The owner holding the address.
-    pub owner: String,
-    /// Labels given at allocation.
-    #[serde(default)]
-    pub labels: BTreeMap<String, String>,
-    /// Allocation time, nanoseconds since the Unix epoch.
-    pub created_unix_nanos: u64,
-    /// Store revision of the write that created the allocation.
-    pub revision: u64,
-}
-
-/// What a write did.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ChangeKind {
-    /// An allocation was created.
-    Allocated,
-    /// An allocation was removed.
-    Released,
-}
-
-/// One entry of the change history: what the write of `revision` did.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Change {
-    /// The revision of the write.
-    pub revision: u64,
-    /// Allocated or released.
-    pub kind: ChangeKind,
-    /// The address.
-    pub address: IpAddr,
-    /// The allocation created, or the one removed as it was.
-    pub record: Record,
-}
 
 /// Store failures.
 #[derive(Debug, thiserror::Error)]

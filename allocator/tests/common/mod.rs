@@ -14,12 +14,12 @@ use tonic::transport::Channel;
 use vipam::v1::allocator_client::AllocatorClient;
 use vipam_allocator::{
     Ipam,
+    addresses::pool::{PoolDef, Pools, apply_settings},
+    api::server::{self, Settings},
+    api::service::Token,
+    engine::watch::WatchSettings,
     policy::Policy,
-    pool::{PoolDef, Pools, apply_settings},
-    server::{self, Settings},
-    service::Token,
     store::SledStore,
-    watch::WatchSettings,
 };
 
 /// A running in-process allocator.
@@ -108,7 +108,7 @@ fn mk_pools(config: &Config<'_>) -> Arc<Pools> {
     let reserved = config
         .reserved
         .iter()
-        .map(|r| vipam_allocator::pool::parse_assignment(r).expect("reserved"))
+        .map(|r| vipam_allocator::addresses::pool::parse_assignment(r).expect("reserved"))
         .collect();
     let explicit: Vec<String> = config.explicit_only.iter().map(|s| s.to_string()).collect();
     apply_settings(&mut defs, reserved, &explicit, &[]).expect("settings");

@@ -17,7 +17,10 @@ use std::{sync::Arc, sync::atomic::Ordering, time::Duration};
 use etcd_client::{EventType, GetOptions, WatchOptions, WatchResponse};
 
 use super::{Inner, keys::Key};
-use crate::store::{Change, ChangeKind, StoreError};
+use crate::{
+    model::{Change, ChangeKind},
+    store::StoreError,
+};
 
 /// Longest pause between reconnection attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(2);

@@ -20,8 +20,8 @@ use std::{collections::BTreeMap, net::IpAddr};
 
 use serde::{Deserialize, Serialize};
 
-use crate::pool::{Family, Pool, from_int, to_int};
-use crate::store::{Record, StoreError};
+use crate::addresses::pool::{Family, Pool, from_int, to_int};
+use crate::{model::Record, store::StoreError};
 
 /// The keys of one installation.
 #[derive(Clone, Debug)]
@@ -165,7 +165,7 @@ pub fn decode(key: &[u8], value: &[u8], mod_revision: i64) -> Result<Record, Sto
 pub fn pool_definition(pool: &Pool) -> String {
     let mut parts = Vec::new();
     for family in Family::ALL {
-        let ranges = |spans: &[crate::intervals::Span]| {
+        let ranges = |spans: &[crate::addresses::intervals::Span]| {
             spans
                 .iter()
                 .map(|s| format!("{}-{}", from_int(family, s.first), from_int(family, s.last)))
@@ -186,7 +186,7 @@ pub fn pool_definition(pool: &Pool) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pool::PoolDef;
+    use crate::addresses::pool::PoolDef;
 
     fn ip(s: &str) -> IpAddr {
         s.parse().expect("address")

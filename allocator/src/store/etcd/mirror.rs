@@ -9,8 +9,8 @@ use std::{
     ops::Bound,
 };
 
-use crate::pool::{Family, from_int, to_int};
-use crate::store::{Change, ChangeKind, Record};
+use crate::addresses::pool::{Family, from_int, to_int};
+use crate::model::{Change, ChangeKind, Record};
 
 /// An allocation as etcd holds it.
 #[derive(Clone, Debug, PartialEq, Eq)]

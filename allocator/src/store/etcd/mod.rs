@@ -44,7 +44,7 @@ use self::{
     start::{agree_on_pools, load},
 };
 use super::{Change, Record, Result, Scan, Store, StoreError};
-use crate::pool::{Family, Pools, to_int};
+use crate::addresses::pool::{Family, Pools, to_int};
 
 fn unavailable(e: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(e.to_string())

@@ -18,7 +18,7 @@ use std::{
 use etcd_client::{Compare, CompareOp, GetOptions, Txn, TxnOp};
 
 use super::keys::Keys;
-use crate::{pool::Pools, store::Record};
+use crate::{addresses::pool::Pools, model::Record};
 
 /// What a key must hold for the transaction to commit: what the writer
 /// decided on.

@@ -15,7 +15,7 @@ use super::{
     unavailable,
 };
 use crate::{
-    pool::Pools,
+    addresses::pool::Pools,
     store::{Result, StoreError},
 };
 

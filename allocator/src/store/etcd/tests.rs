@@ -23,8 +23,8 @@ use vipam_test_etcd::{Cluster, require};
 
 use super::{EtcdSettings, EtcdStore};
 use crate::{
-    pool::Pools,
-    rules::tests::mk_pools,
+    addresses::pool::Pools,
+    fixtures::mk_pools,
     store::{DEFAULT_HISTORY, Result, contract::store_contract},
 };
 

@@ -30,8 +30,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use super::{Change, ChangeKind, DEFAULT_HISTORY, Record, Result, Scan, Store, StoreError};
-use crate::pool::{Family, from_int};
+use super::{DEFAULT_HISTORY, Result, Scan, Store, StoreError};
+use crate::{
+    addresses::pool::{Family, from_int},
+    model::{Change, ChangeKind, Record},
+};
 
 const ALLOC: u8 = b'a';
 const OWNER: u8 = b'o';

@@ -26,7 +26,7 @@ fn mk_store(test: &str) -> Option<(Etcd, EtcdStore)> {
     let mut settings = etcd.settings();
     settings.timeout = TIMEOUT;
     let store = etcd
-        .open_with(&settings, crate::rules::tests::mk_pools(&[super::POOL]))
+        .open_with(&settings, crate::fixtures::mk_pools(&[super::POOL]))
         .expect("open");
     Some((etcd, store))
 }

@@ -4,7 +4,7 @@
 
 use super::{Etcd, POOL, eventually};
 use crate::{
-    rules::tests::mk_pools,
+    fixtures::mk_pools,
     store::{
         Store, StoreError,
         contract::{allocate, ip, stage_put},

@@ -10,8 +10,9 @@ use std::sync::{
 };
 
 use super::{Etcd, eventually};
+use crate::model::{Change, ChangeKind};
 use crate::store::{
-    Change, ChangeKind, Store, StoreError,
+    Store, StoreError,
     contract::{
         a_failed_flush_applies_nothing_and_keeps_nothing_staged, allocate, ip, mk_record, release,
         stage_delete, stage_put,

@@ -70,7 +70,7 @@ fn a_store_reaches_etcd_over_tls_with_a_client_certificate() {
     settings.ca_file = Some(certs.ca());
     settings.cert_file = Some(certs.client_cert());
     settings.key_file = Some(certs.client_key());
-    let pools = || crate::rules::tests::mk_pools(&[super::POOL]);
+    let pools = || crate::fixtures::mk_pools(&[super::POOL]);
     let store = etcd.open_with(&settings, pools()).expect("open over TLS");
     let record = allocate(&store, "10.0.0.1", "a");
     assert_eq!(store.get(ip("10.0.0.1")).expect("get"), Some(record));
@@ -132,7 +132,7 @@ fn a_store_reaches_etcd_as_a_user_and_never_shows_the_password() {
     std::fs::write(&right, format!("{password}\n")).expect("write the password");
     let wrong = dir.path().join("wrong");
     std::fs::write(&wrong, format!("{password}-not\n")).expect("write a wrong password");
-    let pools = || crate::rules::tests::mk_pools(&[super::POOL]);
+    let pools = || crate::fixtures::mk_pools(&[super::POOL]);
 
     let mut settings = etcd.settings();
     let refused = etcd

@@ -9,16 +9,16 @@ use std::{
 };
 
 use crate::{
+    addresses::pool::Pools,
+    engine::hub::{Hub, WatchSettings},
+    engine::ipam::Ipam,
+    engine::reader::Reader,
+    engine::stats::Stats,
+    engine::watch::{self, WatchArgs, WatchStream},
+    engine::writer::{self, Queue, Writer},
     error::Result,
-    hub::{Hub, WatchSettings},
-    ipam::Ipam,
-    pool::Pools,
-    reader::Reader,
-    request::{AllocateArgs, Allocation, ListArgs, Page, PoolsReport, ReleaseArgs},
-    stats::Stats,
+    model::{AllocateArgs, Allocation, ListArgs, Page, PoolsReport, ReleaseArgs},
     store::Store,
-    watch::{self, WatchArgs, WatchStream},
-    writer::{self, Queue, Writer},
 };
 
 /// The allocator as the gRPC service and HTTP endpoints use it.

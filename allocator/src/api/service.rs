@@ -13,17 +13,17 @@ use vipam::v1::{
 };
 
 use crate::{
-    credentials::{Access, AuthError},
+    addresses::pool::Family,
+    api::metrics::Metrics,
+    engine::handle::Handle,
+    engine::watch::{WatchArgs, WatchItem},
     error::{self, Error},
-    handle::Handle,
-    metrics::Metrics,
-    pool::Family,
-    request::{
-        AllocateArgs, Allocation, DEFAULT_PAGE_SIZE, ListArgs, MAX_PAGE_SIZE, ReleaseArgs, Scope,
-        parse_address, parse_labels, parse_owner, parse_pool,
+    model::{AllocateArgs, Allocation, ChangeKind, ListArgs, ReleaseArgs, Scope},
+    policy::checks::{
+        DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, parse_address, parse_labels, parse_owner, parse_pool,
     },
-    store::{ChangeKind, StoreError},
-    watch::{WatchArgs, WatchItem},
+    policy::credentials::{Access, AuthError},
+    store::StoreError,
 };
 
 /// Maps an allocation error to the gRPC status a client can act on.
@@ -57,7 +57,7 @@ pub fn status(e: Error) -> Status {
     }
 }
 
-pub use crate::credentials::Token;
+pub use crate::policy::credentials::Token;
 
 /// The gRPC service over the allocator.
 #[derive(Clone)]
@@ -292,7 +292,7 @@ fn to_proto(a: Allocation) -> pb::Allocation {
         pool,
         record,
     } = a;
-    let crate::store::Record {
+    let crate::model::Record {
         owner,
         labels,
         created_unix_nanos,

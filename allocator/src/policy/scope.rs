@@ -7,7 +7,7 @@ use std::net::IpAddr;
 
 use crate::{
     error::{Error, Result},
-    request::Scope,
+    model::Scope,
 };
 
 /// Refuses `owner` unless it starts with one of the scope's owner prefixes.
@@ -54,7 +54,7 @@ pub fn check_outside(scope: &Scope, address: IpAddr) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rules::tests::ip;
+    use crate::fixtures::ip;
 
     fn mk_scope(owners: &[&str], pools: &[&str]) -> Scope {
         let list = |items: &[&str]| Some(items.iter().map(|s| s.to_string()).collect());
@@ -120,12 +120,9 @@ mod property {
 
     use super::*;
     use crate::{
-        request::{AllocateArgs, ReleaseArgs},
-        rules::{
-            Allocate, Release, Rules,
-            tests::{MemView, mk_pools},
-        },
-        store::Record,
+        fixtures::{MemView, mk_pools},
+        model::{AllocateArgs, Record, ReleaseArgs},
+        policy::rules::{Allocate, Release, Rules},
     };
 
     /// Each credential's owner prefix; the two are disjoint.

@@ -1,7 +1,7 @@
-//! The writer's state: the allocation rules ([`crate::rules`]) over a
+//! The writer's state: the allocation rules ([`crate::policy::rules`]) over a
 //! [`Store`], the taken addresses, the revision and the counters. It applies
 //! each decision to the store as a staged write; [`Ipam::flush`] commits
-//! them. Owned by the writer thread ([`crate::writer`]); generic over the
+//! them. Owned by the writer thread ([`crate::engine::writer`]); generic over the
 //! engine so the per-request path calls it directly.
 
 use std::{
@@ -11,14 +11,13 @@ use std::{
 };
 
 use crate::{
+    addresses::pool::Pools,
+    engine::stats::Stats,
     error::Result,
-    hub::Event,
+    model::{AllocateArgs, Allocation, Event, Record, ReleaseArgs},
     policy::Policy,
-    pool::Pools,
-    request::{AllocateArgs, Allocation, ReleaseArgs},
-    rules::{self, Rules},
-    stats::Stats,
-    store::{Record, Store, StoreError},
+    policy::rules::{self, Rules},
+    store::{Store, StoreError},
 };
 
 fn now_unix_nanos() -> u64 {
@@ -233,10 +232,10 @@ impl<S: Store> Ipam<S> {
 mod tests {
     use super::*;
     use crate::{
+        addresses::pool::PoolDef,
+        engine::handle::start,
         error::Error,
-        handle::start,
-        pool::PoolDef,
-        rules::tests::{ip, mk_args, mk_pools},
+        fixtures::{ip, mk_args, mk_pools},
         store::SledStore,
     };
     use proptest::prelude::*;

@@ -17,9 +17,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::{
     error::{Error, Result},
-    pool::Pools,
-    request::Allocation,
-    store::{Change, ChangeKind},
+    model::Event,
 };
 
 /// Most events a watcher may have queued when none is configured.
@@ -52,17 +50,6 @@ impl Default for WatchSettings {
     }
 }
 
-/// One durable change, as watchers see it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Event {
-    /// Revision of the write.
-    pub revision: u64,
-    /// Allocated or released.
-    pub kind: ChangeKind,
-    /// The allocation created, or the one released as it was.
-    pub allocation: Allocation,
-}
-
 /// The writes of one flush, published together.
 #[derive(Debug)]
 pub struct Batch {
@@ -70,23 +57,6 @@ pub struct Batch {
     pub revision: u64,
     /// Its changes, by revision.
     pub events: Vec<Event>,
-}
-
-impl Event {
-    /// The event of a change from the history, its address placed in `pools`.
-    pub fn from_change(pools: &Pools, change: Change) -> Event {
-        let Change {
-            revision,
-            kind,
-            address,
-            record,
-        } = change;
-        Event {
-            revision,
-            kind,
-            allocation: Allocation::at(pools, address, record),
-        }
-    }
 }
 
 struct Subscriber {
@@ -307,7 +277,7 @@ impl Hub {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::Record;
+    use crate::model::{Allocation, ChangeKind, Record};
     use std::{collections::BTreeMap, net::IpAddr};
 
     fn mk_event(revision: u64) -> Event {

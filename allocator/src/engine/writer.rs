@@ -9,12 +9,12 @@ use std::sync::{Arc, atomic::Ordering};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::{
+    engine::hub::Hub,
+    engine::ipam::Ipam,
+    engine::stats::Stats,
     error::{Error, Result},
-    hub::{Event, Hub},
-    ipam::Ipam,
-    request::{AllocateArgs, Allocation, ReleaseArgs},
-    stats::Stats,
-    store::{ChangeKind, Store, StoreError},
+    model::{AllocateArgs, Allocation, ChangeKind, Event, ReleaseArgs},
+    store::{Store, StoreError},
 };
 
 /// Most requests one flush makes durable.
@@ -404,10 +404,10 @@ mod tests {
     use std::sync::atomic::Ordering;
 
     use crate::{
-        handle::start,
-        ipam::Ipam,
-        request::ReleaseArgs,
-        rules::tests::{mk_args, mk_pools},
+        engine::handle::start,
+        engine::ipam::Ipam,
+        fixtures::{mk_args, mk_pools},
+        model::ReleaseArgs,
         store::SledStore,
     };
 

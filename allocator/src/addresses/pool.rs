@@ -7,15 +7,15 @@ use std::{fmt, net::IpAddr, str::FromStr};
 use ipnet::IpNet;
 
 use crate::{
-    intervals::{self, Span},
-    special::{self, Block},
+    addresses::intervals::{self, Span},
+    addresses::special::{self, Block},
 };
 
-pub use crate::family::{Family, from_int, to_int};
+pub use crate::addresses::family::{Family, from_int, to_int};
 
 /// Errors in pool configuration. Each names the value it refuses.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum ConfigError {
+pub enum PoolError {
     /// A spec that is neither an address, a CIDR nor a range.
     #[error("invalid address, CIDR or range {spec:?}: {why}")]
     BadSpec { spec: String, why: String },
@@ -125,13 +125,13 @@ impl fmt::Display for Element {
 }
 
 impl FromStr for Element {
-    type Err = ConfigError;
+    type Err = PoolError;
 
     /// Parses `10.0.0.0/24`, `10.0.0.5`, `10.0.0.10-10.0.0.20` (spaces around
     /// the `-` allowed) and their IPv6 forms. A CIDR with host bits set means
     /// its network (`10.210.38.100/26` is `10.210.38.64/26`).
-    fn from_str(s: &str) -> Result<Self, ConfigError> {
-        let bad = |why: &str| ConfigError::BadSpec {
+    fn from_str(s: &str) -> Result<Self, PoolError> {
+        let bad = |why: &str| PoolError::BadSpec {
             spec: s.to_string(),
             why: why.to_string(),
         };
@@ -211,15 +211,15 @@ pub struct PoolDef {
 }
 
 /// Parses `NAME=SPEC[,SPEC...]` into the name and its elements.
-pub fn parse_assignment(value: &str) -> Result<(String, Vec<Element>), ConfigError> {
+pub fn parse_assignment(value: &str) -> Result<(String, Vec<Element>), PoolError> {
     let (name, specs) = value
         .split_once('=')
-        .ok_or_else(|| ConfigError::BadAssignment {
+        .ok_or_else(|| PoolError::BadAssignment {
             value: value.to_string(),
         })?;
     let name = name.trim();
     if !vipam::names::is_pool_name(name) {
-        return Err(ConfigError::BadName {
+        return Err(PoolError::BadName {
             name: name.to_string(),
         });
     }
@@ -231,10 +231,10 @@ pub fn parse_assignment(value: &str) -> Result<(String, Vec<Element>), ConfigErr
 }
 
 impl FromStr for PoolDef {
-    type Err = ConfigError;
+    type Err = PoolError;
 
     /// Parses a `--pool` value, `NAME=SPEC[,SPEC...]`.
-    fn from_str(value: &str) -> Result<Self, ConfigError> {
+    fn from_str(value: &str) -> Result<Self, PoolError> {
         let (name, elements) = parse_assignment(value)?;
         Ok(PoolDef {
             name,
@@ -265,7 +265,7 @@ pub struct Pool {
 
 impl Pool {
     /// Checks a definition on its own (not against other pools).
-    pub fn new(def: PoolDef) -> Result<Pool, ConfigError> {
+    pub fn new(def: PoolDef) -> Result<Pool, PoolError> {
         let PoolDef {
             name,
             elements,
@@ -280,7 +280,7 @@ impl Pool {
             let family = element.family();
             let span = element.span();
             if span.first == 0 {
-                return Err(ConfigError::Unspecified {
+                return Err(PoolError::Unspecified {
                     name: name.clone(),
                     spec: element.to_string(),
                     addr: from_int(family, 0),
@@ -312,7 +312,7 @@ impl Pool {
                 .iter()
                 .any(|c| c.first <= span.first && span.last <= c.last)
             {
-                return Err(ConfigError::ReservedOutside {
+                return Err(PoolError::ReservedOutside {
                     name,
                     spec: r.to_string(),
                 });
@@ -324,7 +324,7 @@ impl Pool {
         // A pool drained by its reservations still starts (and answers
         // exhausted); only one that never had a usable address is refused.
         if usable.iter().all(Vec::is_empty) && reserved.is_empty() {
-            return Err(ConfigError::Empty { name });
+            return Err(PoolError::Empty { name });
         }
         Ok(Pool {
             name,
@@ -444,21 +444,21 @@ pub struct Pools {
 impl Pools {
     /// Checks the definitions against each other. `default` names the default
     /// pool; without it the first definition is the default.
-    pub fn new(defs: Vec<PoolDef>, default: Option<&str>) -> Result<Pools, ConfigError> {
+    pub fn new(defs: Vec<PoolDef>, default: Option<&str>) -> Result<Pools, PoolError> {
         if defs.is_empty() {
-            return Err(ConfigError::NoPools);
+            return Err(PoolError::NoPools);
         }
         let mut pools: Vec<Pool> = Vec::with_capacity(defs.len());
         for def in defs {
             if pools.iter().any(|p| p.name == def.name) {
-                return Err(ConfigError::Duplicate { name: def.name });
+                return Err(PoolError::Duplicate { name: def.name });
             }
             let pool = Pool::new(def)?;
             for other in &pools {
                 for family in Family::ALL {
                     for a in pool.covered(family) {
                         if let Some(b) = other.covered(family).iter().find(|b| a.overlaps(b)) {
-                            return Err(ConfigError::Overlap {
+                            return Err(PoolError::Overlap {
                                 a: other.name.clone(),
                                 b: pool.name.clone(),
                                 addr: from_int(family, a.first.max(b.first)),
@@ -469,15 +469,16 @@ impl Pools {
             }
             pools.push(pool);
         }
-        let default = match default {
-            None => 0,
-            Some(name) => pools.iter().position(|p| p.name == name).ok_or_else(|| {
-                ConfigError::UnknownPool {
-                    setting: "--default-pool",
-                    name: name.to_string(),
-                }
-            })?,
-        };
+        let default =
+            match default {
+                None => 0,
+                Some(name) => pools.iter().position(|p| p.name == name).ok_or_else(|| {
+                    PoolError::UnknownPool {
+                        setting: "--default-pool",
+                        name: name.to_string(),
+                    }
+                })?,
+            };
         let outside = Family::ALL.map(|family| {
             let all: Vec<Span> = pools
                 .iter()
@@ -540,9 +541,9 @@ impl Pools {
 
 /// Refuses `element` when it shares an address with a special-purpose
 /// block, naming `setting` (the flag and pool) and the block.
-pub fn refuse_special(setting: &str, element: &Element) -> Result<(), ConfigError> {
+pub fn refuse_special(setting: &str, element: &Element) -> Result<(), PoolError> {
     match special::overlapping(element.family(), element.span()) {
-        Some(block) => Err(ConfigError::Special {
+        Some(block) => Err(PoolError::Special {
             setting: setting.to_string(),
             spec: element.to_string(),
             block,
@@ -557,12 +558,12 @@ pub fn apply_settings(
     reserved: Vec<(String, Vec<Element>)>,
     explicit_only: &[String],
     all_addresses: &[String],
-) -> Result<(), ConfigError> {
+) -> Result<(), PoolError> {
     for (name, elements) in reserved {
         let def = defs
             .iter_mut()
             .find(|d| d.name == name)
-            .ok_or(ConfigError::UnknownPool {
+            .ok_or(PoolError::UnknownPool {
                 setting: "--reserved",
                 name,
             })?;
@@ -577,7 +578,7 @@ pub fn apply_settings(
     ] {
         for name in names {
             let def = defs.iter_mut().find(|d| &d.name == name).ok_or_else(|| {
-                ConfigError::UnknownPool {
+                PoolError::UnknownPool {
                     setting,
                     name: name.clone(),
                 }
@@ -594,7 +595,7 @@ pub fn apply_settings(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::intervals::IntervalSet;
+    use crate::addresses::intervals::IntervalSet;
     use proptest::prelude::*;
     use std::net::Ipv4Addr;
 
@@ -737,7 +738,7 @@ mod tests {
         def.reserved = vec!["10.0.1.1".parse().expect("el")];
         assert_eq!(
             Pool::new(def).err(),
-            Some(ConfigError::ReservedOutside {
+            Some(PoolError::ReservedOutside {
                 name: "a".into(),
                 spec: "10.0.1.1".into()
             })
@@ -762,7 +763,7 @@ mod tests {
         }
         assert!(matches!(
             "Bad_Name=10.0.0.0/24".parse::<PoolDef>(),
-            Err(ConfigError::BadName { .. })
+            Err(PoolError::BadName { .. })
         ));
     }
 
@@ -771,7 +772,7 @@ mod tests {
         for spec in ["a=0.0.0.0/0", "a=0.0.0.0", "a=::/0", "a=::-::5"] {
             let def: PoolDef = spec.parse().expect(spec);
             assert!(
-                matches!(Pool::new(def), Err(ConfigError::Unspecified { .. })),
+                matches!(Pool::new(def), Err(PoolError::Unspecified { .. })),
                 "{spec}"
             );
         }
@@ -789,7 +790,7 @@ mod tests {
         ] {
             let err = Pool::new(spec.parse().expect(spec)).expect_err(spec);
             let msg = err.to_string();
-            assert!(matches!(err, ConfigError::Special { .. }), "{msg}");
+            assert!(matches!(err, PoolError::Special { .. }), "{msg}");
             assert!(msg.contains(block) && msg.contains("pool \"a\""), "{msg}");
         }
         let mut defs: Vec<PoolDef> = vec!["a=10.0.0.0/24".parse().expect("a")];
@@ -829,7 +830,7 @@ mod tests {
         let err = Pools::new(defs, None).expect_err("overlap");
         assert_eq!(
             err,
-            ConfigError::Overlap {
+            PoolError::Overlap {
                 a: "a".into(),
                 b: "b".into(),
                 addr: ip("10.0.0.128")
@@ -859,7 +860,7 @@ mod tests {
         );
         assert!(matches!(
             Pools::new(defs, Some("c")),
-            Err(ConfigError::UnknownPool { .. })
+            Err(PoolError::UnknownPool { .. })
         ));
     }
 

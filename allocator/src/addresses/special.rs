@@ -13,8 +13,8 @@ use std::{
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 use crate::{
-    family::{Family, to_int},
-    intervals::Span,
+    addresses::family::{Family, to_int},
+    addresses::intervals::Span,
 };
 
 /// A block of addresses that is never allocated, and why.

@@ -15,9 +15,10 @@
 use std::{cmp::Ordering, fmt, net::IpAddr};
 
 use crate::{
-    family::{Family, to_int},
-    pool::Pools,
-    store::{Record, Store, StoreError},
+    addresses::family::{Family, to_int},
+    addresses::pool::Pools,
+    model::Record,
+    store::{Store, StoreError},
 };
 
 /// Most allocations staged in the target before a flush, whatever its

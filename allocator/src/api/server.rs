@@ -1,7 +1,7 @@
 //! The server: gRPC (the allocator, `grpc.health.v1`, reflection v1 and
 //! v1alpha) over HTTP/2 without TLS, and `/healthz`, `/readyz`, `/metrics`
 //! over HTTP/1.1, on one or more listeners that differ only in which calls
-//! need a credential (see [`crate::credentials::Access`]). Limits message size, time per
+//! need a credential (see [`crate::policy::credentials::Access`]). Limits message size, time per
 //! request and requests in flight (shared by all listeners); on shutdown it
 //! ends watch streams, stops accepting and drains what is in flight.
 
@@ -20,10 +20,10 @@ use tonic::{service::Routes, transport::Server};
 use vipam::v1::allocator_server::AllocatorServer;
 
 use crate::{
-    credentials::{Access, Credentials, Needs},
-    handle::Handle,
-    metrics::Metrics,
-    service::{Service, Token},
+    api::metrics::Metrics,
+    api::service::{Service, Token},
+    engine::handle::Handle,
+    policy::credentials::{Access, Credentials, Needs},
 };
 
 /// Server limits and settings.

@@ -3,21 +3,23 @@
 //! and the answer. Idempotency per owner and one address per owner come
 //! first; then an explicit address must be free and not excluded, or the
 //! lowest free address of the pool is taken. The address rules come with
-//! them: a special-purpose address ([`crate::special`]) is never taken, an
+//! them: a special-purpose address ([`crate::addresses::special`]) is never taken, an
 //! explicit address outside every pool only where the [`Policy`] allows it,
 //! and a pool serves only the owners it admits. Nothing here writes: the
-//! writer ([`crate::ipam`]) applies the decision.
+//! writer ([`crate::engine::ipam`]) applies the decision.
 
 use std::{net::IpAddr, sync::Arc};
 
 use crate::{
+    addresses::intervals::IntervalSet,
+    addresses::pool::{Family, Pools, from_int, to_int},
+    addresses::special,
     error::{Error, Result, invalid},
-    intervals::IntervalSet,
+    model::Record,
+    model::{AllocateArgs, ReleaseArgs, Scope},
     policy::Policy,
-    pool::{Family, Pools, from_int, to_int},
-    request::{AllocateArgs, ReleaseArgs, Scope},
-    scope, special,
-    store::{Record, Store, StoreError},
+    policy::scope,
+    store::{Store, StoreError},
 };
 
 /// What the rules read: the allocations as the writer last decided them
@@ -365,60 +367,8 @@ pub fn refuse_special(field: &'static str, ip: IpAddr) -> Result<()> {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::pool::PoolDef;
-    use std::collections::{BTreeMap, HashMap};
-
-    /// The store's state as plain maps.
-    #[derive(Default)]
-    pub(crate) struct MemView {
-        records: HashMap<IpAddr, Record>,
-        owners: HashMap<String, IpAddr>,
-    }
-
-    impl View for MemView {
-        fn held_by(&self, owner: &str) -> Result<Option<IpAddr>, StoreError> {
-            Ok(self.owners.get(owner).copied())
-        }
-
-        fn record_at(&self, ip: IpAddr) -> Result<Option<Record>, StoreError> {
-            Ok(self.records.get(&ip).cloned())
-        }
-    }
-
-    impl MemView {
-        pub(crate) fn hold(&mut self, rules: &mut Rules, ip: IpAddr, record: Record) {
-            rules.take(ip);
-            self.owners.insert(record.owner.clone(), ip);
-            self.records.insert(ip, record);
-        }
-
-        /// Removes the allocation at `ip`, as the writer would.
-        pub(crate) fn unhold(&mut self, rules: &mut Rules, ip: IpAddr) {
-            rules.free(ip);
-            if let Some(record) = self.records.remove(&ip) {
-                self.owners.remove(&record.owner);
-            }
-        }
-
-        /// Every allocation, by address.
-        pub(crate) fn records(&self) -> &HashMap<IpAddr, Record> {
-            &self.records
-        }
-    }
-
-    /// An address from its text.
-    pub(crate) fn ip(s: &str) -> IpAddr {
-        s.parse().expect("test address")
-    }
-
-    /// Pools from their flag values.
-    pub(crate) fn mk_pools(specs: &[&str]) -> Arc<Pools> {
-        let defs: Vec<PoolDef> = specs
-            .iter()
-            .map(|s| s.parse().expect("test pool"))
-            .collect();
-        Arc::new(Pools::new(defs, None).expect("test pools"))
-    }
+    use crate::addresses::pool::PoolDef;
+    use crate::fixtures::{MemView, ip, mk_args, mk_pools, mk_record};
 
     fn mk_rules(specs: &[&str]) -> Rules {
         Rules::new(mk_pools(specs))
@@ -431,23 +381,6 @@ pub(crate) mod tests {
         let mut view = MemView::default();
         view.hold(&mut rules, ip(address), mk_record(owner, 1));
         (rules, view)
-    }
-
-    fn mk_record(owner: &str, revision: u64) -> Record {
-        Record {
-            owner: owner.to_string(),
-            labels: BTreeMap::new(),
-            created_unix_nanos: 7,
-            revision,
-        }
-    }
-
-    /// An Allocate request of `owner` for any address of the default pool.
-    pub(crate) fn mk_args(owner: &str) -> AllocateArgs {
-        AllocateArgs {
-            owner: owner.to_string(),
-            ..Default::default()
-        }
     }
 
     fn mk_explicit(owner: &str, address: &str) -> AllocateArgs {

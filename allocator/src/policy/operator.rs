@@ -10,7 +10,7 @@ use std::{collections::BTreeMap, net::IpAddr};
 
 use ipnet::IpNet;
 
-use crate::pool::{ConfigError, Pools};
+use crate::addresses::pool::{PoolError, Pools};
 
 /// The checked rules; the default allows nothing outside the pools and
 /// admits every owner to every pool.
@@ -31,14 +31,12 @@ impl Policy {
         allow_outside: Vec<IpNet>,
         pool_owners: Vec<(String, Vec<String>)>,
         default_for: Vec<(String, String)>,
-    ) -> Result<Policy, ConfigError> {
+    ) -> Result<Policy, PoolError> {
         let index = |setting: &'static str, name: &str| {
-            pools
-                .index_of(name)
-                .ok_or_else(|| ConfigError::UnknownPool {
-                    setting,
-                    name: name.to_string(),
-                })
+            pools.index_of(name).ok_or_else(|| PoolError::UnknownPool {
+                setting,
+                name: name.to_string(),
+            })
         };
         let mut owners: BTreeMap<usize, Vec<String>> = BTreeMap::new();
         for (pool, prefixes) in pool_owners {
@@ -52,7 +50,7 @@ impl Policy {
             if let Some(admitted) = owners.get(&i)
                 && !admitted.iter().any(|p| prefix.starts_with(p.as_str()))
             {
-                return Err(ConfigError::NotAdmitted { prefix, pool });
+                return Err(PoolError::NotAdmitted { prefix, pool });
             }
             defaults.push((prefix, i));
         }
@@ -128,9 +126,9 @@ pub fn parse_default_for(value: &str) -> Result<(String, String), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rules::tests::{ip, mk_pools};
+    use crate::fixtures::{ip, mk_pools};
 
-    fn mk_policy(owners: &[&str], defaults: &[&str]) -> Result<Policy, ConfigError> {
+    fn mk_policy(owners: &[&str], defaults: &[&str]) -> Result<Policy, PoolError> {
         let pools = mk_pools(&["a=10.0.0.0/24", "team-a=10.0.1.0/24", "team-b=10.0.2.0/24"]);
         Policy::new(
             &pools,
@@ -184,7 +182,7 @@ mod tests {
         let err = mk_policy(&["team-a=service:team-a/"], &["service:team-b/=team-a"])
             .expect_err("not admitted");
         assert!(
-            matches!(&err, ConfigError::NotAdmitted { prefix, pool }
+            matches!(&err, PoolError::NotAdmitted { prefix, pool }
                 if prefix == "service:team-b/" && pool == "team-a"),
             "{err}"
         );

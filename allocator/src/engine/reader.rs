@@ -6,13 +6,13 @@
 use std::{net::IpAddr, sync::Arc, sync::atomic::Ordering};
 
 use crate::{
+    addresses::intervals::Span,
+    addresses::pool::{Family, Pools, to_int},
+    engine::stats::Stats,
     error::{Error, Result},
-    hub::Event,
-    intervals::Span,
-    pool::{Family, Pools, to_int},
-    request::{Allocation, ListArgs, MAX_PAGE_SIZE, Page, PoolReport, PoolsReport},
-    stats::Stats,
-    store::{Record, Scan, Store},
+    model::{Allocation, Event, ListArgs, Page, PoolReport, PoolsReport, Record},
+    policy::checks::MAX_PAGE_SIZE,
+    store::{Scan, Store},
 };
 
 /// Most records one List call reads before it returns a (possibly short) page.

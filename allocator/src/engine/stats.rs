@@ -7,7 +7,7 @@ use std::{
     sync::atomic::{AtomicBool, AtomicU64, Ordering},
 };
 
-use crate::pool::Pools;
+use crate::addresses::pool::Pools;
 
 /// Counters shared between the writer and readers.
 #[derive(Debug, Default)]

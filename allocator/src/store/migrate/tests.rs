@@ -5,8 +5,9 @@ use std::{
 
 use super::*;
 use crate::{
-    pool::PoolDef,
-    store::{Change, Scan, SledStore, contract::ip},
+    addresses::pool::PoolDef,
+    model::Change,
+    store::{Scan, SledStore, contract::ip},
 };
 
 fn mk_pools() -> Pools {

@@ -1,106 +1,76 @@
-//! Requests and answers in domain terms: the input checks (`parse_*`) and
-//! their limits, the checked Allocate, Release and List requests, and what
-//! the allocator answers (allocations, pages, pool reports). No I/O.
+//! The allocator's domain types, below every layer that uses them: what the
+//! store keeps of an allocation ([`Record`]) and of a change ([`Change`]),
+//! the checked requests, and what clients are answered ([`Allocation`],
+//! [`Event`], [`Page`], the pool reports). No I/O.
 
 use std::{collections::BTreeMap, net::IpAddr};
 
-use crate::{
-    error::{Result, invalid},
-    pool::{Family, Pools},
-    store::Record,
-};
+use serde::{Deserialize, Serialize};
 
-/// Longest owner, in bytes.
-pub const MAX_OWNER_BYTES: usize = 256;
-/// Most labels on one allocation.
-pub const MAX_LABELS: usize = 32;
-/// Longest label key, in bytes.
-pub const MAX_LABEL_KEY_BYTES: usize = 128;
-/// Longest label value, in bytes.
-pub const MAX_LABEL_VALUE_BYTES: usize = 512;
-/// Default and largest List page.
-pub const DEFAULT_PAGE_SIZE: usize = 100;
-/// Largest List page.
-pub const MAX_PAGE_SIZE: usize = 1000;
+use crate::addresses::pool::{Family, Pools};
 
-/// Checks an owner: 1 to 256 bytes, no control characters.
-pub fn parse_owner(field: &'static str, value: &str) -> Result<String> {
-    if value.is_empty() {
-        return Err(invalid(field, value, "must not be empty"));
-    }
-    if value.len() > MAX_OWNER_BYTES {
-        return Err(invalid(
-            field,
-            value,
-            format!("longer than {MAX_OWNER_BYTES} bytes"),
-        ));
-    }
-    if value.chars().any(char::is_control) {
-        return Err(invalid(field, value, "contains control characters"));
-    }
-    Ok(value.to_string())
+/// What the store keeps of an allocation.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Record {
+    /// The owner holding the address.
+    pub owner: String,
+    /// Labels given at allocation.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Allocation time, nanoseconds since the Unix epoch.
+    pub created_unix_nanos: u64,
+    /// Store revision of the write that created the allocation.
+    pub revision: u64,
 }
 
-/// Parses an address in text form; refuses the unspecified addresses.
-pub fn parse_address(field: &'static str, value: &str) -> Result<IpAddr> {
-    let ip: IpAddr = value
-        .trim()
-        .parse()
-        .map_err(|_| invalid(field, value, "not an IPv4 or IPv6 address"))?;
-    if ip.is_unspecified() {
-        return Err(invalid(
-            field,
-            value,
-            "the unspecified address cannot be allocated",
-        ));
-    }
-    Ok(ip)
+/// What a write did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChangeKind {
+    /// An allocation was created.
+    Allocated,
+    /// An allocation was removed.
+    Released,
 }
 
-/// Checks a pool name (a DNS label).
-pub fn parse_pool(field: &'static str, value: &str) -> Result<String> {
-    if !vipam::names::is_pool_name(value) {
-        return Err(invalid(
-            field,
-            value,
-            format!("not a pool name ({})", vipam::names::POOL_NAME_RULE),
-        ));
-    }
-    Ok(value.to_string())
+/// One entry of the change history: what the write of `revision` did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Change {
+    /// The revision of the write.
+    pub revision: u64,
+    /// Allocated or released.
+    pub kind: ChangeKind,
+    /// The address.
+    pub address: IpAddr,
+    /// The allocation created, or the one removed as it was.
+    pub record: Record,
 }
 
-/// Checks labels: at most 32, keys of 1 to 128 bytes, values of at most 512
-/// bytes, no control characters.
-pub fn parse_labels(
-    labels: impl IntoIterator<Item = (String, String)>,
-) -> Result<BTreeMap<String, String>> {
-    let labels: BTreeMap<String, String> = labels.into_iter().collect();
-    if labels.len() > MAX_LABELS {
-        return Err(invalid(
-            "labels",
-            &format!("{} labels", labels.len()),
-            format!("at most {MAX_LABELS} labels"),
-        ));
-    }
-    for (k, v) in &labels {
-        if k.is_empty() || k.len() > MAX_LABEL_KEY_BYTES || k.chars().any(char::is_control) {
-            return Err(invalid(
-                "labels",
-                k,
-                format!("a label key has 1 to {MAX_LABEL_KEY_BYTES} bytes, no control characters"),
-            ));
-        }
-        if v.len() > MAX_LABEL_VALUE_BYTES || v.chars().any(char::is_control) {
-            return Err(invalid(
-                "labels",
-                v,
-                format!(
-                    "a label value has at most {MAX_LABEL_VALUE_BYTES} bytes, no control characters"
-                ),
-            ));
+/// One durable change, as watchers see it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Event {
+    /// Revision of the write.
+    pub revision: u64,
+    /// Allocated or released.
+    pub kind: ChangeKind,
+    /// The allocation created, or the one released as it was.
+    pub allocation: Allocation,
+}
+
+impl Event {
+    /// The event of a change, its address placed in `pools`.
+    pub fn from_change(pools: &Pools, change: Change) -> Event {
+        let Change {
+            revision,
+            kind,
+            address,
+            record,
+        } = change;
+        Event {
+            revision,
+            kind,
+            allocation: Allocation::at(pools, address, record),
         }
     }
-    Ok(labels)
 }
 
 /// A checked Allocate request.

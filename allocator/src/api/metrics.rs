@@ -16,7 +16,7 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::handle::Handle;
+use crate::engine::handle::Handle;
 
 /// Labels of an RPC count.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -121,7 +121,7 @@ impl Collector for AllocatorCollector {
             return Ok(());
         };
         let pools = self.ipam.pools();
-        type Getter = fn(&crate::request::PoolReport) -> f64;
+        type Getter = fn(&crate::model::PoolReport) -> f64;
         let per_pool: [(&str, &str, Getter); 3] = [
             ("vipam_pool_size", "Addresses the pool can hand out", |r| {
                 r.size as f64
@@ -172,7 +172,7 @@ impl Collector for AllocatorCollector {
 /// The store writer's counters and revision.
 fn encode_store(
     encoder: &mut DescriptorEncoder,
-    stats: &crate::stats::Stats,
+    stats: &crate::engine::stats::Stats,
 ) -> Result<(), std::fmt::Error> {
     let counter = encoder.encode_descriptor(
         "vipam_store_flushes",

@@ -8,7 +8,7 @@ use std::{path::PathBuf, str::FromStr, sync::Arc};
 
 use vipam::runtime::ConfigError;
 
-use crate::{pool::Pools, request::Scope};
+use crate::{addresses::pool::Pools, model::Scope};
 
 /// The name of the credential made from `--token-file`.
 pub const TOKEN_FILE_CREDENTIAL: &str = "token-file";
@@ -288,7 +288,7 @@ impl Access {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rules::tests::mk_pools;
+    use crate::fixtures::mk_pools;
 
     fn mk_token_file(dir: &tempfile::TempDir, name: &str, token: &str) -> String {
         let path = dir.path().join(name);

@@ -3,7 +3,7 @@
 //! it is durable.
 //!
 //! The writer publishes each flushed batch of writes to the hub
-//! ([`crate::hub`]), which hands it to every subscribed session. Past changes
+//! ([`crate::engine::hub`]), which hands it to every subscribed session. Past changes
 //! come from the store's change history, so a watcher can resume from any
 //! revision the history still holds, also after a restart.
 //!
@@ -25,15 +25,15 @@ use tokio::sync::{mpsc, watch};
 use tracing::Instrument;
 
 use crate::{
+    engine::hub::{Active, Hub, Subscribe},
+    engine::reader::Reader,
+    engine::writer::Queue,
     error::{Error, Result},
-    hub::{Active, Event, Hub, Subscribe},
-    reader::Reader,
-    request::{Allocation, ListArgs, MAX_PAGE_SIZE},
-    store::ChangeKind,
-    writer::Queue,
+    model::{Allocation, ChangeKind, Event, ListArgs},
+    policy::checks::MAX_PAGE_SIZE,
 };
 
-pub use crate::hub::{
+pub use crate::engine::hub::{
     DEFAULT_BUFFER, DEFAULT_MAX_WATCHERS, DEFAULT_PROGRESS_INTERVAL, WatchSettings,
 };
 
