@@ -157,7 +157,7 @@ async fn run_raw(client: &Client, concurrency: usize, duration: Duration, prefix
                         Compare::version(owner_key.clone(), CompareOp::Equal, 0),
                     ])
                     .and_then(vec![
-                        TxnOp::put(address_key, keys::encode(&record), None),
+                        TxnOp::put(address_key, keys::encode(&record, 0), None),
                         TxnOp::put(owner_key, ip.to_string(), None),
                     ]);
                 let t = Instant::now();

@@ -20,8 +20,8 @@ use std::{
 
 use vipam_allocator::{
     addresses::pool::{PoolDef, Pools},
-    model::Record,
-    store::{EtcdSettings, EtcdStore, Store, StoreError},
+    model::{Change, Record},
+    store::{EtcdSettings, EtcdStore, Store, StoreError, Write},
 };
 use vipam_test_etcd::{Cluster, require};
 
@@ -31,8 +31,8 @@ const CATCH_UP: Duration = Duration::from_secs(5);
 /// Two replicas sharing one etcd member. The runtime runs their followers;
 /// the test calls the stores from its own thread, as the writer thread does.
 struct Replicas {
-    a: EtcdStore,
-    b: EtcdStore,
+    a: Store,
+    b: Store,
     _runtime: tokio::runtime::Runtime,
     _etcd: Cluster,
 }
@@ -61,6 +61,7 @@ fn mk_replicas() -> Replicas {
         runtime
             .block_on(EtcdStore::open(&settings, pools.clone()))
             .expect("open the etcd store")
+            .into()
     };
     let (a, b) = (open(), open());
     Replicas {
@@ -86,7 +87,7 @@ fn mk_record(owner: &str, created: u64) -> Record {
 
 /// Polls until `store`'s copy holds an allocation of `owner` at `at`
 /// (`None`: nothing there); returns it.
-fn wait_holds(store: &EtcdStore, at: IpAddr, owner: Option<&str>) -> Option<Record> {
+fn wait_holds(store: &Store, at: IpAddr, owner: Option<&str>) -> Option<Record> {
     let deadline = Instant::now() + CATCH_UP;
     loop {
         let record = store.get(at).expect("read the copy");
@@ -101,12 +102,34 @@ fn wait_holds(store: &EtcdStore, at: IpAddr, owner: Option<&str>) -> Option<Reco
     }
 }
 
-fn commit_put(store: &EtcdStore, at: IpAddr, record: &Record) {
-    store.put(at, record).expect("stage");
+/// Stages the allocation `record` at `at`.
+fn put(store: &Store, at: IpAddr, record: &Record) {
+    let record = record.clone();
+    store
+        .stage(Write::Allocate {
+            address: at,
+            record,
+        })
+        .expect("stage");
+}
+
+/// Stages the release of the allocation `record` at `at`.
+fn delete(store: &Store, at: IpAddr, record: &Record) {
+    let record = record.clone();
+    store
+        .stage(Write::Release {
+            address: at,
+            record,
+        })
+        .expect("stage");
+}
+
+fn commit_put(store: &Store, at: IpAddr, record: &Record) {
+    put(store, at, record);
     store.flush().expect("commit");
 }
 
-fn assert_conflict(result: Result<Option<u64>, StoreError>) {
+fn assert_conflict(result: Result<Vec<Change>, StoreError>) {
     assert!(
         matches!(result, Err(StoreError::Conflict { .. })),
         "expected a conflict, got {result:?}"
@@ -124,7 +147,7 @@ fn an_allocation_at_an_address_another_replica_took_since_conflicts() {
     wait_holds(&r.b, at, Some("x"));
 
     // b's writer still saw the address free.
-    r.b.put(at, &mk_record("y", 2)).expect("stage");
+    put(&r.b, at, &mk_record("y", 2));
     assert_conflict(r.b.flush());
     assert_eq!(
         r.b.get(at).expect("read").map(|r| r.owner),
@@ -145,7 +168,7 @@ fn an_allocation_for_an_owner_another_replica_served_since_conflicts() {
     wait_holds(&r.b, first, Some("x"));
 
     // b's writer still saw the owner holding nothing.
-    r.b.put(second, &mk_record("x", 2)).expect("stage");
+    put(&r.b, second, &mk_record("x", 2));
     assert_conflict(r.b.flush());
     assert_eq!(r.b.get(second).expect("read"), None);
     assert_eq!(r.b.owner_address("x").expect("read"), Some(first));
@@ -162,13 +185,13 @@ fn a_release_of_an_allocation_replaced_since_by_another_replica_conflicts() {
     let seen = wait_holds(&r.b, at, Some("x")).expect("x's allocation");
 
     let held = wait_holds(&r.a, at, Some("x")).expect("x's allocation");
-    r.a.delete(at, &held, 0).expect("stage");
+    delete(&r.a, at, &held);
     r.a.flush().expect("commit");
     commit_put(&r.a, at, &mk_record("z", 3));
     wait_holds(&r.b, at, Some("z"));
 
     // b's writer decided to release x's allocation, which is gone.
-    r.b.delete(at, &seen, 0).expect("stage");
+    delete(&r.b, at, &seen);
     assert_conflict(r.b.flush());
     assert_eq!(
         r.b.get(at).expect("read").map(|r| r.owner),
@@ -187,8 +210,8 @@ fn a_release_and_a_new_allocation_of_its_address_in_one_flush_commit() {
     commit_put(&r.a, at, &mk_record("x", 1));
     let held = wait_holds(&r.b, at, Some("x")).expect("x's allocation");
 
-    r.b.delete(at, &held, 0).expect("stage");
-    r.b.put(at, &mk_record("y", 2)).expect("stage");
+    delete(&r.b, at, &held);
+    put(&r.b, at, &mk_record("y", 2));
     r.b.flush().expect("commit");
     wait_holds(&r.a, at, Some("y"));
     assert_eq!(r.a.owner_address("x").expect("read"), None);
@@ -203,12 +226,12 @@ fn a_release_that_found_nothing_on_a_copy_behind_conflicts() {
     let r = mk_replicas();
     let at = ip("10.0.0.1");
     // b's writer reads that x holds nothing, and would answer so.
-    assert_eq!(r.b.owner_address_for_decision("x").expect("read"), None);
+    assert_eq!(r.b.owner_for_decision("x").expect("read"), None);
     commit_put(&r.a, at, &mk_record("x", 1));
     assert_conflict(r.b.flush());
     wait_holds(&r.b, at, Some("x"));
-    assert_eq!(r.b.owner_address_for_decision("x").expect("read"), Some(at));
-    assert_eq!(r.b.flush().expect("nothing changed since"), None);
+    assert_eq!(r.b.owner_for_decision("x").expect("read"), Some(at));
+    assert_eq!(r.b.flush().expect("nothing changed since"), Vec::new());
 }
 
 #[test]
@@ -221,13 +244,13 @@ fn an_owner_seen_holding_an_address_released_since_conflicts() {
     commit_put(&r.a, at, &mk_record("x", 1));
     wait_holds(&r.b, at, Some("x"));
     // b's writer reads that x holds the address, and would answer it.
-    assert_eq!(r.b.owner_address_for_decision("x").expect("read"), Some(at));
-    assert!(r.b.get_for_decision(at).expect("read").is_some());
+    assert_eq!(r.b.owner_for_decision("x").expect("read"), Some(at));
+    assert!(r.b.record_for_decision(at).expect("read").is_some());
 
     let held = wait_holds(&r.a, at, Some("x")).expect("x's allocation");
-    r.a.delete(at, &held, 0).expect("stage");
+    delete(&r.a, at, &held);
     r.a.flush().expect("commit");
     assert_conflict(r.b.flush());
     wait_holds(&r.b, at, None);
-    assert_eq!(r.b.owner_address_for_decision("x").expect("read"), None);
+    assert_eq!(r.b.owner_for_decision("x").expect("read"), None);
 }

@@ -206,7 +206,7 @@ pub fn prefill(dir: &Path, pool: &str, n: u64) -> Duration {
     let def: PoolDef = pool.parse().expect("pool definition");
     let pools = Arc::new(Pools::new(vec![def], None).expect("pools"));
     let store = SledStore::open(dir, CACHE_BYTES).expect("opening the store to prefill");
-    let mut ipam = Ipam::load(store, pools).expect("loading the store to prefill");
+    let mut ipam = Ipam::load(store.into(), pools).expect("loading the store to prefill");
     for i in 0..n {
         ipam.allocate(AllocateArgs {
             owner: format!("bench/svc-{i:08}"),

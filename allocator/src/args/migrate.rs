@@ -90,11 +90,15 @@ impl Stores {
         }
     }
 
-    async fn open(&self, engine: Engine) -> anyhow::Result<Arc<dyn Store>> {
+    async fn open(&self, engine: Engine) -> anyhow::Result<Store> {
         Ok(match engine {
             // As it is: the source's change history stays whole.
-            Engine::Sled => Arc::new(super::open_sled(&self.data_dir, self.cache_bytes)?),
-            Engine::Etcd => Arc::new(self.etcd.open(self.pools.clone(), ETCD_HISTORY).await?),
+            Engine::Sled => super::open_sled(&self.data_dir, self.cache_bytes)?.into(),
+            Engine::Etcd => self
+                .etcd
+                .open(self.pools.clone(), ETCD_HISTORY)
+                .await?
+                .into(),
         })
     }
 }
@@ -137,7 +141,7 @@ impl MigrateArgs {
             let (source, into, pools) =
                 (source.clone(), stores.open(to).await?, stores.pools.clone());
             let (o, t) = (origin.clone(), target.clone());
-            blocking(move || migrate::copy(side(&*source, &o), side(&*into, &t), &pools)).await?
+            blocking(move || migrate::copy(side(&source, &o), side(&into, &t), &pools)).await?
         };
         println!(
             "copied {} allocation(s) from {origin} to {target}",
@@ -151,7 +155,7 @@ impl MigrateArgs {
         let reopened = stores.open(to).await?;
         let (o, t) = (origin.clone(), target.clone());
         let count =
-            blocking(move || migrate::verify(side(&*source, &o), side(&*reopened, &t))).await?;
+            blocking(move || migrate::verify(side(&source, &o), side(&reopened, &t))).await?;
         println!(
             "verified: {target} holds exactly the {count} allocation(s) of {origin} (address, owner, labels, creation time) and each owner's index"
         );
@@ -159,7 +163,7 @@ impl MigrateArgs {
     }
 }
 
-fn side<'a>(store: &'a dyn Store, name: &'a str) -> Side<'a> {
+fn side<'a>(store: &'a Store, name: &'a str) -> Side<'a> {
     Side { store, name }
 }
 

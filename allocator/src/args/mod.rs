@@ -238,11 +238,11 @@ impl Args {
         let (handle, writer) = match store_flags.engine {
             Engine::Sled => {
                 let store = open_store(&data_dir, cache_bytes, watch_history)?;
-                start_writer(store, &pools, policy, watch)?
+                start_writer(store.into(), &pools, policy, watch)?
             }
             Engine::Etcd => {
                 let store = store_flags.etcd.open(pools.clone(), watch_history).await?;
-                start_writer(store, &pools, policy, watch)?
+                start_writer(store.into(), &pools, policy, watch)?
             }
         };
         let settings = Settings {
@@ -460,7 +460,6 @@ fn open_store(data_dir: &Path, cache_bytes: u64, watch_history: u64) -> anyhow::
         .trim_history()
         .context("trimming the change history")?;
     if trimmed > 0 {
-        store.flush().context("trimming the change history")?;
         tracing::info!(
             trimmed,
             watch_history,
@@ -484,17 +483,17 @@ fn open_sled(data_dir: &Path, cache_bytes: u64) -> Result<SledStore, ConfigError
 
 /// Loads the allocations, starts the store writer and logs each pool's
 /// figures.
-fn start_writer<S: Store + Clone>(
-    store: S,
+fn start_writer(
+    store: Store,
     pools: &Arc<Pools>,
     policy: Policy,
     watch: WatchSettings,
 ) -> anyhow::Result<(Handle, Writer)> {
-    let ipam = Ipam::load(store.clone(), pools.clone())
+    let ipam = Ipam::load(store, pools.clone())
         .context("loading allocations")?
         .with_policy(policy);
     let (handle, writer) =
-        handle::start_with(ipam, store, 4096, watch).context("starting the store writer")?;
+        handle::start_with(ipam, 4096, watch).context("starting the store writer")?;
     let report = handle.pools_report()?;
     for r in &report.pools {
         let pool = pools.at(r.index);

@@ -173,7 +173,7 @@ impl EtcdFlags {
     pub async fn open(&self, pools: Arc<Pools>, history: u64) -> anyhow::Result<EtcdStore> {
         match EtcdStore::open(&self.settings(history), pools).await {
             Ok(store) => Ok(store),
-            Err(e @ StoreError::PoolDisagrees { .. }) => Err(ConfigError(e.to_string()).into()),
+            Err(e @ StoreError::Refused(_)) => Err(ConfigError(e.to_string()).into()),
             Err(e) => Err(anyhow::Error::new(e).context("opening the etcd store")),
         }
     }

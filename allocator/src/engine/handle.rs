@@ -1,7 +1,7 @@
 //! The allocator as the gRPC service and the HTTP endpoints use it: one
 //! [`Handle`] that sends writes to the writer's queue, reads through the
 //! [`Reader`], and starts watches on the hub. [`start`] and [`start_with`]
-//! put the pieces together over a loaded [`Ipam`] and its store.
+//! put the pieces together over a loaded [`Ipam`].
 
 use std::{
     net::IpAddr,
@@ -18,7 +18,6 @@ use crate::{
     engine::writer::{self, Queue, Writer},
     error::Result,
     model::{AllocateArgs, Allocation, ListArgs, Page, PoolsReport, ReleaseArgs},
-    store::Store,
 };
 
 /// The allocator as the gRPC service and HTTP endpoints use it.
@@ -30,22 +29,20 @@ pub struct Handle {
 }
 
 /// Starts the writer thread over `ipam`, with room for `queue` waiting
-/// requests and the default watch limits; `store` is the one `ipam` writes
-/// to, read by the [`Handle`].
-pub fn start<S: Store>(ipam: Ipam<S>, store: S, queue: usize) -> std::io::Result<(Handle, Writer)> {
-    start_with(ipam, store, queue, WatchSettings::default())
+/// requests and the default watch limits.
+pub fn start(ipam: Ipam, queue: usize) -> std::io::Result<(Handle, Writer)> {
+    start_with(ipam, queue, WatchSettings::default())
 }
 
 /// Starts the writer thread over `ipam`, with room for `queue` waiting
-/// requests and the given watch limits; `store` is the one `ipam` writes to,
-/// read by the [`Handle`].
-pub fn start_with<S: Store>(
-    ipam: Ipam<S>,
-    store: S,
+/// requests and the given watch limits; the [`Handle`] reads the store
+/// `ipam` writes to.
+pub fn start_with(
+    ipam: Ipam,
     queue: usize,
     watch: WatchSettings,
 ) -> std::io::Result<(Handle, Writer)> {
-    let reader = Reader::new(Arc::new(store), ipam.pools().clone(), ipam.stats());
+    let reader = Reader::new(ipam.store().clone(), ipam.pools().clone(), ipam.stats());
     let hub = Hub::new(ipam.revision(), watch);
     let (queue, writer) = writer::spawn(ipam, queue, hub.clone())?;
     Ok((Handle { queue, reader, hub }, writer))

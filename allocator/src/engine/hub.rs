@@ -75,7 +75,7 @@ struct HubState {
 /// Where the writer publishes durable batches and watchers subscribe.
 pub struct Hub {
     state: Mutex<HubState>,
-    /// True while anyone is subscribed: the writer collects events only then.
+    /// True while anyone is subscribed.
     watched: AtomicBool,
     active: AtomicUsize,
     cutoffs: AtomicU64,
@@ -173,34 +173,16 @@ impl Hub {
         self.cutoffs.load(Ordering::Relaxed)
     }
 
-    /// Publishes the durable batch that took the store to `revision`. The
-    /// events are `collected` when the writer saw watchers before the batch;
-    /// otherwise `load` reads them from the change log, and only if someone
-    /// subscribed meanwhile.
-    pub fn publish(
-        &self,
-        revision: u64,
-        collected: Option<Vec<Event>>,
-        load: impl FnOnce() -> Result<Vec<Event>>,
-    ) {
+    /// Publishes the durable changes that took the store to `revision`;
+    /// `events` gives them, by revision, and is called only while someone
+    /// watches.
+    pub fn publish(&self, revision: u64, events: impl FnOnce() -> Vec<Event>) {
         let mut state = self.lock();
         state.published = revision;
         if state.subscribers.is_empty() {
             return;
         }
-        let events = match collected {
-            Some(events) => events,
-            None => match load() {
-                Ok(events) => events,
-                Err(e) => {
-                    // The watchers replay from the log when they reconnect.
-                    tracing::warn!(error = %e, "reading changes for watchers failed; closing them");
-                    state.subscribers.clear();
-                    self.watched.store(false, Ordering::Relaxed);
-                    return;
-                }
-            },
-        };
+        let events = events();
         let n = events.len().max(1);
         let batch = Arc::new(Batch { revision, events });
         let buffer = self.settings.buffer;
@@ -315,14 +297,14 @@ mod tests {
         }
     }
 
-    fn no_load() -> Result<Vec<Event>> {
-        panic!("events were collected; nothing to load")
+    fn unwatched() -> Vec<Event> {
+        panic!("nobody watches: no events to build")
     }
 
     #[test]
     fn subscribing_needs_the_cursor_at_the_published_revision() {
         let hub = mk_hub(8);
-        hub.publish(3, None, || Ok(Vec::new()));
+        hub.publish(3, unwatched);
         assert!(matches!(hub.subscribe(1), Subscribe::Behind(3)));
         let _sub = subscribed(&hub, 3);
         assert!(hub.is_watched());
@@ -336,7 +318,7 @@ mod tests {
         let mut slow = subscribed(&hub, 0);
         let mut fast = subscribed(&hub, 0);
         for r in 1..=10u64 {
-            hub.publish(r, Some(vec![mk_event(r)]), no_load);
+            hub.publish(r, || vec![mk_event(r)]);
             let batch = fast.rx.recv().await.expect("fast watcher gets every batch");
             assert_eq!(batch.revision, r);
             fast.queued.fetch_sub(1, Ordering::Relaxed);
@@ -356,24 +338,20 @@ mod tests {
     fn a_batch_larger_than_the_buffer_still_reaches_an_idle_watcher() {
         let hub = mk_hub(2);
         let sub = subscribed(&hub, 0);
-        hub.publish(5, Some((1..=5).map(mk_event).collect()), no_load);
+        hub.publish(5, || (1..=5).map(mk_event).collect());
         assert!(!sub.cut.load(Ordering::Relaxed));
         assert_eq!(sub.queued.load(Ordering::Relaxed), 5);
     }
 
     #[test]
-    fn events_are_loaded_only_for_a_watcher_that_subscribed_during_the_batch() {
+    fn events_are_built_only_while_someone_watches() {
         let hub = mk_hub(8);
-        hub.publish(1, None, no_load);
+        hub.publish(1, unwatched);
         let mut sub = subscribed(&hub, 1);
-        let mut loaded = false;
-        hub.publish(2, None, || {
-            loaded = true;
-            Ok(vec![mk_event(2)])
-        });
-        assert!(loaded);
+        hub.publish(2, || vec![mk_event(2)]);
         let batch = sub.rx.try_recv().expect("batch");
         assert_eq!(batch.events, vec![mk_event(2)]);
+        assert_eq!(batch.revision, 2);
     }
 
     #[test]
@@ -383,7 +361,7 @@ mod tests {
         assert!(hub.is_watched());
         drop(sub);
         assert!(!hub.is_watched());
-        hub.publish(1, None, no_load);
+        hub.publish(1, unwatched);
     }
 
     #[test]

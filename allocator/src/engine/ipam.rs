@@ -1,8 +1,9 @@
-//! The writer's state: the allocation rules ([`crate::policy::rules`]) over a
-//! [`Store`], the taken addresses, the revision and the counters. It applies
-//! each decision to the store as a staged write; [`Ipam::flush`] commits
-//! them. Owned by the writer thread ([`crate::engine::writer`]); generic over the
-//! engine so the per-request path calls it directly.
+//! The writer's state: the allocation rules ([`crate::policy::rules`]) over
+//! the [`Store`], the taken addresses, the revision published and the
+//! counters. It stages each decision as a write; [`Ipam::flush`] commits
+//! them, [`Ipam::rollback`] forgets them after a failed flush, and
+//! [`Ipam::absorb`] takes in committed changes, this writer's and others'.
+//! Owned by the writer thread ([`crate::engine::writer`]).
 
 use std::{
     net::IpAddr,
@@ -14,10 +15,12 @@ use crate::{
     addresses::pool::Pools,
     engine::stats::Stats,
     error::Result,
-    model::{AllocateArgs, Allocation, Event, Record, ReleaseArgs},
-    policy::Policy,
-    policy::rules::{self, Rules},
-    store::{Store, StoreError},
+    model::{AllocateArgs, Allocation, Change, ChangeKind, Record, ReleaseArgs},
+    policy::{
+        Policy,
+        rules::{self, Rules},
+    },
+    store::{Observed, Store, StoreError, Write},
 };
 
 fn now_unix_nanos() -> u64 {
@@ -26,23 +29,36 @@ fn now_unix_nanos() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
 }
 
-/// The allocation rules over the store and an in-memory set of taken
-/// addresses. Owned by the writer thread.
-pub struct Ipam<S> {
-    store: S,
-    rules: Rules,
-    stats: Arc<Stats>,
-    revision: u64,
-    /// Addresses written since the last flush, to undo a failed one.
-    touched: Vec<IpAddr>,
-    /// The revision before the first of them.
-    base: u64,
+/// What applying one request came to.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Step<T> {
+    /// The answer, which wrote nothing.
+    Read(T),
+    /// The answer, with its write staged for the next flush.
+    Wrote(T),
+    /// The request writes an address this flush writes already: it is
+    /// decided again in the next flush, so that every write of a flush is
+    /// a change of its own.
+    Later,
 }
 
-impl<S: Store> Ipam<S> {
+/// The allocation rules over the store and an in-memory set of taken
+/// addresses. Owned by the writer thread.
+pub struct Ipam {
+    store: Store,
+    rules: Rules,
+    stats: Arc<Stats>,
+    /// Every change up to this revision is taken in.
+    revision: u64,
+    /// Addresses written since the last flush, with whether each was taken
+    /// before, to undo a failed flush.
+    touched: Vec<(IpAddr, bool)>,
+}
+
+impl Ipam {
     /// Loads the taken addresses from the store. Allocations outside the
     /// configured pools stay allocated (and are counted as outside).
-    pub fn load(store: S, pools: Arc<Pools>) -> Result<Ipam<S>, StoreError> {
+    pub fn load(store: Store, pools: Arc<Pools>) -> Result<Ipam, StoreError> {
         let stats = Arc::new(Stats::new(pools.len()));
         let mut rules = Rules::new(pools);
         for ip in store.addresses() {
@@ -59,13 +75,12 @@ impl<S: Store> Ipam<S> {
             stats,
             revision,
             touched: Vec::new(),
-            base: revision,
         })
     }
 
     /// The same state under the operator's address `policy` (checked
     /// against the same pools).
-    pub fn with_policy(self, policy: Policy) -> Ipam<S> {
+    pub fn with_policy(self, policy: Policy) -> Ipam {
         Ipam {
             rules: self.rules.with_policy(policy),
             ..self
@@ -82,149 +97,117 @@ impl<S: Store> Ipam<S> {
         self.rules.pools()
     }
 
-    /// The revision of the last write applied.
+    /// The revision up to which every change is taken in.
     pub fn revision(&self) -> u64 {
         self.revision
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Store {
+        &self.store
     }
 
     fn allocation(&self, address: IpAddr, record: Record) -> Allocation {
         Allocation::at(self.pools(), address, record)
     }
 
-    /// Applies an Allocate. Returns the allocation and whether it was written
-    /// (false when the owner already held it).
-    pub fn allocate(&mut self, args: AllocateArgs) -> Result<(Allocation, bool)> {
-        let next = self.revision + 1;
+    fn written(&self, ip: IpAddr) -> bool {
+        self.touched.iter().any(|(t, _)| *t == ip)
+    }
+
+    /// Applies an Allocate. A new allocation's revision is the store's to
+    /// give at the flush.
+    pub fn allocate(&mut self, args: AllocateArgs) -> Result<Step<Allocation>> {
+        // Revision 0 until the store numbers the write at the flush.
         match self
             .rules
-            .allocate(&self.store, args, next, now_unix_nanos())?
+            .allocate(&self.store, args, 0, now_unix_nanos())?
         {
-            rules::Allocate::Holds(ip, record) => Ok((self.allocation(ip, record), false)),
+            rules::Allocate::Holds(ip, record) => Ok(Step::Read(self.allocation(ip, record))),
+            rules::Allocate::Put(ip, _) if self.written(ip) => Ok(Step::Later),
             rules::Allocate::Put(ip, record) => {
-                self.store.put(ip, &record)?;
-                self.wrote(ip, 1);
-                Ok((self.allocation(ip, record), true))
+                let allocation = self.allocation(ip, record.clone());
+                self.write(Write::Allocate {
+                    address: ip,
+                    record,
+                })?;
+                Ok(Step::Wrote(allocation))
             }
         }
     }
 
-    /// Applies a Release. Returns the released allocation, or `None` when
-    /// nothing matched.
-    pub fn release(&mut self, args: ReleaseArgs) -> Result<Option<Allocation>> {
+    /// Applies a Release: the released allocation, or `None` when nothing
+    /// matched.
+    pub fn release(&mut self, args: ReleaseArgs) -> Result<Step<Option<Allocation>>> {
         match self.rules.release(&self.store, args)? {
-            rules::Release::Nothing => Ok(None),
+            rules::Release::Nothing => Ok(Step::Read(None)),
+            rules::Release::Delete(ip, _) if self.written(ip) => Ok(Step::Later),
             rules::Release::Delete(ip, record) => {
-                self.store.delete(ip, &record, self.revision + 1)?;
-                self.wrote(ip, -1);
-                Ok(Some(self.allocation(ip, record)))
+                let allocation = self.allocation(ip, record.clone());
+                self.write(Write::Release {
+                    address: ip,
+                    record,
+                })?;
+                Ok(Step::Wrote(Some(allocation)))
             }
         }
     }
 
-    /// Accounts for a staged write at `ip` that took (`delta` 1) or freed
-    /// (-1) it, at the next revision.
-    fn wrote(&mut self, ip: IpAddr, delta: i64) {
-        let changed = if delta > 0 {
-            self.rules.take(ip)
-        } else {
-            self.rules.free(ip)
-        };
-        if changed {
-            self.stats.count(self.rules.pools(), ip, delta);
-        }
-        if self.touched.is_empty() {
-            self.base = self.revision;
-        }
-        self.touched.push(ip);
-        self.revision += 1;
-        self.stats.revision.store(self.revision, Ordering::Relaxed);
+    /// Stages `write` and marks its address taken or free.
+    fn write(&mut self, write: Write) -> Result<(), StoreError> {
+        let ip = write.address();
+        let taken = matches!(write, Write::Allocate { .. });
+        self.store.stage(write)?;
+        self.touched.push((ip, !taken));
+        self.mark(ip, taken);
+        Ok(())
     }
 
-    /// Makes the taken set agree with the store at `ip` (staged writes
-    /// included).
-    fn resync(&mut self, ip: IpAddr) -> Result<(), StoreError> {
-        let held = self.store.get_latest(ip)?.is_some();
-        let changed = if held {
+    /// Marks `ip` taken or free, counting it when that changes.
+    fn mark(&mut self, ip: IpAddr, taken: bool) {
+        let changed = if taken {
             self.rules.take(ip)
         } else {
             self.rules.free(ip)
         };
         if changed {
             self.stats
-                .count(self.rules.pools(), ip, if held { 1 } else { -1 });
+                .count(self.rules.pools(), ip, if taken { 1 } else { -1 });
         }
-        Ok(())
     }
 
-    /// Undoes the writes of a failed flush (the store dropped them):
-    /// the taken set follows the store again, and the revision is the one
-    /// before them.
-    pub fn rollback(&mut self) -> Result<(), StoreError> {
-        let touched = std::mem::take(&mut self.touched);
-        if !touched.is_empty() {
-            self.revision = self.base;
-        }
-        for ip in touched {
-            self.resync(ip)?;
-        }
-        self.stats.revision.store(self.revision, Ordering::Relaxed);
-        Ok(())
-    }
-
-    /// Whether other writers share the store.
-    pub fn is_shared(&self) -> bool {
-        self.store.is_shared()
-    }
-
-    /// Most requests one flush may carry.
-    pub fn max_batch(&self) -> usize {
-        self.store.max_batch()
-    }
-
-    /// The store, to register the writer's wake-up.
-    pub fn store(&self) -> &S {
-        &self.store
-    }
-
-    /// Takes in what other writers sharing the store committed (and this
-    /// one's own commits, as the store saw them): the taken set follows,
-    /// and the changes after revision `published` come back as events.
-    pub fn observe(&mut self, published: u64) -> Result<Vec<Event>, StoreError> {
-        let Some(changes) = self.store.observed()? else {
-            return Ok(Vec::new());
-        };
-        let mut events = Vec::new();
-        for change in changes {
-            self.resync(change.address)?;
-            self.revision = self.revision.max(change.revision);
-            if change.revision > published {
-                events.push(Event::from_change(self.pools(), change));
-            }
-        }
-        self.stats.revision.store(self.revision, Ordering::Relaxed);
-        Ok(events)
-    }
-
-    /// The changes after revision `after` up to `last`, from the change log.
-    pub fn events_between(&self, after: u64, last: u64) -> Result<Vec<Event>> {
-        self.store
-            .changes(after, last)
-            .map(|change| Ok(Event::from_change(self.pools(), change?)))
-            .collect()
-    }
-
-    /// Commits every staged write and makes it durable; `Some(r)` when the
-    /// store gave the batch its revision `r`.
-    pub fn flush(&mut self) -> Result<Option<u64>, StoreError> {
-        let assigned = self.store.flush()?;
+    /// Commits every staged write and makes it durable: the changes, each
+    /// with its revision.
+    pub fn flush(&mut self) -> Result<Vec<Change>, StoreError> {
+        let changes = self.store.flush()?;
         self.touched.clear();
-        if assigned.is_some() {
-            // The store numbered the batch; its changes come back through
-            // `observe`, which moves the revision on.
-            self.revision = self.base;
-        }
         self.stats.flushes.fetch_add(1, Ordering::Relaxed);
-        Ok(assigned)
+        Ok(changes)
+    }
+
+    /// Forgets the writes of a failed flush (the store dropped them): the
+    /// taken set is as before them.
+    pub fn rollback(&mut self) {
+        while let Some((ip, was_taken)) = self.touched.pop() {
+            self.mark(ip, was_taken);
+        }
+    }
+
+    /// What other writers sharing the store committed since the last call.
+    pub fn observed(&self) -> Result<Observed, StoreError> {
+        self.store.observed()
+    }
+
+    /// Takes in committed `changes`, in revision order (this writer's own
+    /// are taken in already, and taking them again changes nothing), and
+    /// moves the revision to at least `revision`.
+    pub fn absorb(&mut self, changes: &[Change], revision: u64) {
+        for change in changes {
+            self.mark(change.address, change.kind == ChangeKind::Allocated);
+            self.revision = self.revision.max(change.revision);
+        }
+        self.revision = self.revision.max(revision);
+        self.stats.revision.store(self.revision, Ordering::Relaxed);
     }
 }
 
@@ -241,18 +224,56 @@ mod tests {
     use proptest::prelude::*;
     use std::collections::{BTreeSet, HashMap};
 
-    fn mk_ipam(dir: &std::path::Path, specs: &[&str]) -> Ipam<SledStore> {
+    fn mk_ipam(dir: &std::path::Path, specs: &[&str]) -> Ipam {
         let store = SledStore::open(dir, 8 << 20).expect("open store");
-        Ipam::load(store, mk_pools(specs)).expect("load")
+        Ipam::load(store.into(), mk_pools(specs)).expect("load")
+    }
+
+    /// Applies `apply` in a flush of its own, as the writer does with a
+    /// request alone in its batch: its answer (with the revision its write
+    /// got) and whether it wrote.
+    fn now<T>(
+        ipam: &mut Ipam,
+        apply: impl Fn(&mut Ipam) -> Result<Step<T>>,
+        revision: impl Fn(&mut T, &[Change]),
+    ) -> Result<(T, bool)> {
+        let (mut answer, wrote) = match apply(ipam)? {
+            Step::Read(t) => (t, false),
+            Step::Wrote(t) => (t, true),
+            Step::Later => panic!("nothing else is staged"),
+        };
+        let changes = ipam.flush().expect("flush");
+        revision(&mut answer, &changes);
+        ipam.absorb(&changes, 0);
+        Ok((answer, wrote))
+    }
+
+    /// An Allocate in a flush of its own: the allocation and whether it
+    /// was written.
+    fn allocate(ipam: &mut Ipam, args: AllocateArgs) -> Result<(Allocation, bool)> {
+        now(
+            ipam,
+            |ipam| ipam.allocate(args.clone()),
+            |a: &mut Allocation, changes| {
+                if let Some(c) = changes.iter().find(|c| c.address == a.address) {
+                    a.record.revision = c.revision;
+                }
+            },
+        )
+    }
+
+    /// A Release in a flush of its own: what it released.
+    fn release(ipam: &mut Ipam, args: ReleaseArgs) -> Result<Option<Allocation>> {
+        now(ipam, |ipam| ipam.release(args.clone()), |_, _| {}).map(|(a, _)| a)
     }
 
     #[test]
     fn allocate_is_idempotent_per_owner() {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut ipam = mk_ipam(dir.path(), &["a=10.0.0.0/24"]);
-        let (first, wrote) = ipam.allocate(mk_args("svc")).expect("allocate");
+        let (first, wrote) = allocate(&mut ipam, mk_args("svc")).expect("allocate");
         assert!(wrote);
-        let (again, wrote_again) = ipam.allocate(mk_args("svc")).expect("allocate again");
+        let (again, wrote_again) = allocate(&mut ipam, mk_args("svc")).expect("allocate again");
         assert!(!wrote_again);
         assert_eq!(first, again);
     }
@@ -261,15 +282,17 @@ mod tests {
     fn owner_holding_another_address_is_refused_before_checking_the_other() {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut ipam = mk_ipam(dir.path(), &["a=10.0.0.0/24"]);
-        ipam.allocate(mk_args("svc")).expect("allocate");
-        ipam.allocate(mk_args("other")).expect("allocate other");
+        allocate(&mut ipam, mk_args("svc")).expect("allocate");
+        allocate(&mut ipam, mk_args("other")).expect("allocate other");
         // 10.0.0.2 is held by "other"; "svc" still hears that it holds 10.0.0.1.
-        let err = ipam
-            .allocate(AllocateArgs {
+        let err = allocate(
+            &mut ipam,
+            AllocateArgs {
                 address: Some(ip("10.0.0.2")),
                 ..mk_args("svc")
-            })
-            .expect_err("must fail");
+            },
+        )
+        .expect_err("must fail");
         assert!(
             matches!(err, Error::OwnerHoldsOther { held, .. } if held == ip("10.0.0.1")),
             "{err}"
@@ -282,28 +305,28 @@ mod tests {
         {
             let mut ipam = mk_ipam(dir.path(), &["a=10.0.0.0/24"]);
             for owner in ["s1", "s2", "s3"] {
-                ipam.allocate(mk_args(owner)).expect("allocate");
+                allocate(&mut ipam, mk_args(owner)).expect("allocate");
             }
             ipam.flush().expect("flush");
         }
         // The pool moves and shrinks: 10.0.0.1-3 now lie outside every pool.
         let store = SledStore::open(dir.path(), 8 << 20).expect("reopen");
-        let mut ipam = Ipam::load(store.clone(), mk_pools(&["a=10.0.0.2-10.0.0.9"])).expect("load");
+        let mut ipam = Ipam::load(store.into(), mk_pools(&["a=10.0.0.2-10.0.0.9"])).expect("load");
         assert_eq!(ipam.stats.outside.load(Ordering::Relaxed), 1);
         assert_eq!(ipam.stats.in_pool[0].load(Ordering::Relaxed), 2);
-        let (held, wrote) = ipam.allocate(mk_args("s1")).expect("s1 keeps its address");
+        let (held, wrote) = allocate(&mut ipam, mk_args("s1")).expect("s1 keeps its address");
         assert_eq!(
             (held.address, held.pool, wrote),
             (ip("10.0.0.1"), None, false)
         );
-        let (new, _) = ipam.allocate(mk_args("s4")).expect("allocate s4");
+        let (new, _) = allocate(&mut ipam, mk_args("s4")).expect("allocate s4");
         assert_eq!(
             new.address,
             ip("10.0.0.4"),
             "10.0.0.2 and .3 are still held"
         );
         ipam.flush().expect("flush");
-        let (handle, writer) = start(ipam, store, 8).expect("start");
+        let (handle, writer) = start(ipam, 8).expect("start");
         let report = handle.pools_report().expect("report");
         assert_eq!(report.outside_count, 1);
         assert_eq!(
@@ -319,18 +342,21 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         {
             let mut ipam = mk_ipam(dir.path(), &["a=10.0.0.0/24"]);
-            let (a, _) = ipam.allocate(mk_args("s1")).expect("allocate");
+            let (a, _) = allocate(&mut ipam, mk_args("s1")).expect("allocate");
             assert_eq!(a.record.revision, 1);
-            ipam.release(ReleaseArgs {
-                owner: Some("s1".into()),
-                address: None,
-                scope: Default::default(),
-            })
+            release(
+                &mut ipam,
+                ReleaseArgs {
+                    owner: Some("s1".into()),
+                    address: None,
+                    scope: Default::default(),
+                },
+            )
             .expect("release");
             ipam.flush().expect("flush");
         }
         let mut ipam = mk_ipam(dir.path(), &["a=10.0.0.0/24"]);
-        let (a, _) = ipam.allocate(mk_args("s2")).expect("allocate");
+        let (a, _) = allocate(&mut ipam, mk_args("s2")).expect("allocate");
         assert_eq!(a.record.revision, 3);
     }
 
@@ -364,7 +390,7 @@ mod tests {
             let mut def: PoolDef = "a=10.0.0.0/28".parse().expect("pool");
             def.reserved = vec!["10.0.0.5".parse().expect("reserved")];
             let pools = Arc::new(Pools::new(vec![def], None).expect("pools"));
-            let mut ipam = Ipam::load(store, pools).expect("load");
+            let mut ipam = Ipam::load(store.into(), pools).expect("load");
             let usable: Vec<u8> = (1..15).filter(|h| *h != 5).collect();
             let mut by_owner: HashMap<u8, u8> = HashMap::new();
             let host = |a: IpAddr| match a { IpAddr::V4(v4) => v4.octets()[3], IpAddr::V6(_) => u8::MAX };
@@ -376,7 +402,7 @@ mod tests {
                             address: address.map(|h| IpAddr::from([10, 0, 0, h])),
                             ..Default::default()
                         };
-                        let result = ipam.allocate(args);
+                        let result = allocate(&mut ipam, args);
                         let held: BTreeSet<u8> = by_owner.values().copied().collect();
                         match (by_owner.get(&owner), address) {
                             (Some(&h), None) => prop_assert_eq!(host(result.expect("idempotent").0.address), h),
@@ -403,12 +429,11 @@ mod tests {
                         }
                     }
                     Op::Release { owner } => {
-                        let released = ipam.release(ReleaseArgs { owner: Some(format!("o{owner}")), address: None, scope: Default::default() }).expect("release");
+                        let released = release(&mut ipam, ReleaseArgs { owner: Some(format!("o{owner}")), address: None, scope: Default::default() }).expect("release");
                         prop_assert_eq!(released.map(|a| host(a.address)), by_owner.remove(&owner));
                     }
                     Op::ReleaseAddress { address } => {
-                        let released = ipam
-                            .release(ReleaseArgs { owner: None, address: Some(IpAddr::from([10, 0, 0, address])), scope: Default::default() })
+                        let released = release(&mut ipam, ReleaseArgs { owner: None, address: Some(IpAddr::from([10, 0, 0, address])), scope: Default::default() })
                             .expect("release");
                         let holder = by_owner.iter().find(|(_, h)| **h == address).map(|(o, _)| *o);
                         prop_assert_eq!(released.is_some(), holder.is_some());

@@ -1,7 +1,6 @@
 //! The read side: allocations by owner and by address, List pages, pool
 //! reports and the change history as events, read from the committed state
-//! of whichever engine runs (through `dyn Store`), on any thread, never
-//! waiting for the writer.
+//! of the store, on any thread, never waiting for the writer.
 
 use std::{net::IpAddr, sync::Arc, sync::atomic::Ordering};
 
@@ -23,7 +22,7 @@ pub const OUTSIDE_LISTED: usize = 100;
 /// Reads over the store; clones share it.
 #[derive(Clone)]
 pub struct Reader {
-    store: Arc<dyn Store>,
+    store: Store,
     pools: Arc<Pools>,
     stats: Arc<Stats>,
 }
@@ -31,7 +30,7 @@ pub struct Reader {
 impl Reader {
     /// Reads over `store`, placing addresses in `pools`, with the writer's
     /// counters `stats`.
-    pub fn new(store: Arc<dyn Store>, pools: Arc<Pools>, stats: Arc<Stats>) -> Reader {
+    pub fn new(store: Store, pools: Arc<Pools>, stats: Arc<Stats>) -> Reader {
         Reader {
             store,
             pools,
@@ -49,9 +48,11 @@ impl Reader {
         &self.stats
     }
 
-    /// Whether other allocators share the store.
-    pub fn is_shared(&self) -> bool {
-        self.store.is_shared()
+    /// Waits up to `limit` until the store has shown every change up to
+    /// `revision`, which a client may have got from another allocator
+    /// sharing the store; the revision it has shown. Blocks.
+    pub fn catch_up(&self, revision: u64, limit: std::time::Duration) -> Result<u64> {
+        Ok(self.store.catch_up(revision, limit)?)
     }
 
     /// Whether the store can serve now; the reason when it cannot.

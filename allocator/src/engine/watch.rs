@@ -104,7 +104,7 @@ pub async fn start(
     let active = hub.enter()?;
     if args.since > 0 {
         let since = args.since;
-        let published = catch_up(reader, queue, hub, since).await;
+        let published = catch_up(reader, queue, hub, since).await?;
         blocking(reader, move |r| check_since(r, published, since)).await?;
     }
     let (tx, rx) = mpsc::channel(OUT_BUFFER);
@@ -127,33 +127,28 @@ pub async fn start(
     Ok(rx)
 }
 
-/// Refuses a `since` revision this allocator never reached (beyond the
-/// `published` one) or whose following changes the history no longer holds.
-/// How long a replica sharing its store waits to have seen a revision a
-/// watcher already got from another replica.
+/// How long a watch waits to have seen a revision a watcher got from
+/// another allocator sharing the store.
 const CATCH_UP: std::time::Duration = std::time::Duration::from_secs(2);
 
-/// The revision published to watchers; on a store shared by replicas,
-/// once it reaches `since` (a revision another replica may have served
-/// first) or [`CATCH_UP`] has passed.
-async fn catch_up(reader: &Reader, queue: &Queue, hub: &Hub, since: u64) -> u64 {
-    let mut published = hub.published();
-    if !reader.is_shared() {
-        return published;
+/// The revision published to watchers, once it reaches `since` (a revision
+/// another allocator sharing the store may have served first) or the store
+/// says it has shown everything it can within [`CATCH_UP`].
+async fn catch_up(reader: &Reader, queue: &Queue, hub: &Hub, since: u64) -> Result<u64> {
+    let published = hub.published();
+    if since <= published {
+        return Ok(published);
     }
-    let deadline = tokio::time::Instant::now() + CATCH_UP;
-    while published < since && tokio::time::Instant::now() < deadline {
-        // The writer takes in what the store has seen before answering.
-        if let Ok(revision) = queue.barrier().await {
-            published = published.max(revision);
-        }
-        if published < since {
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
+    let shown = blocking(reader, move |r| r.catch_up(since, CATCH_UP)).await?;
+    if shown <= published {
+        return Ok(published);
     }
-    published
+    // The writer takes in what the store has shown before answering.
+    queue.barrier().await
 }
 
+/// Refuses a `since` revision this allocator never reached (beyond the
+/// `published` one) or whose following changes the history no longer holds.
 fn check_since(reader: &Reader, published: u64, since: u64) -> Result<()> {
     if since > published {
         return Err(Error::RevisionAhead {

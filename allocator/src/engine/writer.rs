@@ -1,20 +1,30 @@
 //! The writer: one thread that takes every Allocate and Release from a
-//! queue, applies them in batches (as many as are waiting, up to 512
-//! requests), commits each batch with one flush (group commit), then
-//! publishes the batch's changes to the watch hub and only then answers its
-//! requests: an answer is never sent before its write is durable.
+//! queue and applies them in batches (as many as are waiting, up to 512
+//! requests or what one flush of the store may carry). One path on every
+//! engine: decide each request, stage its write, commit the batch with one
+//! flush (group commit), publish to the watch hub what the store says it
+//! committed (with what other writers sharing it committed), and only then
+//! answer: an answer is never sent before its write is durable. A request
+//! that would write an address the flush already writes waits for the next
+//! flush, so that every write is a change with a revision of its own.
 
-use std::sync::{Arc, atomic::Ordering};
+use std::{
+    collections::HashMap,
+    net::IpAddr,
+    sync::{Arc, atomic::Ordering},
+};
 
 use tokio::sync::{mpsc, oneshot};
 
 use crate::{
-    engine::hub::Hub,
-    engine::ipam::Ipam,
-    engine::stats::Stats,
+    engine::{
+        hub::Hub,
+        ipam::{Ipam, Step},
+        stats::Stats,
+    },
     error::{Error, Result},
-    model::{AllocateArgs, Allocation, ChangeKind, Event, ReleaseArgs},
-    store::{Store, StoreError},
+    model::{AllocateArgs, Allocation, Change, ChangeKind, Event, ReleaseArgs},
+    store::StoreError,
 };
 
 /// Most requests one flush makes durable.
@@ -34,70 +44,68 @@ enum Command {
     Observe,
 }
 
-/// What a request came to, before its batch is durable.
+/// What a request came to, before its flush.
 enum Outcome {
-    /// The allocation, and whether this request wrote it.
-    Allocate(Result<(Allocation, bool)>),
-    Release(Result<Option<Allocation>>),
+    Allocate(Result<Step<Allocation>>),
+    Release(Result<Step<Option<Allocation>>>),
     Nothing,
 }
 
 impl Outcome {
-    /// A request that wrote, answered with `error` instead; with
-    /// `checked`, also one that wrote nothing, whose answer the flush was
-    /// to check (a store shared with other writers).
-    fn fail(self, error: impl Fn() -> Error, checked: bool) -> Outcome {
-        match self {
-            Outcome::Allocate(Ok((_, wrote))) if wrote || checked => {
-                Outcome::Allocate(Err(error()))
-            }
-            Outcome::Release(Ok(released)) if released.is_some() || checked => {
-                Outcome::Release(Err(error()))
-            }
-            other => other,
-        }
-    }
-
-    /// Gives the allocations this batch made (numbered after `base` while
-    /// staged) the revision the store assigned the batch.
-    fn renumber(&mut self, assigned: Option<u64>, base: u64) {
-        let Some(r) = assigned else { return };
-        let record = match self {
-            Outcome::Allocate(Ok((a, _))) | Outcome::Release(Ok(Some(a))) => &mut a.record,
-            _ => return,
-        };
-        if record.revision > base {
-            record.revision = r;
-        }
+    /// Whether the request waits for the next flush.
+    fn is_later(&self) -> bool {
+        matches!(
+            self,
+            Outcome::Allocate(Ok(Step::Later)) | Outcome::Release(Ok(Step::Later))
+        )
     }
 }
 
-/// Answers `cmd` with `outcome`; a requester that has gone away (timeout,
-/// cancelled) needs no answer.
-fn answer(cmd: Command, outcome: Outcome, revision: u64) {
+/// The answer of a step taken in a committed flush.
+fn settled<T>(step: Result<Step<T>>) -> Result<T> {
+    match step? {
+        Step::Read(t) | Step::Wrote(t) => Ok(t),
+        // Kept for the next flush before answering; never answered.
+        Step::Later => Err(Error::Unavailable),
+    }
+}
+
+/// Answers `cmd` with its `outcome` in a committed flush; `committed` gives
+/// the revision of each address the flush allocated.
+fn answer(cmd: Command, outcome: Outcome, committed: &HashMap<IpAddr, u64>, revision: u64) {
+    // A requester that has gone away (timeout, cancelled) needs no answer.
     match (cmd, outcome) {
-        (Command::Allocate(_, tx), Outcome::Allocate(r)) => drop(tx.send(r.map(|(a, _)| a))),
-        (Command::Release(_, tx), Outcome::Release(r)) => drop(tx.send(r)),
+        (Command::Allocate(_, tx), Outcome::Allocate(step)) => {
+            let answer = settled(step).map(|mut a| {
+                if let Some(r) = committed.get(&a.address) {
+                    a.record.revision = *r;
+                }
+                a
+            });
+            drop(tx.send(answer));
+        }
+        (Command::Release(_, tx), Outcome::Release(step)) => drop(tx.send(settled(step))),
         (Command::Barrier(tx), _) => drop(tx.send(revision)),
         // A dropped sender answers UNAVAILABLE.
         _ => {}
     }
 }
 
-/// Runs the writer until every [`Queue`] is dropped (then it flushes and
-/// returns `Ok`) or the store fails for good (then it returns the error and
-/// every later write is answered `UNAVAILABLE`).
-fn run_writer<S: Store>(
-    mut ipam: Ipam<S>,
+/// Runs the writer until every [`Queue`] is dropped (then it returns `Ok`)
+/// or the store fails for good (then it returns the error and every later
+/// write is answered `UNAVAILABLE`).
+fn run_writer(
+    mut ipam: Ipam,
     mut rx: mpsc::Receiver<Command>,
     hub: &Hub,
 ) -> Result<(), StoreError> {
     let stats = ipam.stats();
-    let max = MAX_BATCH.min(ipam.max_batch()).max(1);
+    let max = MAX_BATCH.min(ipam.store().max_batch()).max(1);
     let mut batch = Vec::with_capacity(max);
     let result = loop {
         let Some(first) = rx.blocking_recv() else {
-            break ipam.flush().map(drop);
+            // Nothing is ever left staged between batches.
+            break Ok(());
         };
         batch.push(first);
         while batch.len() < max {
@@ -106,7 +114,8 @@ fn run_writer<S: Store>(
                 Err(_) => break,
             }
         }
-        if let Err(e) = write_batch(&mut ipam, &mut batch, hub, &stats) {
+        stats.writes.fetch_add(requests(&batch), Ordering::Relaxed);
+        if let Err(e) = write_batch(&mut ipam, std::mem::take(&mut batch), hub, &stats) {
             break Err(e);
         }
     };
@@ -116,97 +125,157 @@ fn run_writer<S: Store>(
     result
 }
 
-/// Publishes to watchers what the store observed of every writer sharing
-/// it (nothing for a store of its own).
-fn publish_observed<S: Store>(ipam: &mut Ipam<S>, hub: &Hub) -> Result<(), StoreError> {
-    let published = hub.published();
-    let events = ipam.observe(published)?;
-    if ipam.revision() > published {
-        hub.publish(ipam.revision(), Some(events), || Ok(Vec::new()));
+/// Commits the requests of one batch, in as many flushes as they need
+/// (one, unless some write an address twice).
+fn write_batch(
+    ipam: &mut Ipam,
+    mut commands: Vec<Command>,
+    hub: &Hub,
+    stats: &Stats,
+) -> Result<(), StoreError> {
+    while !commands.is_empty() {
+        commands = commit(ipam, commands, hub, stats)?;
     }
     Ok(())
 }
 
-/// Applies the requests of one batch, commits them with one flush, publishes
-/// the batch's changes to watchers, then answers the requests. A batch that
-/// lost a race to another writer sharing the store is decided again (at
-/// most [`MAX_ROUNDS`] times); when the store cannot commit, every request
-/// that wrote is answered `UNAVAILABLE`, and only a failure of the store
-/// itself stops the writer.
-fn write_batch<S: Store>(
-    ipam: &mut Ipam<S>,
-    batch: &mut Vec<Command>,
+/// Decides `commands` in order, commits their writes with one flush,
+/// publishes the changes to watchers, then answers; returns the requests
+/// that wait for the next flush. A flush that lost a race to another writer
+/// sharing the store is decided again (at most [`MAX_ROUNDS`] times); when
+/// the store cannot commit, every request decided in it is answered with the
+/// failure, and only a failure of the store itself stops the writer.
+fn commit(
+    ipam: &mut Ipam,
+    commands: Vec<Command>,
     hub: &Hub,
     stats: &Stats,
-) -> Result<(), StoreError> {
-    let commands: Vec<Command> = std::mem::take(batch);
-    stats
-        .writes
-        .fetch_add(requests(&commands), Ordering::Relaxed);
+) -> Result<Vec<Command>, StoreError> {
     let mut round = 1;
     loop {
-        publish_observed(ipam, hub)?;
-        let published = ipam.revision();
-        // Events are built only while someone watches and only when no
-        // other writer shares the store (then they come from the store); a
-        // watcher that subscribes during the batch gets them from the log.
-        let mut events = (hub.is_watched() && !ipam.is_shared()).then(Vec::new);
-        let mut dirty = false;
-        let mut outcomes: Vec<Outcome> = commands
-            .iter()
-            .map(|cmd| apply(ipam, cmd, &mut dirty, &mut events))
-            .collect();
-        // Answers wait for the flush even when this request wrote nothing: an
-        // idempotent answer may report a write made earlier in this batch.
-        // A store shared with other writers also checks then what the
-        // decisions that wrote nothing read.
-        let flushed = if dirty || (ipam.is_shared() && decides(&commands)) {
+        publish(ipam, hub, Vec::new())?;
+        let outcomes: Vec<Outcome> = commands.iter().map(|cmd| apply(ipam, cmd)).collect();
+        // Answers wait for the flush even when their request wrote nothing:
+        // an answer may report a write made earlier in this flush, and a
+        // store shared with other writers checks then what decisions read.
+        let flushed = if decides(&commands) {
             ipam.flush()
         } else {
-            Ok(None)
+            Ok(Vec::new())
         };
         let failure = match flushed {
-            Ok(assigned) => {
-                outcomes
-                    .iter_mut()
-                    .for_each(|o| o.renumber(assigned, published));
-                publish_batch(ipam, hub, published, dirty.then_some(events))?;
-                None
+            Ok(changes) => {
+                let committed = allocated_at(&changes);
+                publish(ipam, hub, changes)?;
+                return Ok(answer_all(commands, outcomes, |cmd, outcome| {
+                    answer(cmd, outcome, &committed, ipam.revision());
+                }));
             }
             Err(StoreError::Conflict { seen }) if round < MAX_ROUNDS => {
                 stats.conflicts.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(seen, round, "lost a race to another writer; deciding again");
-                ipam.rollback()?;
+                ipam.rollback();
                 round += 1;
                 continue;
             }
-            Err(StoreError::Conflict { .. }) => {
-                stats.conflicts.fetch_add(1, Ordering::Relaxed);
-                ipam.rollback()?;
-                Some(Failure::Lost)
-            }
-            Err(StoreError::Unavailable(why)) => {
-                tracing::warn!(error = %why, "store cannot commit; answering UNAVAILABLE");
-                stats.unavailable.fetch_add(1, Ordering::Relaxed);
-                ipam.rollback()?;
-                Some(Failure::Unavailable(why))
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "store flush failed; refusing further writes");
-                answer_all(commands, outcomes, Failure::Stopped, 0, ipam.is_shared());
-                return Err(e);
-            }
+            Err(e) => e,
         };
-        let revision = ipam.revision();
-        match failure {
-            None => commands
-                .into_iter()
-                .zip(outcomes)
-                .for_each(|(cmd, outcome)| answer(cmd, outcome, revision)),
-            Some(failure) => answer_all(commands, outcomes, failure, revision, ipam.is_shared()),
-        }
-        return Ok(());
+        ipam.rollback();
+        return fail(commands, outcomes, failure, ipam.revision(), stats);
     }
+}
+
+/// Answers a flush that failed with `e`: every request decided in it gets
+/// the failure, unless it was refused on its own; the requests that wait
+/// for the next flush come back, unless the store failed for good.
+fn fail(
+    commands: Vec<Command>,
+    outcomes: Vec<Outcome>,
+    e: StoreError,
+    revision: u64,
+    stats: &Stats,
+) -> Result<Vec<Command>, StoreError> {
+    let error = || match &e {
+        StoreError::Conflict { .. } => Error::LostRace { rounds: MAX_ROUNDS },
+        StoreError::Unavailable(why) => Error::StoreUnavailable { why: why.clone() },
+        _ => Error::Unavailable,
+    };
+    let stopped = match &e {
+        StoreError::Conflict { .. } => {
+            stats.conflicts.fetch_add(1, Ordering::Relaxed);
+            false
+        }
+        StoreError::Unavailable(why) => {
+            tracing::warn!(error = %why, "store cannot commit; answering UNAVAILABLE");
+            stats.unavailable.fetch_add(1, Ordering::Relaxed);
+            false
+        }
+        _ => {
+            tracing::error!(error = %e, "store flush failed; refusing further writes");
+            true
+        }
+    };
+    let later = answer_all(commands, outcomes, |cmd, outcome| match (cmd, outcome) {
+        (Command::Allocate(_, tx), Outcome::Allocate(Err(own))) => drop(tx.send(Err(own))),
+        (Command::Release(_, tx), Outcome::Release(Err(own))) => drop(tx.send(Err(own))),
+        (Command::Allocate(_, tx), _) => drop(tx.send(Err(error()))),
+        (Command::Release(_, tx), _) => drop(tx.send(Err(error()))),
+        // A dropped barrier answers UNAVAILABLE.
+        (Command::Barrier(tx), _) if !stopped => drop(tx.send(revision)),
+        _ => {}
+    });
+    if stopped { Err(e) } else { Ok(later) }
+}
+
+/// Answers each command with `answer` but those that wait for the next
+/// flush, which come back in order.
+fn answer_all(
+    commands: Vec<Command>,
+    outcomes: Vec<Outcome>,
+    mut answer: impl FnMut(Command, Outcome),
+) -> Vec<Command> {
+    let mut later = Vec::new();
+    for (cmd, outcome) in commands.into_iter().zip(outcomes) {
+        if outcome.is_later() {
+            later.push(cmd);
+        } else {
+            answer(cmd, outcome);
+        }
+    }
+    later
+}
+
+/// The revision of each allocation among `changes`.
+fn allocated_at(changes: &[Change]) -> HashMap<IpAddr, u64> {
+    changes
+        .iter()
+        .filter(|c| c.kind == ChangeKind::Allocated)
+        .map(|c| (c.address, c.revision))
+        .collect()
+}
+
+/// Takes in this writer's committed changes `own` and what other writers
+/// sharing the store committed, and publishes them to watchers by
+/// revision.
+fn publish(ipam: &mut Ipam, hub: &Hub, own: Vec<Change>) -> Result<(), StoreError> {
+    let observed = ipam.observed()?;
+    let mut changes = own;
+    if !observed.changes.is_empty() {
+        changes.extend(observed.changes);
+        changes.sort_by_key(|c| c.revision);
+    }
+    let before = ipam.revision();
+    ipam.absorb(&changes, observed.revision);
+    if ipam.revision() > before {
+        let pools = ipam.pools().clone();
+        hub.publish(ipam.revision(), move || {
+            changes
+                .into_iter()
+                .map(|c| Event::from_change(&pools, c))
+                .collect()
+        });
+    }
+    Ok(())
 }
 
 /// How many Allocate and Release requests a batch holds: a shared store's
@@ -219,106 +288,17 @@ fn requests(commands: &[Command]) -> u64 {
     n as u64
 }
 
-/// Publishes a committed batch to watchers: on a shared store what the
-/// store observed (this batch included), else, when it `wrote`, its own
-/// `events` (collected while watched) after revision `published`.
-fn publish_batch<S: Store>(
-    ipam: &mut Ipam<S>,
-    hub: &Hub,
-    published: u64,
-    wrote: Option<Option<Vec<Event>>>,
-) -> Result<(), StoreError> {
-    if ipam.is_shared() {
-        return publish_observed(ipam, hub);
-    }
-    if let Some(events) = wrote {
-        hub.publish(ipam.revision(), events, || {
-            ipam.events_between(published, ipam.revision())
-        });
-    }
-    Ok(())
-}
-
 /// Whether a batch holds a request the writer decides (an Allocate or a
 /// Release), not only barriers and wake-ups.
 fn decides(commands: &[Command]) -> bool {
-    commands
-        .iter()
-        .any(|c| matches!(c, Command::Allocate(..) | Command::Release(..)))
+    requests(commands) > 0
 }
 
-/// Why a batch's writes were not committed.
-enum Failure {
-    /// Lost to other writers [`MAX_ROUNDS`] times.
-    Lost,
-    /// The store could not commit now.
-    Unavailable(String),
-    /// The store failed for good.
-    Stopped,
-}
-
-/// Answers every request of a batch whose writes failed: those that wrote
-/// get the failure, the others their own answer, but on a `shared` store,
-/// where the failed flush was also to check what answers that wrote
-/// nothing read, those get the failure too.
-fn answer_all(
-    commands: Vec<Command>,
-    outcomes: Vec<Outcome>,
-    failure: Failure,
-    revision: u64,
-    shared: bool,
-) {
-    let error = || match &failure {
-        Failure::Lost => Error::LostRace { rounds: MAX_ROUNDS },
-        Failure::Unavailable(why) => Error::StoreUnavailable { why: why.clone() },
-        Failure::Stopped => Error::Unavailable,
-    };
-    for (cmd, outcome) in commands.into_iter().zip(outcomes) {
-        if matches!(failure, Failure::Stopped) && matches!(cmd, Command::Barrier(_)) {
-            // A dropped barrier answers UNAVAILABLE.
-            continue;
-        }
-        answer(cmd, outcome.fail(error, shared), revision);
-    }
-}
-
-/// Applies one request; notes whether it wrote and, while watched, its
-/// event.
-fn apply<S: Store>(
-    ipam: &mut Ipam<S>,
-    cmd: &Command,
-    dirty: &mut bool,
-    events: &mut Option<Vec<Event>>,
-) -> Outcome {
+/// Applies one request.
+fn apply(ipam: &mut Ipam, cmd: &Command) -> Outcome {
     match cmd {
-        Command::Allocate(args, _) => {
-            let result = ipam.allocate(args.clone());
-            if let Ok((a, true)) = &result {
-                *dirty = true;
-                if let Some(events) = events {
-                    events.push(Event {
-                        revision: a.record.revision,
-                        kind: ChangeKind::Allocated,
-                        allocation: a.clone(),
-                    });
-                }
-            }
-            Outcome::Allocate(result)
-        }
-        Command::Release(args, _) => {
-            let result = ipam.release(args.clone());
-            if let Ok(Some(a)) = &result {
-                *dirty = true;
-                if let Some(events) = events {
-                    events.push(Event {
-                        revision: ipam.revision(),
-                        kind: ChangeKind::Released,
-                        allocation: a.clone(),
-                    });
-                }
-            }
-            Outcome::Release(result)
-        }
+        Command::Allocate(args, _) => Outcome::Allocate(ipam.allocate(args.clone())),
+        Command::Release(args, _) => Outcome::Release(ipam.release(args.clone())),
         Command::Barrier(_) | Command::Observe => Outcome::Nothing,
     }
 }
@@ -344,11 +324,7 @@ pub struct Queue {
 
 /// Starts the writer thread over `ipam`, with room for `queue` waiting
 /// requests, publishing to `hub`.
-pub fn spawn<S: Store>(
-    ipam: Ipam<S>,
-    queue: usize,
-    hub: Arc<Hub>,
-) -> std::io::Result<(Queue, Writer)> {
+pub fn spawn(ipam: Ipam, queue: usize, hub: Arc<Hub>) -> std::io::Result<(Queue, Writer)> {
     let (tx, rx) = mpsc::channel(queue.max(1));
     let (done_tx, done) = oneshot::channel();
     let weak = tx.downgrade();
@@ -403,30 +379,81 @@ impl Queue {
 mod tests {
     use std::sync::atomic::Ordering;
 
+    use tokio::sync::oneshot;
+
+    use super::{Command, write_batch};
     use crate::{
-        engine::handle::start,
-        engine::ipam::Ipam,
-        fixtures::{mk_args, mk_pools},
+        engine::{handle::start, hub::Hub, ipam::Ipam, watch::WatchSettings},
+        fixtures::{ip, mk_args, mk_pools},
         model::ReleaseArgs,
-        store::SledStore,
+        store::{SledStore, Store},
     };
+
+    fn mk_ipam(dir: &tempfile::TempDir) -> Ipam {
+        let store: Store = SledStore::open(dir.path(), 8 << 20).expect("open").into();
+        Ipam::load(store, mk_pools(&["a=10.0.0.0/24"])).expect("load")
+    }
+
+    fn mk_release(owner: &str) -> ReleaseArgs {
+        ReleaseArgs {
+            owner: Some(owner.into()),
+            address: None,
+            scope: Default::default(),
+        }
+    }
 
     #[tokio::test]
     async fn only_allocate_and_release_requests_count_as_writes() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let store = SledStore::open(dir.path(), 8 << 20).expect("open");
-        let ipam = Ipam::load(store.clone(), mk_pools(&["a=10.0.0.0/24"])).expect("load");
-        let (handle, _writer) = start(ipam, store, 16).expect("start");
+        let (handle, _writer) = start(mk_ipam(&dir), 16).expect("start");
         handle.allocate(mk_args("svc")).await.expect("allocate");
         handle.barrier().await.expect("barrier");
-        let release = ReleaseArgs {
-            owner: Some("svc".into()),
-            address: None,
-            scope: Default::default(),
-        };
-        handle.release(release).await.expect("release");
+        handle.release(mk_release("svc")).await.expect("release");
         handle.barrier().await.expect("barrier");
         assert_eq!(handle.stats().writes.load(Ordering::Relaxed), 2);
         assert_eq!(handle.stats().flushes.load(Ordering::Relaxed), 2);
+    }
+
+    #[test]
+    fn a_request_writing_an_address_its_flush_writes_already_waits_for_the_next() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut ipam = mk_ipam(&dir);
+        let stats = ipam.stats();
+        let hub = Hub::new(ipam.revision(), WatchSettings::default());
+        let (svc, svc_answer) = oneshot::channel();
+        let (release, release_answer) = oneshot::channel();
+        let (other, other_answer) = oneshot::channel();
+        let batch = vec![
+            Command::Allocate(mk_args("svc"), svc),
+            Command::Release(mk_release("svc"), release),
+            Command::Allocate(mk_args("other"), other),
+        ];
+        write_batch(&mut ipam, batch, &hub, &stats).expect("written");
+
+        let svc = svc_answer
+            .blocking_recv()
+            .expect("answered")
+            .expect("allocated");
+        let other = other_answer
+            .blocking_recv()
+            .expect("answered")
+            .expect("allocated");
+        let released = release_answer
+            .blocking_recv()
+            .expect("answered")
+            .expect("released")
+            .expect("something released");
+        assert_eq!((svc.address, svc.record.revision), (ip("10.0.0.1"), 1));
+        // 10.0.0.1 was still taken in the first flush.
+        assert_eq!((other.address, other.record.revision), (ip("10.0.0.2"), 2));
+        assert_eq!(released.address, ip("10.0.0.1"));
+        assert_eq!(stats.flushes.load(Ordering::Relaxed), 2);
+        let history: Vec<u64> = ipam
+            .store()
+            .changes(0, u64::MAX)
+            .map(|c| c.expect("change").revision)
+            .collect();
+        assert_eq!(history, vec![1, 2, 3], "each write a change of its own");
+        assert_eq!(hub.published(), 3);
     }
 }

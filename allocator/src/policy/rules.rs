@@ -31,13 +31,13 @@ pub trait View {
     fn record_at(&self, ip: IpAddr) -> Result<Option<Record>, StoreError>;
 }
 
-impl<S: Store> View for S {
+impl View for Store {
     fn held_by(&self, owner: &str) -> Result<Option<IpAddr>, StoreError> {
-        self.owner_address_for_decision(owner)
+        self.owner_for_decision(owner)
     }
 
     fn record_at(&self, ip: IpAddr) -> Result<Option<Record>, StoreError> {
-        self.get_for_decision(ip)
+        self.record_for_decision(ip)
     }
 }
 

@@ -1,6 +1,6 @@
 //! Moving the allocations from one store engine to another (`vipam-allocator
 //! migrate`): every allocation is copied with its owner, labels and creation
-//! time through the [`Store`] trait, in batches the target commits at once,
+//! time through the [`Store`], in batches the target commits at once,
 //! and afterwards the target is checked to hold exactly what the source
 //! holds. Which engines run and how they are opened is the caller's
 //! (`args::migrate`); the comparison ([`compare`]) and the summary
@@ -18,7 +18,7 @@ use crate::{
     addresses::family::{Family, to_int},
     addresses::pool::Pools,
     model::Record,
-    store::{Store, StoreError},
+    store::{Store, StoreError, Write},
 };
 
 /// Most allocations staged in the target before a flush, whatever its
@@ -36,7 +36,7 @@ const PROGRESS_EVERY: u64 = 100_000;
 #[derive(Clone, Copy)]
 pub struct Side<'a> {
     /// The store.
-    pub store: &'a dyn Store,
+    pub store: &'a Store,
     /// Its name in messages.
     pub name: &'a str,
 }
@@ -166,18 +166,19 @@ pub fn copy(source: Side<'_>, target: Side<'_>, pools: &Pools) -> Result<Summary
         });
     }
     let batch = target.store.max_batch().clamp(1, MAX_BATCH);
-    let last = target
+    target
         .store
-        .revision()
-        .map_err(read(target))?
-        .max(source.store.revision().map_err(read(source))?);
+        .number_after(source.store.revision().map_err(read(source))?);
     let mut summary = Summary::new(pools);
     let mut staged = 0;
-    for (item, revision) in source.store.scan_after(None).zip(last + 1..) {
+    for item in source.store.scan_after(None) {
         let (ip, record) = item.map_err(read(source))?;
         target
             .store
-            .put(ip, &Record { revision, ..record })
+            .stage(Write::Allocate {
+                address: ip,
+                record,
+            })
             .map_err(write(target))?;
         summary.add(pools, ip);
         staged += 1;
@@ -198,8 +199,8 @@ pub fn copy(source: Side<'_>, target: Side<'_>, pools: &Pools) -> Result<Summary
 /// Commits the staged batch.
 fn commit(target: Side<'_>) -> Result<(), MigrateError> {
     target.store.flush().map_err(write(target))?;
-    // A shared store reports every committed change for a writer to take;
-    // nobody else takes them here, and dropping them keeps memory flat.
+    // A shared store reports what other writers commit for a writer to
+    // take; nobody takes them here, and dropping them keeps memory flat.
     drop(target.store.observed());
     Ok(())
 }

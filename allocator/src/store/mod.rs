@@ -1,37 +1,38 @@
-//! The store seam: what the allocation rules, the writer and the readers need
-//! from a database, as the [`Store`] trait, with the types every engine
-//! shares ([`Record`], [`Change`], [`StoreError`]). The engines live in the
-//! submodules ([`sled`], the embedded default, and [`etcd`], shared by
-//! replicas); nothing outside them knows which one runs, and only an
-//! engine's own files name its database.
+//! The store: the one type ([`Store`]) through which the allocation rules,
+//! the writer and the readers reach a database, in front of a crate-private
+//! [`Engine`] trait that each engine implements alike: [`sled`], the
+//! embedded default, and [`etcd`], shared by replicas. Engine quirks stay in
+//! the engines, errors come out engine-neutral ([`StoreError`]), and only an
+//! engine's own files name its database. [`migrate`] copies a store into
+//! another.
 //!
 //! The contract, which the suite in `contract.rs` checks against every
 //! engine:
 //!
-//! - Writes are staged ([`Store::put`], [`Store::delete`]) and committed
-//!   together by [`Store::flush`]: atomically (all staged writes or none) and
+//! - The writer stages writes ([`Store::stage`]) and commits them together
+//!   with [`Store::flush`]: atomically (all staged writes or none) and
 //!   durably (on disk, or acknowledged by a quorum, before it returns). One
-//!   flush covers any number of writes: that is the group commit. When it
-//!   fails, none stays staged, the error says why, and none of the staged
-//!   writes is applied unless the error says the outcome is unknown (a
-//!   database that did not answer may have committed them). A flush with
-//!   nothing staged answers `Ok(None)`.
-//! - The writer decides on its own staged writes: [`Store::get_latest`] and
-//!   [`Store::owner_address_latest`] see them. Every other read sees
-//!   committed writes only.
+//!   flush covers any number of writes: that is the group commit. A flush
+//!   writes each address at most once. When it fails, none stays staged, the
+//!   error says why, and none of the staged writes is applied unless the
+//!   error says the outcome is unknown (a database that did not answer may
+//!   have committed them).
+//! - Every write is one [`Change`] with a revision of its own, which the
+//!   store gives it: [`Store::flush`] returns the flush's changes, by
+//!   revision, and an allocation reads back with the revision of its change.
+//!   Revisions grow from change to change, within a flush and across
+//!   flushes, and the changes of other writers sharing the database come
+//!   from [`Store::observed`] (never any on sled), together with the
+//!   revision up to which the store has shown every change.
+//! - The writer decides on [`Store::record_for_decision`] and
+//!   [`Store::owner_for_decision`], which see its staged writes; a store
+//!   shared with other writers checks at the flush that what they read still
+//!   holds, and fails it with [`StoreError::Conflict`] when not. Every other
+//!   read sees committed writes only.
 //! - Scans are ordered by address, IPv4 before IPv6.
-//! - Every write has a revision: the one it was staged at (the writer's
-//!   numbering, one per write, when the flush answers `Ok(None)`), or the
-//!   batch's (the database's numbering, when it answers `Ok(Some(r))`). A
-//!   record reads back with the revision of the write that created it; each
-//!   flush's revisions are higher than the last flush's, and
-//!   [`Store::revision`] is at least the last of them once it returns.
-//! - Every write leaves a [`Change`] at its revision in a change history
-//!   that Watch replays, by revision; replaying it gives the committed
-//!   allocations. A release is a change even when the same flush allocates
-//!   the address again; an address allocated and released within one flush
-//!   may leave both changes or none. The history keeps the most recent
-//!   revisions without gaps.
+//! - The change history lists every change by revision, without gaps, for
+//!   the most recent revisions; replaying it gives the committed
+//!   allocations.
 
 pub mod etcd;
 pub mod migrate;
@@ -40,7 +41,7 @@ pub mod sled;
 #[cfg(test)]
 pub(crate) mod contract;
 
-use std::net::IpAddr;
+use std::{net::IpAddr, sync::Arc, time::Duration};
 
 use crate::{
     addresses::pool::Family,
@@ -73,21 +74,14 @@ pub enum StoreError {
     /// up with the change, so deciding again sees it.
     #[error("store: another writer changed an entry first (at revision {seen})")]
     Conflict {
-        /// The database revision at which the conflict was seen.
+        /// The revision at which the conflict was seen.
         seen: u64,
     },
-    /// Another installation sharing the database defines a pool differently.
-    #[error(
-        "pool {pool} is defined differently in the shared store: there \"{theirs}\", here \"{ours}\"; give every replica the same --pool, or use another --etcd-prefix"
-    )]
-    PoolDisagrees {
-        /// The pool.
-        pool: String,
-        /// This replica's definition.
-        ours: String,
-        /// The stored one.
-        theirs: String,
-    },
+    /// The database holds a setting that disagrees with this allocator's
+    /// (another replica defines a pool differently): the store refuses to
+    /// open until the operator makes them agree.
+    #[error("{0}")]
+    Refused(String),
     /// A key or value this version cannot read.
     #[error("store: unreadable entry {key}: {why}")]
     Corrupt {
@@ -104,115 +98,209 @@ pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 /// The items of a scan, in order; each read may fail on its own.
 pub type Scan<T> = Box<dyn Iterator<Item = Result<T>>>;
 
-/// A store engine: allocations by address, an index by owner, the store
-/// revision and the change history, with staged writes committed in atomic,
-/// durable batches. See the module documentation for the contract.
-pub trait Store: Send + Sync + 'static {
-    /// The allocation at `ip`, as committed.
+/// A write the writer stages.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Write {
+    /// Allocates `address` to `record.owner`, which holds nothing; the store
+    /// gives the record the revision of its change.
+    Allocate {
+        /// The address, free when the writer decided.
+        address: IpAddr,
+        /// The allocation; its revision is the store's to give.
+        record: Record,
+    },
+    /// Releases the allocation `record` at `address`, as the writer decided
+    /// on it.
+    Release {
+        /// The address.
+        address: IpAddr,
+        /// The allocation as read for the decision.
+        record: Record,
+    },
+}
+
+impl Write {
+    /// The address written.
+    pub fn address(&self) -> IpAddr {
+        match self {
+            Write::Allocate { address, .. } | Write::Release { address, .. } => *address,
+        }
+    }
+}
+
+/// What other writers sharing the database committed since the last call.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Observed {
+    /// Their changes, by revision (never any on an engine of one writer).
+    pub changes: Vec<Change>,
+    /// Every change up to this revision, this writer's included, has been
+    /// flushed or observed.
+    pub revision: u64,
+}
+
+/// What every engine does alike; see the module documentation for the
+/// contract. Only [`Store`] calls it.
+pub(crate) trait Engine: Send + Sync + 'static {
     fn get(&self, ip: IpAddr) -> Result<Option<Record>>;
+    fn owner_address(&self, owner: &str) -> Result<Option<IpAddr>>;
+    fn record_for_decision(&self, ip: IpAddr) -> Result<Option<Record>>;
+    fn owner_for_decision(&self, owner: &str) -> Result<Option<IpAddr>>;
+    fn revision(&self) -> Result<u64>;
+    fn stage(&self, write: Write) -> Result<()>;
+    fn flush(&self) -> Result<Vec<Change>>;
+    fn observed(&self) -> Result<Observed>;
+    fn on_observed(&self, wake: Box<dyn Fn() + Send + Sync>);
+    fn catch_up(&self, revision: u64, limit: Duration) -> Result<u64>;
+    fn number_after(&self, revision: u64);
+    fn max_batch(&self) -> usize;
+    fn health(&self) -> Result<(), String>;
+    fn scan(&self, family: Family, first: u128, last: u128) -> Scan<(IpAddr, Record)>;
+    fn scan_after(&self, after: Option<IpAddr>) -> Scan<(IpAddr, Record)>;
+    fn addresses(&self) -> Scan<IpAddr>;
+    fn changes(&self, after: u64, last: u64) -> Scan<Change>;
+    fn first_change(&self) -> Result<Option<u64>>;
+}
+
+/// The store, whichever engine runs it: allocations by address, an index
+/// by owner, the revision and the change history, with staged writes
+/// committed in atomic, durable flushes. Clones share the engine.
+#[derive(Clone)]
+pub struct Store {
+    engine: Arc<dyn Engine>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").finish_non_exhaustive()
+    }
+}
+
+impl From<SledStore> for Store {
+    fn from(engine: SledStore) -> Store {
+        Store::new(engine)
+    }
+}
+
+impl From<EtcdStore> for Store {
+    fn from(engine: EtcdStore) -> Store {
+        Store::new(engine)
+    }
+}
+
+impl Store {
+    /// The store over `engine`.
+    pub(crate) fn new(engine: impl Engine) -> Store {
+        Store {
+            engine: Arc::new(engine),
+        }
+    }
+
+    /// The allocation at `ip`, as committed.
+    pub fn get(&self, ip: IpAddr) -> Result<Option<Record>> {
+        self.engine.get(ip)
+    }
 
     /// The address held by `owner`, as committed.
-    fn owner_address(&self, owner: &str) -> Result<Option<IpAddr>>;
-
-    /// The allocation at `ip`, staged writes included: what the writer
-    /// decides on.
-    fn get_latest(&self, ip: IpAddr) -> Result<Option<Record>>;
-
-    /// The address held by `owner`, staged writes included: what the writer
-    /// decides on.
-    fn owner_address_latest(&self, owner: &str) -> Result<Option<IpAddr>>;
-
-    /// [`Store::get_latest`] for a decision of the writer. A store shared
-    /// with other writers checks at the next flush that the allocation is
-    /// still as read, and fails it with [`StoreError::Conflict`] when not,
-    /// also when the batch writes nothing; a repeated read answers as the
-    /// first.
-    fn get_for_decision(&self, ip: IpAddr) -> Result<Option<Record>> {
-        self.get_latest(ip)
+    pub fn owner_address(&self, owner: &str) -> Result<Option<IpAddr>> {
+        self.engine.owner_address(owner)
     }
 
-    /// [`Store::owner_address_latest`] for a decision of the writer, checked
-    /// at the next flush as [`Store::get_for_decision`] is.
-    fn owner_address_for_decision(&self, owner: &str) -> Result<Option<IpAddr>> {
-        self.owner_address_latest(owner)
+    /// The allocation at `ip` as the writer decides on it: staged writes
+    /// included; on a store shared with other writers, checked at the next
+    /// flush (a repeated read answers as the first).
+    pub fn record_for_decision(&self, ip: IpAddr) -> Result<Option<Record>> {
+        self.engine.record_for_decision(ip)
     }
 
-    /// The revision the store stands at, which the writer stages its next
-    /// write after: for an engine that takes the writer's numbering, the
-    /// last write's, staged or not (0 for a new store); for one whose
-    /// database numbers the batches, the database revision its committed
-    /// reads show.
-    fn revision(&self) -> Result<u64>;
-
-    /// Stages an allocation, its owner index and its change, at the store
-    /// revision `record.revision`. The writer puts only an address it saw
-    /// free, for an owner it saw holding nothing; a store shared with other
-    /// writers fails the flush with [`StoreError::Conflict`] when another
-    /// took either since.
-    fn put(&self, ip: IpAddr, record: &Record) -> Result<()>;
-
-    /// Stages the removal of the allocation `record` at `ip` and of its owner
-    /// index, and its change, at the store revision `revision`. `record` is
-    /// the allocation as the writer saw it; a store shared with other
-    /// writers fails the flush with [`StoreError::Conflict`] when it changed
-    /// since.
-    fn delete(&self, ip: IpAddr, record: &Record, revision: u64) -> Result<()>;
-
-    /// Commits every staged write as one atomic batch and makes every write
-    /// so far durable. When it fails, none of the staged writes is applied
-    /// and none stays staged. `Ok(Some(r))`: the database gave every write
-    /// of the batch its own revision `r` (which replaces the staged ones);
-    /// `Ok(None)`: the staged revisions stand (or nothing was staged).
-    fn flush(&self) -> Result<Option<u64>>;
-
-    /// Most requests one flush may carry (each writes up to two keys).
-    fn max_batch(&self) -> usize {
-        usize::MAX
+    /// The address held by `owner` as the writer decides on it, as
+    /// [`Store::record_for_decision`].
+    pub fn owner_for_decision(&self, owner: &str) -> Result<Option<IpAddr>> {
+        self.engine.owner_for_decision(owner)
     }
 
-    /// For a database shared by several writers: every change committed
-    /// since the last call (this writer's and the others'), in revision
-    /// order, already visible to the committed reads; the writer takes them
-    /// into its taken set and publishes them to watchers. `None` for an
-    /// engine with this writer alone, whose own changes the writer
-    /// publishes. An error means the store cannot go on.
-    fn observed(&self) -> Result<Option<Vec<Change>>> {
-        Ok(None)
+    /// The revision up to which the committed reads show every change.
+    pub fn revision(&self) -> Result<u64> {
+        self.engine.revision()
     }
 
-    /// Whether other writers share the database (then [`Store::observed`]
-    /// reports every committed change).
-    fn is_shared(&self) -> bool {
-        false
+    /// Stages a write for the next flush. The writer writes each address at
+    /// most once per flush, and only what it decided on.
+    pub fn stage(&self, write: Write) -> Result<()> {
+        self.engine.stage(write)
+    }
+
+    /// Commits every staged write as one atomic, durable batch: the changes
+    /// it made, by revision, each with its own revision. Nothing staged: no
+    /// change, and nothing to wait for (a store shared with other writers
+    /// still checks what the decisions read).
+    pub fn flush(&self) -> Result<Vec<Change>> {
+        self.engine.flush()
+    }
+
+    /// What other writers sharing the database committed since the last
+    /// call, and how far the store has shown every change. An error means
+    /// the store cannot go on.
+    pub fn observed(&self) -> Result<Observed> {
+        self.engine.observed()
     }
 
     /// Calls `wake` whenever [`Store::observed`] has something new.
-    fn on_observed(&self, wake: Box<dyn Fn() + Send + Sync>) {
-        drop(wake);
+    pub fn on_observed(&self, wake: Box<dyn Fn() + Send + Sync>) {
+        self.engine.on_observed(wake);
+    }
+
+    /// Waits up to `limit` until the store has shown every change up to
+    /// `revision` (which a client may have got from another writer sharing
+    /// the database); the revision it has shown. Blocks: call it off the
+    /// async runtime.
+    pub fn catch_up(&self, revision: u64, limit: Duration) -> Result<u64> {
+        self.engine.catch_up(revision, limit)
+    }
+
+    /// Gives the next writes revisions above `revision`, where the store
+    /// numbers writes itself (a database that numbers them keeps its own):
+    /// a copy of another store then never reuses the source's revisions.
+    pub fn number_after(&self, revision: u64) {
+        self.engine.number_after(revision);
+    }
+
+    /// Most requests one flush may carry (each writes up to two keys).
+    pub fn max_batch(&self) -> usize {
+        self.engine.max_batch()
     }
 
     /// Whether the store can serve now; the reason when it cannot.
-    fn health(&self) -> Result<(), String> {
-        Ok(())
+    pub fn health(&self) -> Result<(), String> {
+        self.engine.health()
     }
 
     /// Committed allocations of a family from `first` to `last`
     /// (inclusive), by address.
-    fn scan(&self, family: Family, first: u128, last: u128) -> Scan<(IpAddr, Record)>;
+    pub fn scan(&self, family: Family, first: u128, last: u128) -> Scan<(IpAddr, Record)> {
+        self.engine.scan(family, first, last)
+    }
 
     /// Every committed allocation after `after` (or from the first), by
     /// address.
-    fn scan_after(&self, after: Option<IpAddr>) -> Scan<(IpAddr, Record)>;
+    pub fn scan_after(&self, after: Option<IpAddr>) -> Scan<(IpAddr, Record)> {
+        self.engine.scan_after(after)
+    }
 
     /// Every committed allocated address, by address.
-    fn addresses(&self) -> Scan<IpAddr>;
+    pub fn addresses(&self) -> Scan<IpAddr> {
+        self.engine.addresses()
+    }
 
     /// The committed changes after revision `after` up to `last`
     /// (inclusive), by revision. Gaps mean the history no longer holds those
     /// revisions.
-    fn changes(&self, after: u64, last: u64) -> Scan<Change>;
+    pub fn changes(&self, after: u64, last: u64) -> Scan<Change> {
+        self.engine.changes(after, last)
+    }
 
     /// The oldest revision the history covers (every change from it on is
     /// held), `None` when it holds none.
-    fn first_change(&self) -> Result<Option<u64>>;
+    pub fn first_change(&self) -> Result<Option<u64>> {
+        self.engine.first_change()
+    }
 }

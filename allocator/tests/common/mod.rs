@@ -128,11 +128,10 @@ pub async fn mk_server(config: Config<'_>) -> TestServer {
         .map(|n| n.parse().expect("allowed CIDR"))
         .collect();
     let policy = Policy::new(&pools, allow_outside, Vec::new(), Vec::new()).expect("policy");
-    let ipam = Ipam::load(store.clone(), pools)
+    let ipam = Ipam::load(store.into(), pools)
         .expect("load")
         .with_policy(policy);
-    let (handle, writer) =
-        vipam_allocator::start_with(ipam, store, 1024, config.watch).expect("writer");
+    let (handle, writer) = vipam_allocator::start_with(ipam, 1024, config.watch).expect("writer");
     let settings = Settings {
         max_message_bytes: config.max_message_bytes,
         request_timeout: Duration::from_secs(10),

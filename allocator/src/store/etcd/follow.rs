@@ -16,7 +16,10 @@ use std::{sync::Arc, sync::atomic::Ordering, time::Duration};
 
 use etcd_client::{EventType, GetOptions, WatchOptions, WatchResponse};
 
-use super::{Inner, keys::Key};
+use super::{
+    Inner,
+    keys::{self, Key},
+};
 use crate::{
     model::{Change, ChangeKind},
     store::StoreError,
@@ -89,6 +92,7 @@ async fn watch(inner: &Inner, from: u64) -> Ended {
         Err(_) => return Ended::Broken("opening the watch timed out".into()),
     };
     let mut probe = tokio::time::interval(inner.timeout.min(Duration::from_secs(2)));
+    let mut places = Places::default();
     loop {
         tokio::select! {
             message = stream.message() => {
@@ -110,7 +114,7 @@ async fn watch(inner: &Inner, from: u64) -> Ended {
                         return Ended::Broken(e.to_string());
                     }
                 }
-                if let Err(e) = apply(inner, &response) {
+                if let Err(e) = apply(inner, &response, &mut places) {
                     inner.fail(e.to_string());
                     return Ended::Broken(e.to_string());
                 }
@@ -131,8 +135,29 @@ async fn probe_once(inner: &Inner) -> bool {
     matches!(tokio::time::timeout(inner.timeout, read).await, Ok(Ok(_)))
 }
 
-/// Applies one watch response to the copy, then wakes the writer.
-fn apply(inner: &Inner, response: &WatchResponse) -> Result<(), StoreError> {
+/// Where the numbering of one transaction's changes stands: the etcd
+/// revision of the last event and the place of its next change.
+#[derive(Default)]
+struct Places {
+    etcd: i64,
+    next: u64,
+}
+
+impl Places {
+    /// The place of the next change of the transaction of etcd revision
+    /// `etcd` (the first change of a new transaction is at 0).
+    fn next_of(&mut self, etcd: i64) -> &mut u64 {
+        if self.etcd != etcd {
+            *self = Places { etcd, next: 0 };
+        }
+        &mut self.next
+    }
+}
+
+/// Applies one watch response to the copy, then wakes the writer. etcd
+/// sends the events of one transaction together and in the order of its
+/// operations, so counting them gives every change its place.
+fn apply(inner: &Inner, response: &WatchResponse, places: &mut Places) -> Result<(), StoreError> {
     let mut redefined = None;
     {
         let mut mirror = inner.mirror();
@@ -142,8 +167,9 @@ fn apply(inner: &Inner, response: &WatchResponse) -> Result<(), StoreError> {
             last = last.max(u64::try_from(kv.mod_revision()).unwrap_or(0));
             match inner.keys.classify(kv.key())? {
                 Key::Address(address) => {
+                    let next = places.next_of(kv.mod_revision());
                     let (released, change) =
-                        to_changes(event.event_type(), address, kv, event.prev_kv())?;
+                        to_changes(event.event_type(), address, kv, event.prev_kv(), next)?;
                     for change in released.into_iter().chain(change) {
                         mirror.apply(change, kv.mod_revision());
                     }
@@ -173,37 +199,49 @@ fn apply(inner: &Inner, response: &WatchResponse) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// The changes an event on the key of `address` made: a release, an
-/// allocation, or both in that order (a put over an allocation: the same
-/// transaction released the address and allocated it again).
+/// The changes an event on the key of `address` made, numbered from the
+/// place `next` on (which moves past them): a release, an allocation, or
+/// both in that order (a put over an allocation: the same transaction
+/// released the address and allocated it again).
 fn to_changes(
     kind: EventType,
     address: std::net::IpAddr,
     kv: &etcd_client::KeyValue,
     prev: Option<&etcd_client::KeyValue>,
+    next: &mut u64,
 ) -> Result<(Option<Change>, Option<Change>), StoreError> {
-    let revision = u64::try_from(kv.mod_revision()).unwrap_or(0);
-    let change = |kind, held: &etcd_client::KeyValue| {
-        let record = super::keys::decode(held.key(), held.value(), held.mod_revision())?;
-        Ok::<_, StoreError>(Change {
-            revision,
-            kind,
-            address,
-            record,
-        })
-    };
+    let etcd = kv.mod_revision();
     let released = match (kind, prev) {
-        (_, Some(prev)) => Some(change(ChangeKind::Released, prev)?),
+        (_, Some(prev)) => {
+            let record = keys::decode(prev.key(), prev.value(), prev.mod_revision(), 0)?;
+            let revision = keys::change_revision(etcd, *next);
+            *next += 1;
+            Some(Change {
+                revision,
+                kind: ChangeKind::Released,
+                address,
+                record,
+            })
+        }
         (EventType::Put, None) => None,
         (EventType::Delete, None) => {
             return Err(StoreError::Corrupt {
                 key: kv.key().escape_ascii().to_string(),
-                why: format!("deleted at revision {revision} without its previous value"),
+                why: format!("deleted at revision {etcd} without its previous value"),
             });
         }
     };
     let allocated = match kind {
-        EventType::Put => Some(change(ChangeKind::Allocated, kv)?),
+        EventType::Put => {
+            let record = keys::decode(kv.key(), kv.value(), etcd, *next)?;
+            *next = (record.revision % keys::PER_REVISION).max(*next) + 1;
+            Some(Change {
+                revision: record.revision,
+                kind: ChangeKind::Allocated,
+                address,
+                record,
+            })
+        }
         EventType::Delete => None,
     };
     Ok((released, allocated))

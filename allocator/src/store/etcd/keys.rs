@@ -3,11 +3,9 @@
 //!
 //! - `<prefix>a/4/<8 hex digits>` and `<prefix>a/6/<32 hex digits>`: an
 //!   allocation by address (keys sort by address, IPv4 first) → JSON
-//!   [`Value`]. Its mod revision is the allocation's revision: a key is
-//!   only ever written to allocate, and a release and a new allocation of
-//!   the address in one transaction is one put over the old key (etcd
-//!   refuses a delete and a put of one key in a transaction), which keeps
-//!   the old create revision but not the old mod revision.
+//!   [`Value`]. A key is only ever written to allocate; its mod revision is
+//!   the transaction's, and the value carries the allocation's place among
+//!   the changes of that transaction ([`Value::index`]).
 //! - `<prefix>o/<owner>`: the address an owner holds, as text; written in
 //!   the same transaction as the address key, so both share their mod
 //!   revision.
@@ -22,6 +20,33 @@ use serde::{Deserialize, Serialize};
 
 use crate::addresses::pool::{Family, Pool, from_int, to_int};
 use crate::{model::Record, store::StoreError};
+
+/// How many changes one etcd revision may number: the store's revision of a
+/// change is etcd's revision of its transaction times this, plus the
+/// change's place among the transaction's changes (one transaction makes at
+/// most 128 operations, so fewer changes).
+pub const PER_REVISION: u64 = 1000;
+
+/// The store revision of the change at `index` in the transaction of etcd
+/// revision `etcd`.
+pub fn change_revision(etcd: i64, index: u64) -> u64 {
+    u64::try_from(etcd)
+        .unwrap_or(0)
+        .saturating_mul(PER_REVISION)
+        .saturating_add(index.min(PER_REVISION - 1))
+}
+
+/// The store revision that covers every change up to etcd revision `etcd`.
+pub fn reached(etcd: u64) -> u64 {
+    etcd.saturating_mul(PER_REVISION)
+        .saturating_add(PER_REVISION - 1)
+}
+
+/// The etcd revision of the transaction that made the change of store
+/// revision `revision`.
+pub fn etcd_revision(revision: u64) -> u64 {
+    revision / PER_REVISION
+}
 
 /// The keys of one installation.
 #[derive(Clone, Debug)]
@@ -68,6 +93,12 @@ impl Keys {
     /// The first key of the allocations.
     pub fn addresses(&self) -> Vec<u8> {
         format!("{}a/", self.prefix).into_bytes()
+    }
+
+    /// Whether `key` is an allocation's key.
+    pub fn is_address(&self, key: &[u8]) -> bool {
+        key.strip_prefix(self.prefix.as_bytes())
+            .is_some_and(|rest| rest.starts_with(b"a/"))
     }
 
     /// The key of `owner`'s index entry.
@@ -124,8 +155,8 @@ fn parse_hex(key: &[u8], hex: &[u8], digits: usize) -> Result<u128, StoreError> 
     u128::from_str_radix(text, 16).map_err(|_| corrupt(key, "address not in hex"))
 }
 
-/// What an allocation key holds: the record but its revision, which is
-/// the key's mod revision.
+/// What an allocation key holds: the record but its revision, which the
+/// key's mod revision and the change's place in its transaction give.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Value {
     /// The owner.
@@ -135,28 +166,40 @@ pub struct Value {
     pub labels: BTreeMap<String, String>,
     /// Allocation time, nanoseconds since the Unix epoch.
     pub created_unix_nanos: u64,
+    /// The allocation's place among the changes of its transaction (absent
+    /// in values written before revisions were numbered per change).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub index: Option<u64>,
 }
 
-/// The value written for `record`.
-pub fn encode(record: &Record) -> Vec<u8> {
+/// The value written for `record`, the change at `index` of its
+/// transaction.
+pub fn encode(record: &Record, index: u64) -> Vec<u8> {
     let value = Value {
         owner: record.owner.clone(),
         labels: record.labels.clone(),
         created_unix_nanos: record.created_unix_nanos,
+        index: Some(index),
     };
     // Serialising strings and integers to JSON cannot fail.
     serde_json::to_vec(&value).unwrap_or_default()
 }
 
-/// The record in `value` of `key`, written at `mod_revision`.
-pub fn decode(key: &[u8], value: &[u8], mod_revision: i64) -> Result<Record, StoreError> {
+/// The record in `value` of `key`, written at `mod_revision`; `counted` is
+/// its place in the transaction where the value does not say.
+pub fn decode(
+    key: &[u8],
+    value: &[u8],
+    mod_revision: i64,
+    counted: u64,
+) -> Result<Record, StoreError> {
     let v: Value =
         serde_json::from_slice(value).map_err(|e| corrupt(key, format!("value: {e}")))?;
     Ok(Record {
         owner: v.owner,
         labels: v.labels,
         created_unix_nanos: v.created_unix_nanos,
-        revision: u64::try_from(mod_revision).unwrap_or(0),
+        revision: change_revision(mod_revision, v.index.unwrap_or(counted)),
     })
 }
 
@@ -230,23 +273,40 @@ mod tests {
     }
 
     #[test]
-    fn values_keep_owner_labels_and_time_and_take_the_key_revision() {
+    fn values_keep_owner_labels_and_time_and_take_the_change_revision() {
         let record = Record {
             owner: "vm:a".into(),
             labels: BTreeMap::from([("k".into(), "v".into())]),
             created_unix_nanos: 7,
             revision: 3,
         };
-        let back = decode(b"k", &encode(&record), 42).expect("decode");
+        let back = decode(b"k", &encode(&record, 2), 42, 9).expect("decode");
         assert_eq!(
             back,
             Record {
-                revision: 42,
+                revision: 42_002,
                 ..record
             }
         );
-        let err = decode(b"/vipam/a/4/0a000001", b"{", 1).expect_err("corrupt");
+        let err = decode(b"/vipam/a/4/0a000001", b"{", 1, 0).expect_err("corrupt");
         assert!(err.to_string().contains("/vipam/a/4/0a000001"), "{err}");
+    }
+
+    #[test]
+    fn a_value_without_its_place_takes_the_counted_one() {
+        let old = br#"{"owner":"vm:a","labels":{},"created_unix_nanos":7}"#;
+        let back = decode(b"k", old, 42, 5).expect("decode");
+        assert_eq!(back.revision, 42_005);
+    }
+
+    #[test]
+    fn change_revisions_order_by_etcd_revision_then_place() {
+        assert!(change_revision(41, 126) < change_revision(42, 0));
+        assert!(change_revision(42, 0) < change_revision(42, 1));
+        assert!(change_revision(42, 126) < reached(42));
+        assert!(reached(42) < change_revision(43, 0));
+        assert_eq!(etcd_revision(change_revision(42, 7)), 42);
+        assert_eq!(etcd_revision(reached(42)), 42);
     }
 
     #[test]

@@ -2,6 +2,11 @@
 //! what reads, scans and the writer's decisions see, the recent changes
 //! Watch replays, and the changes the writer has not taken in yet. Pure
 //! state; the follower (`follow.rs`) feeds it.
+//!
+//! Two kinds of revision meet here: etcd's, of transactions (how far the
+//! copy and the watch got, where the history starts), and the store's, of
+//! changes (each change's own; see [`keys::change_revision`]), which the
+//! replayed history and its trimming go by.
 
 use std::{
     collections::{BTreeMap, HashMap, VecDeque},
@@ -9,6 +14,7 @@ use std::{
     ops::Bound,
 };
 
+use super::keys;
 use crate::addresses::pool::{Family, from_int, to_int};
 use crate::model::{Change, ChangeKind, Record};
 
@@ -26,17 +32,17 @@ pub struct Entry {
 pub struct Mirror {
     entries: BTreeMap<(Family, u128), Entry>,
     owners: HashMap<String, IpAddr>,
-    /// Every change up to this revision is applied.
+    /// Every change up to this etcd revision is applied.
     pub revision: u64,
-    /// Changes at or below this revision were in the initial copy.
+    /// Changes at or below this etcd revision were in the initial copy.
     loaded: u64,
     history: usize,
     ring: VecDeque<Change>,
-    /// The first revision the watch replays.
+    /// The first etcd revision the watch replays.
     start: u64,
-    /// The highest revision the watch reported.
+    /// The highest etcd revision the watch reported.
     watched: u64,
-    /// Changes below this revision fell out of `ring`.
+    /// Changes below this store revision fell out of `ring`.
     trimmed_to: u64,
     unread: Vec<Change>,
 }
@@ -85,10 +91,12 @@ impl Mirror {
         }
     }
 
-    /// Applies one change of the watch, in revision order. Changes the
-    /// initial copy already holds only go to the replay history.
+    /// Applies one change of the watch, in revision order, made by the
+    /// transaction of etcd revision `mod_revision`. Changes the initial copy
+    /// already holds only go to the replay history.
     pub fn apply(&mut self, change: Change, mod_revision: i64) {
-        if change.revision > self.loaded {
+        let etcd = u64::try_from(mod_revision).unwrap_or(0);
+        if etcd > self.loaded {
             let current = self.entries.get(&to_int(change.address));
             if current.is_none_or(|e| e.mod_revision < mod_revision) {
                 match change.kind {
@@ -104,7 +112,7 @@ impl Mirror {
             }
             self.unread.push(change.clone());
         }
-        self.progress(change.revision);
+        self.progress(etcd);
         self.ring.push_back(change);
         while self.ring.len() > self.history {
             if let Some(old) = self.ring.pop_front() {
@@ -113,7 +121,8 @@ impl Mirror {
         }
     }
 
-    /// etcd reported that every change up to `revision` was sent.
+    /// etcd reported that every change up to etcd revision `revision` was
+    /// sent.
     pub fn progress(&mut self, revision: u64) {
         self.revision = self.revision.max(revision);
         self.watched = self.watched.max(revision);
@@ -168,7 +177,7 @@ impl Mirror {
         true
     }
 
-    /// The changes after `after` up to `last`, by revision.
+    /// The changes after store revision `after` up to `last`, by revision.
     pub fn changes(&self, after: u64, last: u64) -> Vec<Change> {
         let start = self.ring.partition_point(|c| c.revision <= after);
         self.ring
@@ -178,16 +187,16 @@ impl Mirror {
             .collect()
     }
 
-    /// Every change from this revision on is held for replay: from the
-    /// watch's first revision once it has replayed up to the initial copy,
-    /// only later changes before.
+    /// Every change from this store revision on is held for replay: from
+    /// the watch's first revision once it has replayed up to the initial
+    /// copy, only later changes before.
     pub fn covered_from(&self) -> u64 {
         let from = if self.replayed() {
             self.start
         } else {
             self.loaded + 1
         };
-        from.max(self.trimmed_to)
+        keys::change_revision(i64::try_from(from).unwrap_or(i64::MAX), 0).max(self.trimmed_to)
     }
 
     /// Whether the watch has replayed the history up to the initial copy.
@@ -198,6 +207,16 @@ impl Mirror {
     /// The changes applied since the last call.
     pub fn take_unread(&mut self) -> Vec<Change> {
         std::mem::take(&mut self.unread)
+    }
+
+    /// Takes out of the unread changes those of the transaction of etcd
+    /// revision `etcd` (this replica's own, which its flush returns).
+    pub fn take_committed(&mut self, etcd: u64) -> Vec<Change> {
+        let (ours, others) = std::mem::take(&mut self.unread)
+            .into_iter()
+            .partition(|c| keys::etcd_revision(c.revision) == etcd);
+        self.unread = others;
+        ours
     }
 
     /// How many allocations the copy holds.
@@ -225,12 +244,18 @@ mod tests {
         }
     }
 
-    fn change(kind: ChangeKind, address: &str, owner: &str, revision: u64) -> Change {
+    /// The store revision of the first change of etcd revision `etcd`.
+    fn at(etcd: u64) -> u64 {
+        keys::change_revision(i64::try_from(etcd).expect("a revision"), 0)
+    }
+
+    /// The change of the transaction of etcd revision `etcd`, its first.
+    fn change(kind: ChangeKind, address: &str, owner: &str, etcd: u64) -> Change {
         Change {
-            revision,
+            revision: at(etcd),
             kind,
             address: ip(address),
-            record: record(owner, revision),
+            record: record(owner, at(etcd)),
         }
     }
 
@@ -260,14 +285,18 @@ mod tests {
         m.apply(change(ChangeKind::Allocated, "10.0.0.1", "a", 5), 5);
         m.apply(change(ChangeKind::Allocated, "10.0.0.3", "c", 6), 6);
         m.apply(change(ChangeKind::Released, "10.0.0.3", "c", 7), 7);
-        assert_eq!(m.covered_from(), 9, "not replayed up to the copy yet");
+        assert_eq!(m.covered_from(), at(9), "not replayed up to the copy yet");
         m.progress(8);
         assert!(m.get(ip("10.0.0.3")).is_none(), "the copy at 8 is kept");
-        assert_eq!(m.covered_from(), 3, "replayed from 3");
+        assert_eq!(m.covered_from(), at(3), "replayed from 3");
         assert!(m.take_unread().is_empty(), "nothing new for the writer");
-        let replay: Vec<u64> = m.changes(5, 8).iter().map(|c| c.revision).collect();
+        let replay: Vec<u64> = m
+            .changes(at(5), at(8))
+            .iter()
+            .map(|c| keys::etcd_revision(c.revision))
+            .collect();
         assert_eq!(replay, vec![6, 7]);
-        assert_eq!(m.covered_from(), 3);
+        assert_eq!(m.covered_from(), at(3));
     }
 
     #[test]
@@ -276,7 +305,11 @@ mod tests {
         m.apply(change(ChangeKind::Allocated, "10.0.0.3", "c", 6), 6);
         assert_eq!(m.resume_from(), 9);
         m.progress(12);
-        assert_eq!(m.covered_from(), 9, "revisions 7 and 8 were never replayed");
+        assert_eq!(
+            m.covered_from(),
+            at(9),
+            "revisions 7 and 8 were never replayed"
+        );
     }
 
     #[test]
@@ -286,14 +319,14 @@ mod tests {
         assert!(m.replay_after(5));
         m.apply(change(ChangeKind::Allocated, "10.0.0.6", "f", 6), 6);
         m.progress(8);
-        assert_eq!(m.covered_from(), 6);
+        assert_eq!(m.covered_from(), at(6));
         assert!(!m.replay_after(7), "changes were replayed");
     }
 
     #[test]
     fn the_history_keeps_its_length_and_says_where_it_starts() {
         let mut m = Mirror::new(vec![], 0, 2, 1);
-        assert_eq!(m.covered_from(), 1);
+        assert_eq!(m.covered_from(), at(1));
         for r in 1..=4 {
             m.apply(
                 change(
@@ -305,8 +338,8 @@ mod tests {
                 r as i64,
             );
         }
-        assert_eq!(m.covered_from(), 3);
-        assert_eq!(m.changes(0, 10).len(), 2);
+        assert_eq!(m.covered_from(), at(2) + 1, "after the last change dropped");
+        assert_eq!(m.changes(0, at(10)).len(), 2);
     }
 
     #[test]

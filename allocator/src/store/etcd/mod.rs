@@ -1,5 +1,5 @@
-//! The etcd engine: the [`Store`] contract over an etcd v3 cluster that
-//! any number of allocator replicas share. The only files that name etcd.
+//! The etcd engine: the store contract over an etcd v3 cluster that any
+//! number of allocator replicas share. The only files that name etcd.
 //!
 //! A replica starts by agreeing with etcd on the pool definitions and
 //! loading the allocations ([`start`]), then keeps a copy of the committed
@@ -12,8 +12,10 @@
 //! a key read) and the definition of every pool it allocates in: when
 //! another replica got there first the transaction changes nothing, the
 //! copy catches up, and the writer decides again. A flush returns only once
-//! etcd committed the batch and the copy shows it. Revisions are etcd's:
-//! the batch's revision is its allocations' revision and Watch's.
+//! etcd committed the batch and the copy shows it. A change's revision is
+//! etcd's revision of its transaction times [`keys::PER_REVISION`] plus its
+//! place among the transaction's changes, so that every change has one of
+//! its own and every replica numbers it alike.
 
 mod follow;
 pub mod keys;
@@ -40,11 +42,14 @@ pub use self::start::EtcdSettings;
 use self::{
     keys::Keys,
     mirror::Mirror,
-    staged::{Expect, Staged},
+    staged::{Expect, Put, Staged},
     start::{agree_on_pools, load},
 };
-use super::{Change, Record, Result, Scan, Store, StoreError};
-use crate::addresses::pool::{Family, Pools, to_int};
+use super::{Engine, Observed, Result, Scan, StoreError, Write};
+use crate::{
+    addresses::pool::{Family, Pools, to_int},
+    model::{Change, Record},
+};
 
 fn unavailable(e: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(e.to_string())
@@ -170,20 +175,16 @@ impl Inner {
         }
     }
 
-    /// Waits until the copy reaches `revision`.
-    fn wait_for(&self, revision: u64) -> Result<()> {
+    /// Waits up to `limit` until the copy reaches etcd revision `revision`;
+    /// whether it did.
+    fn wait_for(&self, revision: u64, limit: Duration) -> bool {
         let mut seen = self.seen.subscribe();
         let wait = seen.wait_for(|r| *r >= revision);
-        match self
-            .runtime
-            .block_on(async { tokio::time::timeout(self.timeout, wait).await })
-        {
-            Ok(Ok(_)) => Ok(()),
-            _ => Err(StoreError::Unavailable(format!(
-                "etcd's watch did not reach revision {revision} within {:?}",
-                self.timeout
-            ))),
-        }
+        matches!(
+            self.runtime
+                .block_on(async { tokio::time::timeout(limit, wait).await }),
+            Ok(Ok(_))
+        )
     }
 }
 
@@ -291,7 +292,8 @@ impl EtcdStore {
         }
     }
 
-    /// Commits `staged` in one transaction; the revision etcd gave it.
+    /// Commits `staged` in one transaction; the etcd revision it got, once
+    /// the copy shows it.
     fn commit(&self, staged: &Staged) -> Result<u64> {
         let inner = &self.inner;
         let txn = staged.txn(&inner.keys, &inner.pool_keys, &inner.pools);
@@ -304,15 +306,60 @@ impl EtcdStore {
             .map_or(0, |h| u64::try_from(h.revision()).unwrap_or(0));
         if response.succeeded() {
             // A transaction that only compared wrote nothing to wait for.
-            if staged.writes() {
-                inner.wait_for(revision)?;
+            if staged.writes() && !inner.wait_for(revision, inner.timeout) {
+                return Err(unavailable(format!(
+                    "etcd committed the transaction at revision {revision}, but this \
+                     replica's watch did not show it within {:?} (outcome unknown: it is \
+                     applied)",
+                    inner.timeout
+                )));
             }
             return Ok(revision);
         }
         // Another writer got there first: catch up with what it did.
         let barrier = inner.runtime.block_on(inner.barrier())?;
-        inner.wait_for(barrier)?;
-        Err(StoreError::Conflict { seen: revision })
+        if !inner.wait_for(barrier, inner.timeout) {
+            return Err(unavailable(format!(
+                "etcd's watch did not reach revision {barrier} within {:?}",
+                inner.timeout
+            )));
+        }
+        Err(StoreError::Conflict {
+            seen: keys::reached(revision),
+        })
+    }
+
+    /// Stages the allocation `record` at `ip`.
+    fn stage_allocate(&self, ip: IpAddr, record: Record) {
+        let mut staged = self.staged();
+        // The writer allocates only an address it saw free, for an owner it
+        // saw holding nothing: etcd must hold neither key (the copy may
+        // already show another replica's newer commit, which must win).
+        staged.write(
+            self.inner.keys.owner(&record.owner),
+            || Some(Expect::Absent),
+            Some(Put::Owner(ip)),
+        );
+        if let Some(pool) = self.inner.pools.containing(ip) {
+            staged.pools.insert(pool);
+        }
+        staged.records.insert(ip, Some(record.clone()));
+        staged.owners.insert(record.owner.clone(), Some(ip));
+        staged.write(
+            self.inner.keys.address(ip),
+            || Some(Expect::Absent),
+            Some(Put::Allocation(record)),
+        );
+    }
+
+    /// Stages the release of the allocation `record` at `ip`.
+    fn stage_release(&self, ip: IpAddr, record: &Record) {
+        let mut staged = self.staged();
+        let held = || self.expect_held(ip, record);
+        staged.write(self.inner.keys.address(ip), held, None);
+        staged.write(self.inner.keys.owner(&record.owner), held, None);
+        staged.records.insert(ip, None);
+        staged.owners.insert(record.owner.clone(), None);
     }
 }
 
@@ -384,7 +431,7 @@ fn scan_copy(
     )
 }
 
-impl Store for EtcdStore {
+impl Engine for EtcdStore {
     fn get(&self, ip: IpAddr) -> Result<Option<Record>> {
         self.inner.readable()?;
         Ok(self.inner.mirror().get(ip).map(|e| e.record.clone()))
@@ -395,21 +442,7 @@ impl Store for EtcdStore {
         Ok(self.inner.mirror().owner(owner))
     }
 
-    fn get_latest(&self, ip: IpAddr) -> Result<Option<Record>> {
-        if let Some(staged) = self.staged().records.get(&ip) {
-            return Ok(staged.clone());
-        }
-        Ok(self.inner.mirror().get(ip).map(|e| e.record.clone()))
-    }
-
-    fn owner_address_latest(&self, owner: &str) -> Result<Option<IpAddr>> {
-        if let Some(staged) = self.staged().owners.get(owner) {
-            return Ok(*staged);
-        }
-        Ok(self.inner.mirror().owner(owner))
-    }
-
-    fn get_for_decision(&self, ip: IpAddr) -> Result<Option<Record>> {
+    fn record_for_decision(&self, ip: IpAddr) -> Result<Option<Record>> {
         let mut staged = self.staged();
         if let Some(record) = staged.records.get(&ip) {
             return Ok(record.clone());
@@ -423,7 +456,7 @@ impl Store for EtcdStore {
         Ok(record)
     }
 
-    fn owner_address_for_decision(&self, owner: &str) -> Result<Option<IpAddr>> {
+    fn owner_for_decision(&self, owner: &str) -> Result<Option<IpAddr>> {
         let mut staged = self.staged();
         if let Some(ip) = staged.owners.get(owner) {
             return Ok(*ip);
@@ -449,43 +482,18 @@ impl Store for EtcdStore {
     }
 
     fn revision(&self) -> Result<u64> {
-        Ok(self.inner.revision())
+        Ok(keys::reached(self.inner.revision()))
     }
 
-    fn put(&self, ip: IpAddr, record: &Record) -> Result<()> {
-        let mut staged = self.staged();
-        // The writer allocates only an address it saw free, for an owner it
-        // saw holding nothing: etcd must hold neither key (the copy may
-        // already show another replica's newer commit, which must win).
-        staged.write(
-            self.inner.keys.address(ip),
-            || Some(Expect::Absent),
-            Some(keys::encode(record)),
-        );
-        staged.write(
-            self.inner.keys.owner(&record.owner),
-            || Some(Expect::Absent),
-            Some(ip.to_string().into_bytes()),
-        );
-        if let Some(pool) = self.inner.pools.containing(ip) {
-            staged.pools.insert(pool);
+    fn stage(&self, write: Write) -> Result<()> {
+        match write {
+            Write::Allocate { address, record } => self.stage_allocate(address, record),
+            Write::Release { address, record } => self.stage_release(address, &record),
         }
-        staged.records.insert(ip, Some(record.clone()));
-        staged.owners.insert(record.owner.clone(), Some(ip));
         Ok(())
     }
 
-    fn delete(&self, ip: IpAddr, record: &Record, _revision: u64) -> Result<()> {
-        let mut staged = self.staged();
-        let held = || self.expect_held(ip, record);
-        staged.write(self.inner.keys.address(ip), held, None);
-        staged.write(self.inner.keys.owner(&record.owner), held, None);
-        staged.records.insert(ip, None);
-        staged.owners.insert(record.owner.clone(), None);
-        Ok(())
-    }
-
-    fn flush(&self) -> Result<Option<u64>> {
+    fn flush(&self) -> Result<Vec<Change>> {
         let staged = std::mem::take(&mut *self.staged());
         if let Some(why) = lock(&self.inner.fatal).as_ref() {
             return Err(StoreError::Stopped(why.clone()));
@@ -493,18 +501,55 @@ impl Store for EtcdStore {
         if staged.stale {
             // The copy already shows what overtook the decision.
             return Err(StoreError::Conflict {
-                seen: self.inner.revision(),
+                seen: keys::reached(self.inner.revision()),
             });
         }
         if staged.is_empty() {
-            return Ok(None);
+            return Ok(Vec::new());
         }
         let revision = self.commit(&staged)?;
-        Ok(staged.writes().then_some(revision))
+        if !staged.writes() {
+            return Ok(Vec::new());
+        }
+        Ok(self.inner.mirror().take_committed(revision))
+    }
+
+    fn observed(&self) -> Result<Observed> {
+        if let Some(why) = lock(&self.inner.fatal).as_ref() {
+            return Err(StoreError::Stopped(why.clone()));
+        }
+        let mut mirror = self.inner.mirror();
+        Ok(Observed {
+            changes: mirror.take_unread(),
+            revision: keys::reached(mirror.revision),
+        })
+    }
+
+    fn on_observed(&self, wake: Box<dyn Fn() + Send + Sync>) {
+        if self.inner.wake.set(wake).is_err() {
+            tracing::warn!("a second writer registered on one etcd store; ignored");
+        }
+    }
+
+    fn catch_up(&self, revision: u64, limit: Duration) -> Result<u64> {
+        self.inner.wait_for(keys::etcd_revision(revision), limit);
+        Ok(keys::reached(self.inner.revision()))
+    }
+
+    fn number_after(&self, _revision: u64) {
+        // etcd numbers the transactions; the store's revisions follow.
     }
 
     fn max_batch(&self) -> usize {
         (MAX_TXN_OPS - self.inner.pools.len().min(MAX_TXN_OPS / 2)) / 2
+    }
+
+    fn health(&self) -> std::result::Result<(), String> {
+        self.inner.readable().map_err(|e| e.to_string())?;
+        if !self.inner.healthy.load(Ordering::Relaxed) {
+            return Err("etcd does not answer linearizable reads (no quorum?)".into());
+        }
+        Ok(())
     }
 
     fn scan(&self, family: Family, first: u128, last: u128) -> Scan<(IpAddr, Record)> {
@@ -534,30 +579,5 @@ impl Store for EtcdStore {
     fn first_change(&self) -> Result<Option<u64>> {
         self.inner.readable()?;
         Ok(Some(self.inner.mirror().covered_from()))
-    }
-
-    fn is_shared(&self) -> bool {
-        true
-    }
-
-    fn observed(&self) -> Result<Option<Vec<Change>>> {
-        if let Some(why) = lock(&self.inner.fatal).as_ref() {
-            return Err(StoreError::Stopped(why.clone()));
-        }
-        Ok(Some(self.inner.mirror().take_unread()))
-    }
-
-    fn on_observed(&self, wake: Box<dyn Fn() + Send + Sync>) {
-        if self.inner.wake.set(wake).is_err() {
-            tracing::warn!("a second writer registered on one etcd store; ignored");
-        }
-    }
-
-    fn health(&self) -> std::result::Result<(), String> {
-        self.inner.readable().map_err(|e| e.to_string())?;
-        if !self.inner.healthy.load(Ordering::Relaxed) {
-            return Err("etcd does not answer linearizable reads (no quorum?)".into());
-        }
-        Ok(())
     }
 }

@@ -17,7 +17,7 @@ use std::{
 
 use etcd_client::{Compare, CompareOp, GetOptions, Txn, TxnOp};
 
-use super::keys::Keys;
+use super::keys::{self, Keys};
 use crate::{addresses::pool::Pools, model::Record};
 
 /// What a key must hold for the transaction to commit: what the writer
@@ -42,12 +42,22 @@ impl Expect {
     }
 }
 
+/// What a staged write puts in its key.
+#[derive(Debug)]
+pub(super) enum Put {
+    /// An allocation, encoded with its place among the transaction's
+    /// changes when the transaction is built.
+    Allocation(Record),
+    /// An owner's index entry.
+    Owner(IpAddr),
+}
+
 /// A staged write of one key: what it must find, and what it writes
 /// (`None` deletes).
 #[derive(Debug)]
 struct Op {
     expect: Expect,
-    value: Option<Vec<u8>>,
+    value: Option<Put>,
 }
 
 /// The writes and reads of the next flush, and how they change what the
@@ -77,7 +87,7 @@ impl Staged {
         &mut self,
         key: Vec<u8>,
         expect: impl FnOnce() -> Option<Expect>,
-        value: Option<Vec<u8>>,
+        value: Option<Put>,
     ) {
         self.reads.remove(&key);
         match self.ops.entry(key) {
@@ -112,6 +122,12 @@ impl Staged {
     /// The transaction that commits the staged writes while every key
     /// written or read, and every pool allocated in, is as the writer saw
     /// it.
+    ///
+    /// etcd applies the operations in order and its watch reports their
+    /// events in that order, so each allocation's place among the
+    /// transaction's changes is known here: in key order, a deleted
+    /// allocation is one change (a release), a new one is one, and one put
+    /// over another is two (a release, then the allocation).
     pub(super) fn txn(&self, keys: &Keys, pool_keys: &[(String, i64)], pools: &Pools) -> Txn {
         let mut compares: Vec<Compare> = self
             .ops
@@ -123,14 +139,26 @@ impl Staged {
             let name = pools.at(i).name();
             Compare::mod_revision(keys.pool(name), CompareOp::Equal, pool_keys[i].1)
         }));
-        let mut ops: Vec<TxnOp> = self
-            .ops
-            .iter()
-            .map(|(key, op)| match &op.value {
-                Some(v) => TxnOp::put(key.clone(), v.clone(), None),
-                None => TxnOp::delete(key.clone(), None),
-            })
-            .collect();
+        let mut index = 0;
+        let mut ops: Vec<TxnOp> = Vec::with_capacity(self.ops.len());
+        for (key, op) in &self.ops {
+            let replaces = matches!(op.expect, Expect::ModRevision(_));
+            ops.push(match &op.value {
+                Some(Put::Allocation(record)) => {
+                    index += u64::from(replaces);
+                    let value = keys::encode(record, index);
+                    index += 1;
+                    TxnOp::put(key.clone(), value, None)
+                }
+                Some(Put::Owner(ip)) => TxnOp::put(key.clone(), ip.to_string(), None),
+                None => {
+                    if replaces && keys.is_address(key) {
+                        index += 1;
+                    }
+                    TxnOp::delete(key.clone(), None)
+                }
+            });
+        }
         if ops.is_empty() {
             // etcd serves a transaction without operations from whichever
             // member it reaches, however far behind (it counts as a
@@ -147,19 +175,27 @@ impl Staged {
 mod tests {
     use super::*;
 
+    fn ip() -> IpAddr {
+        IpAddr::from([10, 0, 0, 1])
+    }
+
     #[test]
     fn a_key_read_then_written_is_compared_once_with_the_writes_expectation() {
         let mut s = Staged::default();
         s.read(b"k".to_vec(), Expect::Absent);
         s.read(b"k".to_vec(), Expect::ModRevision(3));
         assert_eq!(s.reads.get(b"k".as_slice()), Some(&Expect::Absent));
-        s.write(b"k".to_vec(), || Some(Expect::Absent), Some(b"v".to_vec()));
+        s.write(
+            b"k".to_vec(),
+            || Some(Expect::Absent),
+            Some(Put::Owner(ip())),
+        );
         s.read(b"k".to_vec(), Expect::ModRevision(9));
         assert!(s.reads.is_empty());
         assert!(s.writes());
         s.write(b"k".to_vec(), || Some(Expect::ModRevision(9)), None);
         assert_eq!(s.ops[b"k".as_slice()].expect, Expect::Absent);
-        assert_eq!(s.ops[b"k".as_slice()].value, None);
+        assert!(s.ops[b"k".as_slice()].value.is_none());
     }
 
     #[test]

@@ -137,11 +137,12 @@ pub(super) async fn agree_on_pools(
             };
             let theirs = String::from_utf8_lossy(kv.value());
             if theirs != ours {
-                return Err(StoreError::PoolDisagrees {
-                    pool: pool.name().to_string(),
-                    ours,
-                    theirs: theirs.into_owned(),
-                });
+                return Err(StoreError::Refused(format!(
+                    "pool {} is defined differently in the shared store: there \"{theirs}\", \
+                     here \"{ours}\"; give every replica the same --pool, or use another \
+                     --etcd-prefix",
+                    pool.name()
+                )));
             }
             kv.mod_revision()
         };
@@ -179,7 +180,7 @@ pub(super) async fn load(
         }
         for kv in page.kvs() {
             if let keys::Key::Address(ip) = keys.classify(kv.key())? {
-                let record = keys::decode(kv.key(), kv.value(), kv.mod_revision())?;
+                let record = keys::decode(kv.key(), kv.value(), kv.mod_revision(), 0)?;
                 entries.push((
                     ip,
                     Entry {

@@ -25,7 +25,7 @@ use super::{EtcdSettings, EtcdStore};
 use crate::{
     addresses::pool::Pools,
     fixtures::mk_pools,
-    store::{DEFAULT_HISTORY, Result, contract::store_contract},
+    store::{DEFAULT_HISTORY, Result, Store, contract::store_contract},
 };
 
 /// The pool every test store allocates in unless it says otherwise.
@@ -91,16 +91,14 @@ impl Etcd {
     }
 
     /// Opens a store (a replica) with `settings` and `pools`.
-    pub(super) fn open_with(
-        &self,
-        settings: &EtcdSettings,
-        pools: Arc<Pools>,
-    ) -> Result<EtcdStore> {
-        self.runtime.block_on(EtcdStore::open(settings, pools))
+    pub(super) fn open_with(&self, settings: &EtcdSettings, pools: Arc<Pools>) -> Result<Store> {
+        self.runtime
+            .block_on(EtcdStore::open(settings, pools))
+            .map(Store::from)
     }
 
     /// Opens a store (a replica) with this test's settings and [`POOL`].
-    pub(super) fn open(&self) -> EtcdStore {
+    pub(super) fn open(&self) -> Store {
         self.open_with(&self.settings(), mk_pools(&[POOL]))
             .expect("open the etcd store")
     }
@@ -113,7 +111,7 @@ impl Etcd {
 
 /// A fresh store on etcd of its own for a contract test, or `None` when
 /// etcd cannot run here.
-fn mk_etcd(test: &str) -> Option<(Etcd, EtcdStore)> {
+fn mk_etcd(test: &str) -> Option<(Etcd, Store)> {
     let etcd = Etcd::start(test)?;
     let store = etcd.open();
     Some((etcd, store))

@@ -1,13 +1,17 @@
 use std::{
     collections::BTreeMap,
-    sync::atomic::{AtomicUsize, Ordering},
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
 };
 
 use super::*;
 use crate::{
     addresses::pool::PoolDef,
     model::Change,
-    store::{Scan, SledStore, contract::ip},
+    store::{Engine, Observed, Scan, SledStore, Write, contract::ip},
 };
 
 fn mk_pools() -> Pools {
@@ -35,14 +39,19 @@ fn ok(entries: &[(&str, Record)]) -> std::vec::IntoIter<Result<(IpAddr, Record),
         .into_iter()
 }
 
-fn mk_store() -> (tempfile::TempDir, SledStore) {
+fn mk_sled() -> (tempfile::TempDir, SledStore) {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = SledStore::open(dir.path(), 8 << 20).expect("open");
     (dir, store)
 }
 
+fn mk_store() -> (tempfile::TempDir, Store) {
+    let (dir, store) = mk_sled();
+    (dir, store.into())
+}
+
 /// A source holding `entries` (address, owner), written at revisions 1, 2, ...
-fn mk_source(entries: &[(&str, &str)]) -> (tempfile::TempDir, SledStore) {
+fn mk_source(entries: &[(&str, &str)]) -> (tempfile::TempDir, Store) {
     let (dir, store) = mk_store();
     for (i, (address, owner)) in entries.iter().enumerate() {
         let record = Record {
@@ -53,17 +62,22 @@ fn mk_source(entries: &[(&str, &str)]) -> (tempfile::TempDir, SledStore) {
                 1_700_000_000_000_000_000 + i as u64,
             )
         };
-        store.put(ip(address), &record).expect("put");
+        store
+            .stage(Write::Allocate {
+                address: ip(address),
+                record,
+            })
+            .expect("put");
     }
     store.flush().expect("flush");
     (dir, store)
 }
 
-fn side<'a>(store: &'a dyn Store, name: &'a str) -> Side<'a> {
+fn side<'a>(store: &'a Store, name: &'a str) -> Side<'a> {
     Side { store, name }
 }
 
-fn all(store: &dyn Store) -> Vec<(IpAddr, Record)> {
+fn all(store: &Store) -> Vec<(IpAddr, Record)> {
     store.scan_after(None).map(|r| r.expect("entry")).collect()
 }
 
@@ -241,8 +255,12 @@ fn copy_keeps_every_allocation_with_owner_labels_and_creation_time() {
 fn copied_allocations_take_revisions_after_the_sources_last() {
     let (_s, source) = mk_source(&[("10.1.0.1", "svc-a"), ("10.1.0.2", "svc-b")]);
     // A release, so the source's revision is ahead of its allocations.
+    let record = source.get(ip("10.1.0.2")).expect("get").expect("held");
     source
-        .delete(ip("10.1.0.2"), &mk_record("svc-b", "svc-1", 0), 3)
+        .stage(Write::Release {
+            address: ip("10.1.0.2"),
+            record,
+        })
         .expect("delete");
     source.flush().expect("flush");
     let (_t, target) = mk_store();
@@ -300,14 +318,13 @@ fn copy_commits_at_most_max_batch_allocations_at_once() {
         .collect();
     let entries: Vec<(&str, &str)> = entries.iter().map(|(a, o)| (*a, o.as_str())).collect();
     let (_s, source) = mk_source(&entries);
-    let (_t, inner) = mk_store();
-    let target = Batched {
+    let (_t, inner) = mk_sled();
+    let counts = Arc::new(Counts::default());
+    let target = Store::new(Batched {
         inner,
         max: 3,
-        staged: AtomicUsize::new(0),
-        largest: AtomicUsize::new(0),
-        flushes: AtomicUsize::new(0),
-    };
+        counts: counts.clone(),
+    });
     let summary = copy(
         side(&source, "source"),
         side(&target, "target"),
@@ -315,8 +332,8 @@ fn copy_commits_at_most_max_batch_allocations_at_once() {
     )
     .expect("copy");
     assert_eq!(summary.total(), 7);
-    assert_eq!(target.largest.load(Ordering::Relaxed), 3);
-    assert_eq!(target.flushes.load(Ordering::Relaxed), 3, "3 + 3 + 1");
+    assert_eq!(counts.largest.load(Ordering::Relaxed), 3);
+    assert_eq!(counts.flushes.load(Ordering::Relaxed), 3, "3 + 3 + 1");
     assert_eq!(all(&target).len(), 7);
 }
 
@@ -361,9 +378,10 @@ fn a_copy_into_etcd_commits_in_transactions_etcd_accepts_and_reads_back() {
         .enable_all()
         .build()
         .expect("runtime");
-    let open = || {
+    let open = || -> Store {
         rt.block_on(EtcdStore::open(&settings, pools.clone()))
             .expect("open etcd")
+            .into()
     };
     let target = open();
     assert!(target.max_batch() < 250, "{}", target.max_batch());
@@ -383,51 +401,69 @@ fn a_copy_into_etcd_commits_in_transactions_etcd_accepts_and_reads_back() {
     );
 }
 
-/// A store that commits at most `max` writes per flush and counts them.
-struct Batched {
-    inner: SledStore,
-    max: usize,
+/// What [`Batched`] counts.
+#[derive(Default)]
+struct Counts {
     staged: AtomicUsize,
     largest: AtomicUsize,
     flushes: AtomicUsize,
 }
 
-impl Store for Batched {
+/// A store that commits at most `max` writes per flush and counts them.
+struct Batched {
+    inner: SledStore,
+    max: usize,
+    counts: Arc<Counts>,
+}
+
+impl Engine for Batched {
     fn get(&self, ip: IpAddr) -> crate::store::Result<Option<Record>> {
         self.inner.get(ip)
     }
     fn owner_address(&self, owner: &str) -> crate::store::Result<Option<IpAddr>> {
         self.inner.owner_address(owner)
     }
-    fn get_latest(&self, ip: IpAddr) -> crate::store::Result<Option<Record>> {
-        self.inner.get_latest(ip)
+    fn record_for_decision(&self, ip: IpAddr) -> crate::store::Result<Option<Record>> {
+        self.inner.record_for_decision(ip)
     }
-    fn owner_address_latest(&self, owner: &str) -> crate::store::Result<Option<IpAddr>> {
-        self.inner.owner_address_latest(owner)
+    fn owner_for_decision(&self, owner: &str) -> crate::store::Result<Option<IpAddr>> {
+        self.inner.owner_for_decision(owner)
     }
     fn revision(&self) -> crate::store::Result<u64> {
         self.inner.revision()
     }
-    fn put(&self, ip: IpAddr, record: &Record) -> crate::store::Result<()> {
-        let staged = self.staged.fetch_add(1, Ordering::Relaxed) + 1;
+    fn stage(&self, write: Write) -> crate::store::Result<()> {
+        let staged = self.counts.staged.fetch_add(1, Ordering::Relaxed) + 1;
         assert!(
             staged <= self.max,
             "{staged} writes staged, at most {}",
             self.max
         );
-        self.inner.put(ip, record)
+        self.inner.stage(write)
     }
-    fn delete(&self, ip: IpAddr, record: &Record, revision: u64) -> crate::store::Result<()> {
-        self.inner.delete(ip, record, revision)
-    }
-    fn flush(&self) -> crate::store::Result<Option<u64>> {
-        let staged = self.staged.swap(0, Ordering::Relaxed);
-        self.largest.fetch_max(staged, Ordering::Relaxed);
-        self.flushes.fetch_add(1, Ordering::Relaxed);
+    fn flush(&self) -> crate::store::Result<Vec<Change>> {
+        let staged = self.counts.staged.swap(0, Ordering::Relaxed);
+        self.counts.largest.fetch_max(staged, Ordering::Relaxed);
+        self.counts.flushes.fetch_add(1, Ordering::Relaxed);
         self.inner.flush()
+    }
+    fn observed(&self) -> crate::store::Result<Observed> {
+        self.inner.observed()
+    }
+    fn on_observed(&self, wake: Box<dyn Fn() + Send + Sync>) {
+        self.inner.on_observed(wake);
+    }
+    fn catch_up(&self, revision: u64, limit: Duration) -> crate::store::Result<u64> {
+        self.inner.catch_up(revision, limit)
+    }
+    fn number_after(&self, revision: u64) {
+        self.inner.number_after(revision);
     }
     fn max_batch(&self) -> usize {
         self.max
+    }
+    fn health(&self) -> Result<(), String> {
+        self.inner.health()
     }
     fn scan(&self, family: Family, first: u128, last: u128) -> Scan<(IpAddr, Record)> {
         self.inner.scan(family, first, last)

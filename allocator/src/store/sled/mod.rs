@@ -2,14 +2,16 @@
 //! sled database in a directory. The only file that names sled; key encoding
 //! lives here alone.
 //!
-//! Writes are staged: [`Store::put`] and [`Store::delete`] add to one pending
-//! batch, which [`Store::flush`] applies atomically and then makes durable.
-//! Applying one batch per flush, rather than one per write, matters: sled
-//! writes its log buffer out on every applied batch, so a batch per write
-//! would cost a disk write per allocation even with the flush shared. The
-//! writer reads its own staged writes through [`Store::get_latest`],
-//! [`Store::owner_address_latest`] and [`Store::revision`]; every other read
-//! sees them once applied, which is immediately before they are made durable.
+//! Writes are staged: [`Write`]s add to one pending batch, each numbered
+//! with the next revision (sled's writes have no revision of their own, so
+//! this engine numbers them: one per write, from 1), and a flush applies
+//! the batch atomically and then makes it durable. Applying one batch per
+//! flush, rather than one per write, matters: sled writes its log buffer out
+//! on every applied batch, so a batch per write would cost a disk write per
+//! allocation even with the flush shared. The writer's decision reads see
+//! the staged writes; every other read sees them once applied, which is
+//! immediately before they are made durable. No other writer shares the
+//! database (sled locks its directory), so nothing is ever observed.
 //!
 //! Keys: `a` + family tag + big-endian address bytes (so keys sort by
 //! address, IPv4 before IPv6) → JSON [`Record`]; `o` + owner → address key;
@@ -30,7 +32,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use super::{DEFAULT_HISTORY, Result, Scan, Store, StoreError};
+use super::{DEFAULT_HISTORY, Engine, Observed, Result, Scan, StoreError, Write};
 use crate::{
     addresses::pool::{Family, from_int},
     model::{Change, ChangeKind, Record},
@@ -69,11 +71,16 @@ pub struct SledStore {
 }
 
 /// Writes not yet applied to sled: the value each key will have (`None`:
-/// removed). [`Store::flush`] turns them into one batch; point reads of the
-/// writer look here first.
+/// removed), the changes they make and the revisions they took. A flush
+/// turns them into one batch; decision reads look here first.
 #[derive(Default)]
 struct Staged {
     values: HashMap<Vec<u8>, Option<Vec<u8>>>,
+    changes: Vec<Change>,
+    /// The revision of the last write applied and durable.
+    committed: u64,
+    /// The revision of the last write staged (`committed` when none is).
+    last: u64,
 }
 
 impl Staged {
@@ -85,15 +92,17 @@ impl Staged {
         self.values.insert(key, None);
     }
 
-    fn into_batch(self) -> sled::Batch {
+    /// Takes the staged writes out as one batch and their changes; nothing
+    /// stays staged.
+    fn take(&mut self) -> (sled::Batch, Vec<Change>) {
         let mut batch = sled::Batch::default();
-        for (key, value) in self.values {
+        for (key, value) in self.values.drain() {
             match value {
                 Some(value) => batch.insert(key, value),
                 None => batch.remove(key),
             }
         }
-        batch
+        (batch, std::mem::take(&mut self.changes))
     }
 }
 
@@ -236,10 +245,15 @@ impl SledStore {
                 other => break other?,
             }
         };
+        let committed = read_revision(db.get(REVISION_KEY)?.as_deref())?;
         Ok(SledStore {
             db,
             history: DEFAULT_HISTORY,
-            staged: Arc::default(),
+            staged: Arc::new(Mutex::new(Staged {
+                committed,
+                last: committed,
+                ..Staged::default()
+            })),
         })
     }
 
@@ -258,11 +272,10 @@ impl SledStore {
     }
 
     /// Removes change-log entries older than the kept history (after the
-    /// history was shortened), with nothing staged. Returns how many it
-    /// removed. Not durable until
-    /// [`Store::flush`].
+    /// history was shortened), with nothing staged, and makes that durable.
+    /// Returns how many it removed.
     pub fn trim_history(&self) -> Result<u64> {
-        let revision = self.revision()?;
+        let revision = self.staged().committed;
         let Some(last_dropped) = revision.checked_sub(self.history) else {
             return Ok(0);
         };
@@ -282,6 +295,9 @@ impl SledStore {
                 n += 1;
             }
             if n == 0 {
+                if removed > 0 {
+                    self.db.flush()?;
+                }
                 return Ok(removed);
             }
             self.db.apply_batch(batch)?;
@@ -324,7 +340,72 @@ impl SledStore {
     }
 }
 
-impl Store for SledStore {
+/// The revision stored under [`REVISION_KEY`], 0 when there is none.
+fn read_revision(value: Option<&[u8]>) -> Result<u64> {
+    match value {
+        None => Ok(0),
+        Some(v) => {
+            <[u8; 8]>::try_from(v)
+                .map(u64::from_be_bytes)
+                .map_err(|_| StoreError::Corrupt {
+                    key: "m/revision".to_string(),
+                    why: "not an 8-byte integer".to_string(),
+                })
+        }
+    }
+}
+
+impl SledStore {
+    /// Stages the allocation `record` at `ip` as the next revision.
+    fn stage_allocate(&self, ip: IpAddr, mut record: Record) -> Result<()> {
+        let mut staged = self.staged();
+        record.revision = staged.last + 1;
+        let key = alloc_key(ip);
+        let value = encode_record(&key, &record)?;
+        let change = change_value(ChangeKind::Allocated, &key, &value);
+        staged.last = record.revision;
+        staged.insert(change_key(record.revision).to_vec(), change);
+        self.trim_one(&mut staged, record.revision);
+        staged.insert(owner_key(&record.owner), key.clone());
+        staged.insert(key, value);
+        staged.insert(
+            REVISION_KEY.to_vec(),
+            record.revision.to_be_bytes().to_vec(),
+        );
+        staged.changes.push(Change {
+            revision: record.revision,
+            kind: ChangeKind::Allocated,
+            address: ip,
+            record,
+        });
+        Ok(())
+    }
+
+    /// Stages the release of the allocation `record` at `ip` as the next
+    /// revision.
+    fn stage_release(&self, ip: IpAddr, record: Record) -> Result<()> {
+        let mut staged = self.staged();
+        let revision = staged.last + 1;
+        let key = alloc_key(ip);
+        let value = encode_record(&key, &record)?;
+        let change = change_value(ChangeKind::Released, &key, &value);
+        staged.last = revision;
+        staged.insert(change_key(revision).to_vec(), change);
+        self.trim_one(&mut staged, revision);
+        staged.remove(key);
+        staged.remove(owner_key(&record.owner));
+        staged.insert(REVISION_KEY.to_vec(), revision.to_be_bytes().to_vec());
+        staged.changes.push(Change {
+            revision,
+            kind: ChangeKind::Released,
+            address: ip,
+            record,
+        });
+        Ok(())
+    }
+}
+
+impl Engine for SledStore {
     fn get(&self, ip: IpAddr) -> Result<Option<Record>> {
         let key = alloc_key(ip);
         self.db
@@ -340,45 +421,79 @@ impl Store for SledStore {
             .transpose()
     }
 
-    fn get_latest(&self, ip: IpAddr) -> Result<Option<Record>> {
+    fn record_for_decision(&self, ip: IpAddr) -> Result<Option<Record>> {
         let key = alloc_key(ip);
         self.read_latest(&key)?
             .map(|v| decode_record(&key, &v))
             .transpose()
     }
 
-    fn owner_address_latest(&self, owner: &str) -> Result<Option<IpAddr>> {
+    fn owner_for_decision(&self, owner: &str) -> Result<Option<IpAddr>> {
         self.read_latest(&owner_key(owner))?
             .map(|k| decode_alloc_key(&k))
             .transpose()
     }
 
-    fn put(&self, ip: IpAddr, record: &Record) -> Result<()> {
-        let key = alloc_key(ip);
-        let value = encode_record(&key, record)?;
-        let change = change_value(ChangeKind::Allocated, &key, &value);
-        let mut staged = self.staged();
-        staged.insert(change_key(record.revision).to_vec(), change);
-        self.trim_one(&mut staged, record.revision);
-        staged.insert(owner_key(&record.owner), key.clone());
-        staged.insert(key, value);
-        staged.insert(
-            REVISION_KEY.to_vec(),
-            record.revision.to_be_bytes().to_vec(),
-        );
-        Ok(())
+    fn revision(&self) -> Result<u64> {
+        Ok(self.staged().committed)
     }
 
-    fn delete(&self, ip: IpAddr, record: &Record, revision: u64) -> Result<()> {
-        let key = alloc_key(ip);
-        let value = encode_record(&key, record)?;
-        let change = change_value(ChangeKind::Released, &key, &value);
+    fn stage(&self, write: Write) -> Result<()> {
+        match write {
+            Write::Allocate { address, record } => self.stage_allocate(address, record),
+            Write::Release { address, record } => self.stage_release(address, record),
+        }
+    }
+
+    fn flush(&self) -> Result<Vec<Change>> {
         let mut staged = self.staged();
-        staged.insert(change_key(revision).to_vec(), change);
-        self.trim_one(&mut staged, revision);
-        staged.remove(key);
-        staged.remove(owner_key(&record.owner));
-        staged.insert(REVISION_KEY.to_vec(), revision.to_be_bytes().to_vec());
+        if staged.values.is_empty() {
+            // Every applied write was made durable by the flush that
+            // applied it.
+            return Ok(Vec::new());
+        }
+        let (batch, changes) = staged.take();
+        // The lock is held until the batch is applied and durable, so a
+        // decision read never misses a write that is neither staged nor
+        // applied.
+        if let Err(e) = self.db.apply_batch(batch) {
+            // Nothing was applied: the numbering goes on from what is.
+            staged.last = staged.committed;
+            return Err(e.into());
+        }
+        // Applied: reads show it, and later writes number on from it.
+        staged.committed = staged.last;
+        self.db.flush()?;
+        Ok(changes)
+    }
+
+    fn observed(&self) -> Result<Observed> {
+        Ok(Observed {
+            changes: Vec::new(),
+            revision: self.staged().committed,
+        })
+    }
+
+    fn on_observed(&self, wake: Box<dyn Fn() + Send + Sync>) {
+        // Nothing else writes to this database: nothing to wake for.
+        drop(wake);
+    }
+
+    fn catch_up(&self, _revision: u64, _limit: Duration) -> Result<u64> {
+        // Only this writer writes here: what it committed is all there is.
+        Ok(self.staged().committed)
+    }
+
+    fn number_after(&self, revision: u64) {
+        let mut staged = self.staged();
+        staged.last = staged.last.max(revision);
+    }
+
+    fn max_batch(&self) -> usize {
+        usize::MAX
+    }
+
+    fn health(&self) -> std::result::Result<(), String> {
         Ok(())
     }
 
@@ -413,18 +528,6 @@ impl Store for SledStore {
         )
     }
 
-    fn revision(&self) -> Result<u64> {
-        match self.read_latest(REVISION_KEY)? {
-            None => Ok(0),
-            Some(v) => <[u8; 8]>::try_from(v.as_ref())
-                .map(u64::from_be_bytes)
-                .map_err(|_| StoreError::Corrupt {
-                    key: "m/revision".to_string(),
-                    why: "not an 8-byte integer".to_string(),
-                }),
-        }
-    }
-
     fn scan(&self, family: Family, first: u128, last: u128) -> Scan<(IpAddr, Record)> {
         Box::new(
             self.db
@@ -453,20 +556,6 @@ impl Store for SledStore {
                 .keys()
                 .map(|k| decode_alloc_key(&k?)),
         )
-    }
-
-    fn flush(&self) -> Result<Option<u64>> {
-        {
-            let mut staged = self.staged();
-            if !staged.values.is_empty() {
-                let batch = std::mem::take(&mut *staged).into_batch();
-                // The lock is held until the batch is applied, so a point read
-                // never misses a write that is neither staged nor applied.
-                self.db.apply_batch(batch)?;
-            }
-        }
-        self.db.flush()?;
-        Ok(None)
     }
 }
 

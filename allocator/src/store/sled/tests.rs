@@ -2,20 +2,44 @@
 //! reopen, the directory lock, the kept change history, unreadable entries.
 
 use super::*;
-use crate::store::contract::{ip, mk_record, revisions, store_contract};
+use crate::store::{
+    Store,
+    contract::{ip, mk_record_at as mk_record, store_contract},
+};
+
+/// Stages the allocation of `ip` to `record.owner`.
+fn put(store: &SledStore, ip: IpAddr, record: &Record) {
+    let record = record.clone();
+    store
+        .stage(Write::Allocate {
+            address: ip,
+            record,
+        })
+        .expect("put");
+}
+
+/// Stages the release of the allocation `record` at `ip`.
+fn delete(store: &SledStore, ip: IpAddr, record: &Record) {
+    let record = record.clone();
+    store
+        .stage(Write::Release {
+            address: ip,
+            record,
+        })
+        .expect("delete");
+}
+
+/// The changes after `after` up to `last` as (revision, kind, address).
+fn revisions(store: &SledStore, after: u64, last: u64) -> Vec<(u64, ChangeKind, IpAddr)> {
+    crate::store::contract::revisions(&Store::from(store.clone()), after, last)
+}
 
 /// Allocates 10.0.0.1 to `svc-a` (revision 1) and fd00::2 to `svc-b` (2),
 /// releases 10.0.0.1 (3), and flushes.
 fn write_three(store: &SledStore) {
-    store
-        .put(ip("10.0.0.1"), &mk_record("svc-a", 1))
-        .expect("put");
-    store
-        .put(ip("fd00::2"), &mk_record("svc-b", 2))
-        .expect("put");
-    store
-        .delete(ip("10.0.0.1"), &mk_record("svc-a", 1), 3)
-        .expect("delete");
+    put(store, ip("10.0.0.1"), &mk_record("svc-a", 1));
+    put(store, ip("fd00::2"), &mk_record("svc-b", 2));
+    delete(store, ip("10.0.0.1"), &mk_record("svc-a", 1));
     store.flush().expect("flush");
 }
 
@@ -44,46 +68,41 @@ fn a_new_store_is_at_revision_zero_with_no_history() {
 }
 
 #[test]
-fn each_write_of_a_flush_is_a_change_at_the_revision_it_was_staged_at() {
+fn each_write_of_a_flush_is_a_change_numbered_in_the_order_it_was_staged() {
     let (_dir, store) = mk_store();
-    store
-        .put(ip("10.0.0.1"), &mk_record("svc-a", 1))
-        .expect("put");
-    assert_eq!(store.revision().expect("rev"), 1, "the staged revision");
-    store
-        .put(ip("fd00::2"), &mk_record("svc-b", 2))
-        .expect("put");
-    store
-        .delete(ip("10.0.0.1"), &mk_record("svc-a", 1), 3)
-        .expect("delete");
-    assert_eq!(store.revision().expect("rev"), 3, "the staged revision");
+    // Given revisions are the store's to replace.
+    put(&store, ip("10.0.0.1"), &mk_record("svc-a", 9));
+    put(&store, ip("fd00::2"), &mk_record("svc-b", 9));
+    delete(&store, ip("10.0.0.1"), &mk_record("svc-a", 1));
+    assert_eq!(store.revision().expect("rev"), 0, "nothing committed yet");
     assert_eq!(store.changes(0, 3).count(), 0, "nothing applied yet");
-    assert_eq!(store.flush().expect("flush"), None, "the staged ones stand");
+    let expected = vec![
+        Change {
+            revision: 1,
+            kind: ChangeKind::Allocated,
+            address: ip("10.0.0.1"),
+            record: mk_record("svc-a", 1),
+        },
+        Change {
+            revision: 2,
+            kind: ChangeKind::Allocated,
+            address: ip("fd00::2"),
+            record: mk_record("svc-b", 2),
+        },
+        Change {
+            revision: 3,
+            kind: ChangeKind::Released,
+            address: ip("10.0.0.1"),
+            record: mk_record("svc-a", 1),
+        },
+    ];
+    assert_eq!(store.flush().expect("flush"), expected);
     assert_eq!(
         store
             .changes(0, 3)
             .map(|c| c.expect("change"))
             .collect::<Vec<_>>(),
-        vec![
-            Change {
-                revision: 1,
-                kind: ChangeKind::Allocated,
-                address: ip("10.0.0.1"),
-                record: mk_record("svc-a", 1),
-            },
-            Change {
-                revision: 2,
-                kind: ChangeKind::Allocated,
-                address: ip("fd00::2"),
-                record: mk_record("svc-b", 2),
-            },
-            Change {
-                revision: 3,
-                kind: ChangeKind::Released,
-                address: ip("10.0.0.1"),
-                record: mk_record("svc-a", 1),
-            },
-        ],
+        expected,
         "the address written twice in the flush is two changes"
     );
     assert_eq!(store.revision().expect("rev"), 3);
@@ -91,15 +110,21 @@ fn each_write_of_a_flush_is_a_change_at_the_revision_it_was_staged_at() {
 }
 
 #[test]
+fn a_copy_numbers_its_writes_after_the_revision_it_is_given() {
+    let (_dir, store) = mk_store();
+    store.number_after(41);
+    put(&store, ip("10.0.0.1"), &mk_record("svc-a", 0));
+    let changes = store.flush().expect("flush");
+    assert_eq!(changes[0].revision, 42);
+    assert_eq!(store.revision().expect("rev"), 42);
+}
+
+#[test]
 fn staged_writes_that_were_never_flushed_are_not_on_disk() {
     let (_dir, store) = reopened(|store| {
-        store
-            .put(ip("10.0.0.1"), &mk_record("svc-a", 1))
-            .expect("put");
+        put(store, ip("10.0.0.1"), &mk_record("svc-a", 1));
         store.flush().expect("flush");
-        store
-            .put(ip("10.0.0.2"), &mk_record("svc-b", 2))
-            .expect("put");
+        put(store, ip("10.0.0.2"), &mk_record("svc-b", 2));
     });
     assert_eq!(store.get(ip("10.0.0.2")).expect("get"), None);
     assert_eq!(store.owner_address("svc-b").expect("owner"), None);
@@ -154,9 +179,7 @@ fn a_directory_whose_store_was_just_closed_reopens() {
         let store = SledStore::open(dir.path(), 8 << 20).expect("reopen");
         assert_eq!(store.revision().expect("rev"), round);
         let addr = IpAddr::from([10, 0, 0, round as u8 + 1]);
-        store
-            .put(addr, &mk_record(&format!("o{round}"), round + 1))
-            .expect("put");
+        put(&store, addr, &mk_record(&format!("o{round}"), round + 1));
         store.flush().expect("flush");
     }
 }
@@ -186,12 +209,8 @@ fn an_unreadable_record_is_an_error_not_a_panic() {
 #[test]
 fn the_change_log_survives_reopen() {
     let (_dir, store) = reopened(|store| {
-        store
-            .put(ip("10.0.0.1"), &mk_record("svc-a", 1))
-            .expect("put");
-        store
-            .delete(ip("10.0.0.1"), &mk_record("svc-a", 1), 2)
-            .expect("delete");
+        put(store, ip("10.0.0.1"), &mk_record("svc-a", 1));
+        delete(store, ip("10.0.0.1"), &mk_record("svc-a", 1));
         store.flush().expect("flush");
     });
     assert_eq!(
@@ -210,9 +229,7 @@ fn the_change_log_keeps_exactly_the_last_history_revisions() {
     assert_eq!(store.first_change().expect("first"), None);
     for r in 1..=10u64 {
         let addr = IpAddr::from([10, 0, 0, r as u8]);
-        store
-            .put(addr, &mk_record(&format!("o{r}"), r))
-            .expect("put");
+        put(&store, addr, &mk_record(&format!("o{r}"), r));
         if r % 4 == 0 {
             // Trimming works within one staged batch and across batches.
             store.flush().expect("flush");
@@ -222,9 +239,7 @@ fn the_change_log_keeps_exactly_the_last_history_revisions() {
     assert_eq!(store.first_change().expect("first"), Some(8));
     let kept: Vec<u64> = revisions(&store, 0, 10).iter().map(|c| c.0).collect();
     assert_eq!(kept, vec![8, 9, 10]);
-    store
-        .delete(IpAddr::from([10, 0, 0, 1]), &mk_record("o1", 1), 11)
-        .expect("delete");
+    delete(&store, IpAddr::from([10, 0, 0, 1]), &mk_record("o1", 1));
     store.flush().expect("flush");
     let kept: Vec<u64> = revisions(&store, 0, 11).iter().map(|c| c.0).collect();
     assert_eq!(kept, vec![9, 10, 11], "a release trims too");
@@ -235,9 +250,7 @@ fn a_shortened_history_is_trimmed_after_reopen() {
     let (_dir, store) = reopened(|store| {
         for r in 1..=20u64 {
             let addr = IpAddr::from([10, 0, 0, r as u8]);
-            store
-                .put(addr, &mk_record(&format!("o{r}"), r))
-                .expect("put");
+            put(store, addr, &mk_record(&format!("o{r}"), r));
         }
         store.flush().expect("flush");
     });
@@ -246,9 +259,7 @@ fn a_shortened_history_is_trimmed_after_reopen() {
     assert_eq!(store.trim_history().expect("trim"), 15);
     assert_eq!(store.first_change().expect("first"), Some(16));
     assert_eq!(store.trim_history().expect("trim again"), 0);
-    store
-        .put(ip("10.0.1.1"), &mk_record("o21", 21))
-        .expect("put");
+    put(&store, ip("10.0.1.1"), &mk_record("o21", 21));
     store.flush().expect("flush");
     let kept: Vec<u64> = revisions(&store, 0, 21).iter().map(|c| c.0).collect();
     assert_eq!(kept, vec![17, 18, 19, 20, 21]);

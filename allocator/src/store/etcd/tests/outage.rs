@@ -8,8 +8,10 @@ use std::time::{Duration, Instant};
 use super::{Etcd, eventually};
 use crate::store::{
     Store, StoreError,
-    contract::{a_failed_flush_applies_nothing_and_keeps_nothing_staged, allocate, ip, stage_put},
-    etcd::{EtcdStore, keys::Keys},
+    contract::{
+        a_failed_flush_applies_nothing_and_keeps_nothing_staged, allocate, ip, stage_allocate,
+    },
+    etcd::keys::Keys,
 };
 
 /// The etcd timeout of these tests.
@@ -21,7 +23,7 @@ const MARGIN: Duration = Duration::from_millis(1500);
 
 /// A store with a timeout of [`TIMEOUT`], or `None` when etcd cannot run
 /// here.
-fn mk_store(test: &str) -> Option<(Etcd, EtcdStore)> {
+fn mk_store(test: &str) -> Option<(Etcd, Store)> {
     let etcd = Etcd::start(test)?;
     let mut settings = etcd.settings();
     settings.timeout = TIMEOUT;
@@ -64,13 +66,16 @@ fn while_etcd_is_down_reads_and_flushes_fail_in_time_and_work_again_once_it_is_b
     let unhealthy = store.health().expect_err("health while etcd is down");
     assert!(unhealthy.contains("etcd unreachable"), "{unhealthy}");
 
-    stage_put(&store, "10.0.0.2", "staged");
+    stage_allocate(&store, "10.0.0.2", "staged");
     let started = Instant::now();
     let err = store.flush().expect_err("a flush while etcd is down");
     let took = started.elapsed();
     assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
     assert!(took < TIMEOUT + MARGIN, "the flush took {took:?}");
-    assert_eq!(store.get_latest(ip("10.0.0.2")).expect("get"), None);
+    assert_eq!(
+        store.record_for_decision(ip("10.0.0.2")).expect("get"),
+        None
+    );
 
     etcd.cluster().restart(0);
     eventually("reads work again", || store.get(ip("10.0.0.1")).ok()).map_or_else(
@@ -112,7 +117,7 @@ fn while_etcd_answers_nothing_a_flush_fails_within_the_timeout_and_reads_stop() 
     let kept = allocate(&store, "10.0.0.1", "kept");
     etcd.cluster().freeze(0);
 
-    stage_put(&store, "10.0.0.2", "staged");
+    stage_allocate(&store, "10.0.0.2", "staged");
     let started = Instant::now();
     let err = store
         .flush()
@@ -147,7 +152,7 @@ fn while_etcd_answers_nothing_a_flush_fails_within_the_timeout_and_reads_stop() 
         (store.get(ip("10.0.0.2")).expect("get").is_some() == taken).then_some(())
     });
     assert_eq!(
-        store.get_latest(ip("10.0.0.2")).expect("get"),
+        store.record_for_decision(ip("10.0.0.2")).expect("get"),
         store.get(ip("10.0.0.2")).expect("get")
     );
     let after = allocate(&store, "10.0.0.3", "after");

@@ -14,27 +14,27 @@ use crate::model::{Change, ChangeKind};
 use crate::store::{
     Store, StoreError,
     contract::{
-        a_failed_flush_applies_nothing_and_keeps_nothing_staged, allocate, ip, mk_record, release,
-        stage_delete, stage_put,
+        a_failed_flush_applies_nothing_and_keeps_nothing_staged, allocate, flush, ip,
+        mk_record_at as mk_record, release, stage_allocate, stage_release,
     },
-    etcd::EtcdStore,
+    etcd::keys,
 };
 
 /// Two replicas on one etcd, or `None` when etcd cannot run here.
-fn mk_replicas(test: &str) -> Option<(Etcd, EtcdStore, EtcdStore)> {
+fn mk_replicas(test: &str) -> Option<(Etcd, Store, Store)> {
     let etcd = Etcd::start(test)?;
     let (a, b) = (etcd.open(), etcd.open());
     Some((etcd, a, b))
 }
 
-/// Flushes `winner` then `loser`, both with writes staged that cannot both
-/// commit: the batch revision of the winner; the loser must fail with a
-/// conflict seen at or after it.
-fn race(winner: &EtcdStore, loser: &EtcdStore) -> u64 {
-    let won = winner
-        .flush()
-        .expect("the first flush")
-        .expect("a batch revision");
+/// Flushes `winner` then `loser`, both with one write staged that cannot
+/// both commit: the revision of the winner's change; the loser must fail
+/// with a conflict seen at or after it.
+fn race(winner: &Store, loser: &Store) -> u64 {
+    let won = match flush(winner).as_slice() {
+        [change] => change.revision,
+        other => panic!("the first flush made {other:?}"),
+    };
     match loser.flush() {
         Err(StoreError::Conflict { seen }) => {
             assert!(seen >= won, "conflict seen at {seen}, before the win {won}");
@@ -45,7 +45,7 @@ fn race(winner: &EtcdStore, loser: &EtcdStore) -> u64 {
 }
 
 /// Waits until `store`'s committed copy shows `address` as `expected`.
-fn wait_for_address(store: &EtcdStore, address: &str, expected: Option<&str>) {
+fn wait_for_address(store: &Store, address: &str, expected: Option<&str>) {
     eventually(&format!("{address} held by {expected:?}"), || {
         let held = store.get(ip(address)).expect("get");
         (held.as_ref().map(|r| r.owner.as_str()) == expected).then_some(())
@@ -59,19 +59,22 @@ fn replicas_racing_for_one_address_for_two_owners_commit_one() {
     else {
         return;
     };
-    stage_put(&a, "10.0.0.1", "owner-a");
-    stage_put(&b, "10.0.0.1", "owner-b");
+    stage_allocate(&a, "10.0.0.1", "owner-a");
+    stage_allocate(&b, "10.0.0.1", "owner-b");
     let won = race(&a, &b);
     let winner = mk_record("owner-a", won);
     // The loser's committed reads have caught up, and nothing stays staged.
     assert_eq!(b.get(ip("10.0.0.1")).expect("get"), Some(winner.clone()));
-    assert_eq!(b.get_latest(ip("10.0.0.1")).expect("get"), Some(winner));
+    assert_eq!(
+        b.record_for_decision(ip("10.0.0.1")).expect("get"),
+        Some(winner)
+    );
     assert_eq!(
         b.owner_address("owner-a").expect("owner"),
         Some(ip("10.0.0.1"))
     );
     assert_eq!(b.owner_address("owner-b").expect("owner"), None);
-    assert_eq!(b.owner_address_latest("owner-b").expect("owner"), None);
+    assert_eq!(b.owner_for_decision("owner-b").expect("owner"), None);
     // Deciding again on what it now sees commits.
     let again = allocate(&b, "10.0.0.2", "owner-b");
     wait_for_address(&a, "10.0.0.2", Some("owner-b"));
@@ -85,15 +88,15 @@ fn replicas_racing_to_give_one_owner_two_addresses_commit_one() {
     else {
         return;
     };
-    stage_put(&a, "10.0.0.1", "owner");
-    stage_put(&b, "10.0.0.2", "owner");
+    stage_allocate(&a, "10.0.0.1", "owner");
+    stage_allocate(&b, "10.0.0.2", "owner");
     let won = race(&a, &b);
     assert_eq!(
         b.owner_address("owner").expect("owner"),
         Some(ip("10.0.0.1"))
     );
     assert_eq!(
-        b.owner_address_latest("owner").expect("owner"),
+        b.owner_for_decision("owner").expect("owner"),
         Some(ip("10.0.0.1"))
     );
     assert_eq!(
@@ -101,7 +104,7 @@ fn replicas_racing_to_give_one_owner_two_addresses_commit_one() {
         Some(mk_record("owner", won))
     );
     assert_eq!(b.get(ip("10.0.0.2")).expect("get"), None);
-    assert_eq!(b.get_latest(ip("10.0.0.2")).expect("get"), None);
+    assert_eq!(b.record_for_decision(ip("10.0.0.2")).expect("get"), None);
     let all: Vec<_> = b.addresses().map(|r| r.expect("address")).collect();
     assert_eq!(all, vec![ip("10.0.0.1")]);
 }
@@ -114,8 +117,8 @@ fn replicas_racing_to_release_one_allocation_commit_one() {
     };
     allocate(&a, "10.0.0.1", "owner");
     wait_for_address(&b, "10.0.0.1", Some("owner"));
-    stage_delete(&a, "10.0.0.1");
-    stage_delete(&b, "10.0.0.1");
+    stage_release(&a, "10.0.0.1");
+    stage_release(&b, "10.0.0.1");
     let won = race(&a, &b);
     assert_eq!(b.get(ip("10.0.0.1")).expect("get"), None);
     assert_eq!(b.owner_address("owner").expect("owner"), None);
@@ -151,15 +154,10 @@ fn a_failed_flush_applies_nothing_and_keeps_nothing_staged_after_a_lost_race() {
 }
 
 /// Takes what `store` observed until it holds `n` changes.
-fn observe(store: &EtcdStore, n: usize) -> Vec<Change> {
+fn observe(store: &Store, n: usize) -> Vec<Change> {
     let mut seen = Vec::new();
     eventually(&format!("{n} changes observed"), || {
-        seen.extend(
-            store
-                .observed()
-                .expect("observed")
-                .expect("a shared store observes"),
-        );
+        seen.extend(store.observed().expect("observed").changes);
         (seen.len() >= n).then_some(())
     });
     assert_eq!(seen.len(), n, "no more than written: {seen:?}");
@@ -168,7 +166,7 @@ fn observe(store: &EtcdStore, n: usize) -> Vec<Change> {
 
 /// Writes through `store` one allocation, then a batch of an allocation
 /// and a release, then one release: the changes they made, in order.
-fn write_some(store: &EtcdStore) -> Vec<Change> {
+fn write_some(store: &Store) -> Vec<Change> {
     let change = |revision, kind, address: &str, owner: &str, created| Change {
         revision,
         kind,
@@ -176,17 +174,20 @@ fn write_some(store: &EtcdStore) -> Vec<Change> {
         record: mk_record(owner, created),
     };
     let r1 = allocate(store, "10.0.0.1", "a").revision;
-    stage_put(store, "fd00::1", "b");
-    stage_delete(store, "10.0.0.1");
-    let r2 = store.flush().expect("flush").expect("a batch revision");
-    let r3 = release(store, "fd00::1");
-    assert!(r1 < r2 && r2 < r3);
-    // Within a transaction, etcd reports its keys in order.
+    stage_allocate(store, "fd00::1", "b");
+    stage_release(store, "10.0.0.1");
+    let batch = flush(store);
+    let (r2, r3) = (batch[0].revision, batch[1].revision);
+    let r4 = release(store, "fd00::1");
+    assert!(r1 < r2 && r2 < r3 && r3 < r4);
+    // One transaction, two changes of their own: etcd reports its keys in
+    // order.
+    assert_eq!(keys::etcd_revision(r2), keys::etcd_revision(r3));
     vec![
         change(r1, ChangeKind::Allocated, "10.0.0.1", "a", r1),
         change(r2, ChangeKind::Released, "10.0.0.1", "a", r1),
-        change(r2, ChangeKind::Allocated, "fd00::1", "b", r2),
-        change(r3, ChangeKind::Released, "fd00::1", "b", r2),
+        change(r3, ChangeKind::Allocated, "fd00::1", "b", r3),
+        change(r4, ChangeKind::Released, "fd00::1", "b", r3),
     ]
 }
 
@@ -197,7 +198,6 @@ fn a_replica_observes_the_others_writes_in_revision_order_and_replays_them() {
     else {
         return;
     };
-    assert!(b.is_shared());
     let wakes = Arc::new(AtomicUsize::new(0));
     let counter = wakes.clone();
     b.on_observed(Box::new(move || {
@@ -208,8 +208,8 @@ fn a_replica_observes_the_others_writes_in_revision_order_and_replays_them() {
     assert!(wakes.load(Ordering::Relaxed) > 0, "the writer was woken");
     let replayed: Vec<Change> = b.changes(0, u64::MAX).map(|c| c.expect("change")).collect();
     assert_eq!(replayed, written);
-    // The writer's own commits come back to it the same way.
-    assert_eq!(observe(&a, written.len()), written);
+    // The writer's own commits came back to it from its flushes.
+    assert_eq!(a.observed().expect("observed").changes, Vec::new());
     assert!(b.revision().expect("rev") >= written[3].revision);
 }
 
@@ -234,8 +234,8 @@ fn a_replica_opened_later_replays_history_from_before_it_started() {
         .collect();
     assert_eq!(before, written[1..3], "bounded by revision");
     assert_eq!(
-        c.observed().expect("observed"),
-        Some(vec![]),
+        c.observed().expect("observed").changes,
+        Vec::new(),
         "what it loaded is not news to its writer"
     );
     let later = allocate(&a, "10.0.0.9", "later");
@@ -252,18 +252,18 @@ fn a_replica_opened_after_a_compaction_replays_what_came_after_it() {
         return;
     };
     let written = write_some(&a);
-    let compacted = written[2].revision;
+    let compacted = i64::try_from(keys::etcd_revision(written[2].revision)).expect("a revision");
     let endpoints = etcd.cluster().endpoints();
     etcd.block_on(async {
         let mut client = etcd_client::Client::connect(endpoints, None)
             .await
             .expect("connect");
-        let at = i64::try_from(compacted).expect("a revision");
-        client.compact(at, None).await.expect("compact");
+        client.compact(compacted, None).await.expect("compact");
     });
     let c = etcd.open();
+    let after = keys::change_revision(compacted + 1, 0);
     eventually("the history replayed after the compaction", || {
-        matches!(c.first_change(), Ok(Some(from)) if from == compacted + 1).then_some(())
+        matches!(c.first_change(), Ok(Some(from)) if from == after).then_some(())
     });
     let replayed: Vec<Change> = c.changes(0, u64::MAX).map(|c| c.expect("change")).collect();
     assert_eq!(replayed, written[3..]);

@@ -14,7 +14,7 @@ use vipam_test_etcd::{Certificates, Cluster, require, require_etcdctl, require_t
 
 use super::Etcd;
 use crate::store::{
-    Store, StoreError,
+    StoreError,
     contract::{allocate, ip},
 };
 
