@@ -465,7 +465,7 @@ async fn a_since_revision_older_than_the_history_or_etcds_compaction_is_out_of_r
         .expect("keys")
         .revision;
     etcd::compact(&mut etcd, compacted).await.expect("compact");
-    let compacted = u64::try_from(compacted).expect("a revision");
+    let compacted = covering(compacted);
     let b = etcd::start_replica(&dir.path().join("b"), &endpoints, &["--pool", POOL])
         .expect("replica B starts after the compaction");
     let client_b = mk_client(&b.url(), None).expect("client");
@@ -473,6 +473,13 @@ async fn a_since_revision_older_than_the_history_or_etcds_compaction_is_out_of_r
     assert_trimmed(&client_b, compacted - 1, compacted).await;
     assert_eq!(revisions_from(&client_b, compacted, 1).await, [later]);
     assert_eq!(revisions_from(&client_a, revisions[9], 1).await, [later]);
+}
+
+/// The allocator's revision that covers every change up to etcd's revision
+/// `etcd`: on etcd, a change's revision is its transaction's etcd revision
+/// times 1000 plus its place in the transaction.
+fn covering(etcd: i64) -> u64 {
+    u64::try_from(etcd).expect("a revision") * 1000 + 999
 }
 
 async fn mk_revision(client: &Client, owner: &str) -> u64 {

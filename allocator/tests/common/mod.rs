@@ -19,7 +19,7 @@ use vipam_allocator::{
     api::service::Token,
     engine::watch::WatchSettings,
     policy::Policy,
-    store::SledStore,
+    store::{SledStore, Store},
 };
 
 /// A running in-process allocator.
@@ -27,7 +27,8 @@ pub struct TestServer {
     pub addr: SocketAddr,
     stop: Option<oneshot::Sender<()>>,
     done: Option<tokio::task::JoinHandle<()>>,
-    _dir: tempfile::TempDir,
+    /// What the store needs kept (its directory, its etcd).
+    _guard: Box<dyn std::any::Any + Send>,
 }
 
 impl TestServer {
@@ -115,20 +116,36 @@ fn mk_pools(config: &Config<'_>) -> Arc<Pools> {
     Arc::new(Pools::new(defs, None).expect("pools"))
 }
 
-/// Starts a server as `config` says.
+/// Starts a server as `config` says, on a sled store in a directory of its
+/// own.
 pub async fn mk_server(config: Config<'_>) -> TestServer {
     let dir = tempfile::tempdir().expect("tempdir");
-    let pools = mk_pools(&config);
     let store = SledStore::open(dir.path(), 8 << 20)
         .expect("store")
         .with_history(config.history);
+    mk_server_on(config, store.into(), Box::new(dir)).await
+}
+
+/// The pools of `config`, as the server of [`mk_server_on`] has them.
+pub fn config_pools(config: &Config<'_>) -> Arc<Pools> {
+    mk_pools(config)
+}
+
+/// Starts a server as `config` says on `store`; `guard` is kept as long as
+/// the server runs.
+pub async fn mk_server_on(
+    config: Config<'_>,
+    store: Store,
+    guard: Box<dyn std::any::Any + Send>,
+) -> TestServer {
+    let pools = mk_pools(&config);
     let allow_outside = config
         .allow_outside
         .iter()
         .map(|n| n.parse().expect("allowed CIDR"))
         .collect();
     let policy = Policy::new(&pools, allow_outside, Vec::new(), Vec::new()).expect("policy");
-    let ipam = Ipam::load(store.into(), pools)
+    let ipam = Ipam::load(store, pools)
         .expect("load")
         .with_policy(policy);
     let (handle, writer) = vipam_allocator::start_with(ipam, 1024, config.watch).expect("writer");
@@ -159,6 +176,6 @@ pub async fn mk_server(config: Config<'_>) -> TestServer {
         addr,
         stop: Some(stop),
         done: Some(done),
-        _dir: dir,
+        _guard: guard,
     }
 }
