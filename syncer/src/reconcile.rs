@@ -217,3 +217,6 @@ pub async fn release_orphans(ctx: &Context) -> Result<usize, Error> {
     }
     Ok(released)
 }
+
+#[cfg(test)]
+mod tests;
