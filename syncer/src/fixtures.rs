@@ -1,4 +1,10 @@
-//! Builders of Services for the unit tests of the pure decisions.
+//! The fixtures of the crate's tests: builders of Services for the unit
+//! tests of the pure decisions, and, for the scenario tests of the
+//! reconciler, scripted doubles of the Kubernetes API and the allocator
+//! ([`script`]) and a reconciler over them ([`scenario`]).
+
+pub mod scenario;
+pub mod script;
 
 use std::{collections::BTreeMap, net::IpAddr};
 
@@ -109,6 +115,12 @@ impl MkService {
             }),
             ..Default::default()
         });
+        self
+    }
+
+    /// At a resourceVersion.
+    pub fn resource_version(mut self, rv: &str) -> Self {
+        self.0.metadata.resource_version = Some(rv.into());
         self
     }
 

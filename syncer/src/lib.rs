@@ -3,12 +3,12 @@
 //! to each Service's status.
 //!
 //! Pure parts: [`desired`] (what a Service asks for), [`plan`] (what a
-//! reconcile does with it), [`render`] (the ConfigMap format and the Go
-//! provider's state), [`owner`] (the allocator owners of this cluster's
-//! Services). Kubernetes-facing parts: [`reconcile`] (carries a plan
-//! out for one Service), [`writes`] (its patches of a Service), [`adopt`]
-//! (the addresses in use, claimed before new ones), [`configmap`] (the one
-//! ConfigMap writer), [`events`]. [`allocation`] talks to the allocator;
+//! reconcile does with it, as ordered steps), [`render`] (the ConfigMap
+//! format and the Go provider's state), [`owner`] (the allocator owners of
+//! this cluster's Services). Kubernetes-facing parts: [`reconcile`] (takes
+//! a plan's steps for one Service), [`writes`] (its patches of a Service),
+//! [`adopt`] (the addresses in use, claimed before new ones), [`configmap`]
+//! (the one ConfigMap writer), [`events`]. [`allocation`] talks to the allocator;
 //! [`context`] is what reconciles share; [`args`] wires it all.
 
 pub mod adopt;

@@ -1,9 +1,11 @@
 //! What to do with one Service, decided by pure functions of the Service,
-//! what the syncer knows of it and the settings. [`plan`] decides before any
-//! call: leave the Service alone, refuse it (Events only), apply it (the
-//! finalizer, what to release and what to ask the allocator for) or clean it
-//! up. What follows an answer of the allocator is decided by
-//! [`Apply::outcome`], [`failure`] and the methods of [`Cleanup`]. The
+//! what the syncer knows of it and the settings, and given as the ordered
+//! [`Step`]s a reconcile takes. [`plan`] decides before any call: leave the
+//! Service alone, refuse it (Events only), apply it (the finalizer, what to
+//! release, adoption, the allocation) or clean it up (the release first).
+//! Where a call's answer decides what follows, [`Plan::then`] gives the next
+//! steps: [`Apply::outcome`] after the allocation, [`Cleanup::released`]
+//! after a clean-up's release, [`failure`] after a failed release. The
 //! reconciler only carries the steps out.
 
 use std::net::IpAddr;
@@ -22,6 +24,10 @@ use crate::{
     index::ServiceKey,
     render::Entry,
 };
+
+mod step;
+
+pub use step::{Answer, Step};
 
 /// An Event to publish on the Service.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -56,52 +62,93 @@ impl Note {
     }
 }
 
-/// Events settled before anything else: the reasons whose published Events
-/// are forgotten (so they are published again if they come back), then the
+/// Events settled together: the reasons whose published Events are
+/// forgotten (so they are published again if they come back), then the
 /// Events to publish.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Notes {
-    /// Reasons to forget.
-    pub clear: Vec<&'static str>,
-    /// Events to publish, in order.
-    pub publish: Vec<Note>,
+#[derive(Debug, Default)]
+struct Notes {
+    clear: Vec<&'static str>,
+    publish: Vec<Note>,
+}
+
+impl Notes {
+    /// The steps: every reason cleared, then every Event published.
+    fn steps(self) -> impl Iterator<Item = Step> {
+        let clear = self.clear.into_iter().map(Step::ClearReason);
+        clear.chain(self.publish.into_iter().map(Step::PublishEvent))
+    }
 }
 
 /// What a reconcile does with a Service.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Plan {
-    /// Not this syncer's Service, or nothing left to clean up.
+    /// Not this syncer's Service, or nothing left to clean up: no step.
     Ignore,
     /// Publish the Events and allocate nothing: what the Service has stays.
-    Refuse(Notes),
+    Refuse(Vec<Step>),
     /// Give the Service its address.
     Apply(Apply),
     /// Take the Service's address away.
     Cleanup(Cleanup),
 }
 
-/// Giving a Service its address, in order: the Events, the finalizer, a
-/// release (when it moves), adoption of every address in use (before a new
-/// one), the allocation (an address in answer forgets the earlier
-/// allocation-failed Events), then what [`Apply::outcome`] says.
+impl Plan {
+    /// The first steps, up to and including the call whose answer decides
+    /// the rest.
+    pub fn steps(&self) -> Vec<Step> {
+        match self {
+            Plan::Ignore => Vec::new(),
+            Plan::Refuse(steps) => steps.clone(),
+            Plan::Apply(a) => a.steps.clone(),
+            Plan::Cleanup(_) => vec![Step::Release],
+        }
+    }
+
+    /// The steps an answer adds, taken before any step that was still to
+    /// come: after a failed release, those of [`failure`] (which end the
+    /// reconcile); after a clean-up's release, those of
+    /// [`Cleanup::released`]; after the allocation, those of
+    /// [`Apply::outcome`]; after a failed claim back, adoption of every
+    /// address again, which claims it back. Any other answer adds nothing.
+    pub fn then(&self, answer: &Answer) -> Vec<Step> {
+        match (self, answer) {
+            (
+                _,
+                Answer::Released {
+                    released: Err(e), ..
+                },
+            ) => failure(e),
+            (
+                Plan::Cleanup(c),
+                Answer::Released {
+                    released: Ok(released),
+                    indexed,
+                    cleaning,
+                },
+            ) => c.released(*released, *indexed, *cleaning),
+            (Plan::Apply(a), Answer::Allocated(answer, holder)) => {
+                a.outcome(answer.as_ref(), holder.as_ref())
+            }
+            (_, Answer::Reclaimed(Err(_))) => vec![Step::RequireAdoption],
+            _ => Vec::new(),
+        }
+    }
+}
+
+/// Giving a Service its address: the first [`steps`](Apply::steps), and
+/// what [`Apply::outcome`] needs to decide what follows the allocation.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Apply {
     /// The Service.
     pub subject: Subject,
-    /// Events first.
-    pub notes: Notes,
-    /// Whether the finalizer is to be added.
-    pub add_finalizer: bool,
+    /// In order: the Events, the finalizer, a release (when it moves),
+    /// adoption of every address in use (before a new one), the allocation.
+    pub steps: Vec<Step>,
     /// The address in the Service's status.
     pub status: Option<IpAddr>,
-    /// Whether the held address is released first: the Service asks for
-    /// another one.
-    pub release_first: bool,
-    /// Whether every address in use is adopted first: the Service may get a
-    /// new address.
-    pub adopt_first: bool,
-    /// What to ask the allocator for.
-    pub ask: Request,
+    /// Whether the Service moves from the address in its status to another
+    /// one it asks for (the held address is released first).
+    pub moving: bool,
     /// The address from before vipam, for a Service without a status.
     pub adopted: Option<IpAddr>,
     /// The forward method of its ConfigMap entry.
@@ -110,64 +157,8 @@ pub struct Apply {
     pub port_rewrites: Vec<PortRewrite>,
 }
 
-/// A failed call to the allocator: its Event, and what else it means.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Failure {
-    /// The failure, returned as the reconcile's error.
-    pub error: AllocError,
-    /// The Event.
-    pub note: Note,
-    /// Whether every address is adopted again before a new one: an
-    /// allocator that was unreachable may come back without its data.
-    pub adopt_again: bool,
-    /// Whether the Service is reconciled again after the next release: its
-    /// pool is full.
-    pub wait_for_release: bool,
-    /// The address the Service held before a refused move, claimed back so
-    /// that it keeps it (its status and entry still name it) and no other
-    /// Service is handed it.
-    pub reclaim: Option<IpAddr>,
-}
-
-/// What to do with the allocator's answer.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Outcome {
-    /// The allocation failed.
-    Failed(Failure),
-    /// Another Service holds the address: the allocator lost its state.
-    /// Give the address back, adopt every address again and fail.
-    Stale {
-        /// The address.
-        ip: IpAddr,
-        /// Who holds it.
-        holder: ServiceKey,
-    },
-    /// The address is IPv6, which nothing can announce: release it (a later
-    /// change of pool then allocates anew), publish the Event, drop the
-    /// ConfigMap entry.
-    Ipv6 {
-        /// The Event.
-        note: Note,
-    },
-    /// Record the entry; with `announce`, write the address to the status,
-    /// then publish the Event; then settle the `notes`.
-    Publish {
-        /// The address.
-        ip: IpAddr,
-        /// The ConfigMap entry.
-        entry: Entry,
-        /// The Event of a new address in the status.
-        announce: Option<Note>,
-        /// The warnings of the entry (a port rewrite) and of an address
-        /// outside every pool, or the forgetting of earlier ones.
-        notes: Notes,
-    },
-}
-
-/// Taking a Service's address away, in order: release it, check that this
-/// syncer served the Service ([`Cleanup::served`]), drop the entry and wait
-/// until the ConfigMap no longer holds it, clear the status (of a Service
-/// that stays), drop the finalizer, then the Event ([`Cleanup::released`]).
+/// Taking a Service's address away: a release first, then what
+/// [`Cleanup::released`] says.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Cleanup {
     /// The Service.
@@ -215,7 +206,7 @@ fn apply(svc: &Service, d: Desired, adoptable: &Adoptable) -> Plan {
         Ok(r) => r,
         Err(problem) => {
             notes.publish.push(invalid(&problem));
-            return Plan::Refuse(notes);
+            return Plan::Refuse(notes.steps().collect());
         }
     };
     if d.warnings.is_empty() {
@@ -229,12 +220,12 @@ fn apply(svc: &Service, d: Desired, adoptable: &Adoptable) -> Plan {
                 "the requested address {ip} is IPv6, which kube-keepalived-vip cannot announce (its ConfigMap keys cannot hold ':'); it is not allocated"
             ),
         ));
-        return Plan::Refuse(notes);
+        return Plan::Refuse(notes.steps().collect());
     }
     let subject = Subject::of(svc);
     let status = status_ip(svc);
     let adopted = status.is_none().then(|| adoptable.of(&subject)).flatten();
-    let (ask, release_first, adopt_first) = match (status, request.address) {
+    let (ask, moving, adopt_first) = match (status, request.address) {
         // The user asks for another address: move (and only then).
         (Some(have), Some(want)) if have != want => (request, true, false),
         (Some(have), _) => (Request::keep(have), false, false),
@@ -244,14 +235,18 @@ fn apply(svc: &Service, d: Desired, adoptable: &Adoptable) -> Plan {
             None => (request, false, true),
         },
     };
+    let steps = notes
+        .steps()
+        .chain((!has_finalizer(svc)).then_some(Step::AddFinalizer))
+        .chain(moving.then_some(Step::Release))
+        .chain(adopt_first.then_some(Step::AdoptAll))
+        .chain([Step::Allocate(ask)])
+        .collect();
     Plan::Apply(Apply {
         subject,
-        notes,
-        add_finalizer: !has_finalizer(svc),
+        steps,
         status,
-        release_first,
-        adopt_first,
-        ask,
+        moving,
         adopted,
         forward_method: d.forward_method,
         port_rewrites: d.port_rewrites,
@@ -294,15 +289,29 @@ fn given(ip: IpAddr, pool: &str, rewrites: &[PortRewrite]) -> Notes {
     notes
 }
 
-/// What a failed allocator call means for the Service.
-pub fn failure(error: &AllocError) -> Failure {
-    Failure {
-        note: Note::warning(reason::ALLOCATION_FAILED, "Allocate", error.to_string()),
-        adopt_again: matches!(error, AllocError::Unreachable(_)),
-        wait_for_release: false,
-        reclaim: None,
-        error: error.clone(),
-    }
+/// What a failed call to the allocator means for the Service: every address
+/// is adopted again when the allocator was unreachable (it may come back
+/// without its data), then the Event, then the reconcile fails.
+pub fn failure(error: &AllocError) -> Vec<Step> {
+    failed_allocation(error, None)
+}
+
+/// A failed call to the allocator, as [`failure`]; before the Event, a
+/// Service whose pool is full waits for a release, and one whose move was
+/// refused claims back the address it held (`reclaim`), so that it keeps it
+/// (its status and entry still name it) and no other Service is handed it.
+fn failed_allocation(error: &AllocError, reclaim: Option<IpAddr>) -> Vec<Step> {
+    let unreachable = matches!(error, AllocError::Unreachable(_));
+    let full = matches!(error, AllocError::Exhausted(_));
+    let note = Note::warning(reason::ALLOCATION_FAILED, "Allocate", error.to_string());
+    full.then_some(Step::WaitForRelease)
+        .into_iter()
+        .chain(unreachable.then_some(Step::RequireAdoption))
+        // An unreachable allocator is not asked again now: the adoption it
+        // requires claims the address back.
+        .chain(reclaim.filter(|_| !unreachable).map(Step::Reclaim))
+        .chain([Step::PublishEvent(note), Step::Fail(error.clone())])
+        .collect()
 }
 
 fn from_pool(pool: &str) -> String {
@@ -314,79 +323,108 @@ fn from_pool(pool: &str) -> String {
 }
 
 impl Apply {
-    /// What to do with the allocator's answer, given the Service the index
-    /// holds the answered address for.
+    /// The steps that follow the allocator's answer, given the Service the
+    /// index holds the answered address for. An address in answer first
+    /// forgets the earlier allocation-failed Events. Another Service's
+    /// address means the allocator lost its state: give it back, adopt every
+    /// address again and fail. An IPv6 address, which nothing can announce,
+    /// is released (a later change of pool then allocates anew) with an
+    /// Event, and the entry dropped. Otherwise the entry is recorded; a new
+    /// address is written to the status and announced; then the warnings of
+    /// what it is given.
     pub fn outcome(
         &self,
         answer: Result<&Allocated, &AllocError>,
         holder: Option<&ServiceKey>,
-    ) -> Outcome {
+    ) -> Vec<Step> {
         let Allocated { ip, pool } = match answer {
             Ok(a) => a,
-            Err(e) => {
-                let f = failure(e);
-                return Outcome::Failed(Failure {
-                    wait_for_release: matches!(e, AllocError::Exhausted(_)),
-                    // An unreachable allocator is not asked again now: the
-                    // adoption it requires claims the status address.
-                    reclaim: self.status.filter(|_| self.release_first && !f.adopt_again),
-                    ..f
-                });
-            }
+            Err(e) => return failed_allocation(e, self.status.filter(|_| self.moving)),
         };
         let ip = *ip;
+        let mut steps = vec![Step::ClearReason(reason::ALLOCATION_FAILED)];
         if let Some(holder) = holder.filter(|h| **h != self.subject.key()) {
-            return Outcome::Stale {
-                ip,
-                holder: holder.clone(),
-            };
+            steps.extend([
+                Step::GiveBack,
+                Step::RequireAdoption,
+                Step::FailStale {
+                    ip,
+                    holder: holder.clone(),
+                },
+            ]);
+            return steps;
         }
         if ip.is_ipv6() {
-            return Outcome::Ipv6 {
-                note: Note::warning(
+            steps.extend([
+                Step::Release,
+                Step::PublishEvent(Note::warning(
                     reason::IPV6_NOT_SUPPORTED,
                     "Allocate",
                     format!(
                         "{ip} {} is IPv6, which kube-keepalived-vip cannot announce (its ConfigMap keys cannot hold ':'); it is released and not published",
                         from_pool(pool)
                     ),
-                ),
-            };
+                )),
+                Step::DropEntry,
+            ]);
+            return steps;
         }
+        let entry = Entry::of(&self.subject, self.forward_method);
+        steps.extend([Step::RecordEntry { ip, entry }, Step::CountManaged]);
+        if self.status != Some(ip) {
+            steps.extend([Step::PatchStatus(Some(ip)), self.announce(ip, pool)]);
+        }
+        steps.extend(given(ip, pool, &self.port_rewrites).steps());
+        steps.push(Step::SettleWrites);
+        steps
+    }
+
+    /// The Event of a new address in the status.
+    fn announce(&self, ip: IpAddr, pool: &str) -> Step {
         let how = if self.adopted == Some(ip) {
             "adopted"
         } else {
             "allocated"
         };
-        Outcome::Publish {
-            ip,
-            notes: given(ip, pool, &self.port_rewrites),
-            entry: Entry::of(&self.subject, self.forward_method),
-            announce: (self.status != Some(ip)).then(|| {
-                Note::normal(
-                    reason::ALLOCATED,
-                    "Allocate",
-                    format!("{how} {ip} {}", from_pool(pool)),
-                )
-            }),
-        }
+        let message = format!("{how} {ip} {}", from_pool(pool));
+        Step::PublishEvent(Note::normal(reason::ALLOCATED, "Allocate", message))
     }
 }
 
 impl Cleanup {
-    /// Whether this syncer served the Service, so that the clean-up goes
-    /// on: always when it manages it; otherwise only when the allocator
-    /// released an address of it, the index holds it, it had an address from
-    /// before vipam or its clean-up began here. Another implementation may
-    /// hold the same finalizer.
-    pub fn served(&self, released: Option<IpAddr>, indexed: bool, cleaning: bool) -> bool {
-        self.managed || released.is_some() || indexed || self.adoptable || cleaning
-    }
-
-    /// The Event of the release, once the finalizer is gone; with it, the
-    /// Services waiting for a free address are reconciled again.
-    pub fn released(&self, released: Option<IpAddr>) -> Option<Note> {
-        released.map(|ip| Note::normal(reason::RELEASED, "Release", format!("released {ip}")))
+    /// The steps that follow the release, given whether the index held an
+    /// entry of the Service and whether its clean-up started here. The
+    /// clean-up goes on only for a Service this syncer served: always one it
+    /// manages; otherwise only when the allocator released an address of
+    /// it, the index holds it, it had an address from before vipam or its
+    /// clean-up began here (another implementation may hold the same
+    /// finalizer). Then: drop the entry and wait until the ConfigMap no
+    /// longer holds it, clear the status (of a Service that stays), drop the
+    /// finalizer, and, when an address was released, its Event and a wake-up
+    /// of the Services waiting for a free address.
+    pub fn released(&self, released: Option<IpAddr>, indexed: bool, cleaning: bool) -> Vec<Step> {
+        let served = self.managed || released.is_some() || indexed || self.adoptable || cleaning;
+        if !served {
+            return vec![Step::LeaveFinalizer];
+        }
+        let note = |ip| Note::normal(reason::RELEASED, "Release", format!("released {ip}"));
+        [
+            Step::MarkCleaning,
+            Step::DropEntry,
+            Step::CountManaged,
+            Step::WaitConfigMapPublished,
+        ]
+        .into_iter()
+        .chain(self.clear_status.then_some(Step::PatchStatus(None)))
+        .chain([Step::RemoveFinalizer, Step::UnmarkCleaning])
+        .chain(
+            released
+                .into_iter()
+                .flat_map(|ip| [Step::PublishEvent(note(ip)), Step::WakeWaiting]),
+        )
+        .chain(self.deleting.then_some(Step::ForgetEvents))
+        .chain([Step::SettleWrites])
+        .collect()
     }
 }
 

@@ -1,10 +1,10 @@
-//! Reconciling one Service: [`reconcile`] asks [`plan`](crate::plan) what to
-//! do and dispatches to [`apply`] (hold the finalizer, get the address,
-//! record it for the ConfigMap, publish it in the status) or [`cleanup`]
-//! (the reverse, when the Service goes away or stops being a LoadBalancer).
-//! Both carry out their plan step by step; every decision is in the plan.
+//! Reconciling one Service: [`reconcile`] asks [`plan`](crate::plan) for
+//! the steps and carries them out one by one; where a call's answer decides
+//! what follows, the plan gives the next steps
+//! ([`Plan::then`](crate::plan::Plan::then)). This module decides nothing:
+//! it only knows how each [`Step`] is done.
 
-use std::{net::IpAddr, sync::Arc, time::Duration};
+use std::{collections::VecDeque, net::IpAddr, sync::Arc, time::Duration};
 
 use k8s_openapi::api::core::v1::{ObjectReference, Service};
 use kube::{
@@ -17,182 +17,167 @@ use crate::{
     context::Context,
     desired::{Request, Subject},
     error::Error,
-    events::reason,
     index,
-    plan::{self, Apply, Cleanup, Failure, Note, Notes, Outcome, Plan},
+    plan::{self, Answer, Note, Step},
     writes::{OwnWrites, add_finalizer, patch_status, remove_finalizer},
 };
 
 /// How long a clean-up waits for the ConfigMap to drop the entry.
 const CONFIGMAP_WAIT: Duration = Duration::from_secs(30);
 
-/// Reconciles one Service.
+/// Reconciles one Service: takes the plan's steps in order, and the steps
+/// each answer adds before those still to come.
 pub async fn reconcile(svc: Arc<Service>, ctx: Arc<Context>) -> Result<Action, Error> {
     ctx.metrics.reconciles.inc();
-    match plan::plan(&svc, &ctx.settings, ctx.state.adoption.adoptable()) {
-        Plan::Ignore => {}
-        Plan::Refuse(notes) => publish(&ctx, &svc, notes).await,
-        Plan::Apply(p) => apply(&svc, &ctx, p).await?,
-        Plan::Cleanup(p) => cleanup(&svc, &ctx, p).await?,
+    let plan = plan::plan(&svc, &ctx.settings, ctx.state.adoption.adoptable());
+    let mut run = Run::new(&svc, &ctx);
+    let mut steps = VecDeque::from(plan.steps());
+    while let Some(step) = steps.pop_front() {
+        if let Some(answer) = run.take(step).await? {
+            let rest = std::mem::take(&mut steps);
+            steps = plan.then(&answer).into_iter().chain(rest).collect();
+        }
     }
     Ok(Action::await_change())
 }
 
-fn reference(svc: &Service) -> ObjectReference {
-    svc.object_ref(&())
+/// One reconcile of a Service under way: what its steps act on, and what
+/// earlier steps left for later ones.
+struct Run<'a> {
+    svc: &'a Service,
+    ctx: &'a Context,
+    subject: Subject,
+    object: ObjectReference,
+    api: Api<Service>,
+    own: OwnWrites,
+    /// The index generation without the Service's entry, once dropped.
+    dropped: u64,
 }
 
-async fn publish(ctx: &Context, svc: &Service, notes: Notes) {
-    let object = reference(svc);
-    for r in notes.clear {
-        ctx.clients.events.clear(&object, r);
+impl<'a> Run<'a> {
+    fn new(svc: &'a Service, ctx: &'a Context) -> Self {
+        let subject = Subject::of(svc);
+        Run {
+            api: Api::namespaced(ctx.clients.kube.clone(), &subject.namespace),
+            object: svc.object_ref(&()),
+            own: OwnWrites::from(svc),
+            dropped: 0,
+            subject,
+            svc,
+            ctx,
+        }
     }
-    for n in notes.publish {
-        tell(ctx, svc, n).await;
-    }
-}
 
-async fn tell(ctx: &Context, svc: &Service, n: Note) {
-    ctx.clients
-        .events
-        .publish(&reference(svc), n.type_, n.reason, n.action, n.message)
-        .await;
-}
+    /// Takes one step; the answer of a call whose answer decides what
+    /// follows.
+    async fn take(&mut self, step: Step) -> Result<Option<Answer>, Error> {
+        let Context { clients, state, .. } = self.ctx;
+        match step {
+            Step::ClearReason(reason) => clients.events.clear(&self.object, reason),
+            Step::PublishEvent(note) => self.publish(note).await,
+            Step::AddFinalizer => self.own.wrote(&add_finalizer(&self.api, self.svc).await?),
+            Step::Release => return Ok(Some(self.release().await)),
+            Step::GiveBack => {
+                let s = &self.subject;
+                let _ = clients.allocator.release(&s.namespace, &s.name).await;
+            }
+            Step::AdoptAll => self.ctx.adopt_all().await?,
+            Step::Allocate(request) => return Ok(Some(self.allocate(&request).await)),
+            Step::Reclaim(ip) => return Ok(Some(self.reclaim(ip).await)),
+            Step::RequireAdoption => state.adoption.require(),
+            Step::WaitForRelease => state.wait_for_release(ObjectRef::from_obj(self.svc)),
+            Step::RecordEntry { ip, entry } => {
+                state.index.upsert(self.subject.key(), ip, entry);
+            }
+            Step::DropEntry => self.dropped = state.index.remove(&self.subject.key()),
+            Step::CountManaged => index::record_managed(&state.index, &self.ctx.metrics),
+            Step::WaitConfigMapPublished => self.wait_published().await?,
+            Step::PatchStatus(ip) => {
+                self.own
+                    .wrote(&patch_status(&self.api, self.svc, ip).await?);
+            }
+            Step::RemoveFinalizer => {
+                if let Some(written) = remove_finalizer(&self.api, self.svc).await? {
+                    self.own.wrote(&written);
+                }
+            }
+            Step::MarkCleaning => state.set_cleaning(&self.subject.uid, true),
+            Step::UnmarkCleaning => state.set_cleaning(&self.subject.uid, false),
+            Step::WakeWaiting => state.wake_waiting(),
+            Step::ForgetEvents => clients.events.forget(&self.object),
+            Step::SettleWrites => self.own.settle(&state.services, self.svc).await,
+            Step::LeaveFinalizer => {
+                tracing::debug!(service = %self.subject, "not served by this syncer; its finalizer is left alone");
+            }
+            Step::Fail(e) => return Err(Error::Alloc(e)),
+            Step::FailStale { ip, holder } => {
+                return Err(Error::Stale {
+                    ip,
+                    owner: self.subject.to_string(),
+                    holder: format!("{}/{}", holder.0, holder.1),
+                });
+            }
+        }
+        Ok(None)
+    }
 
-/// Carries out a failed allocator call; the reconcile's error.
-async fn failed(ctx: &Context, svc: &Service, f: Failure) -> Error {
-    if f.wait_for_release {
-        ctx.state.wait_for_release(ObjectRef::from_obj(svc));
+    async fn publish(&self, n: Note) {
+        self.ctx
+            .clients
+            .events
+            .publish(&self.object, n.type_, n.reason, n.action, n.message)
+            .await;
     }
-    if f.adopt_again {
-        ctx.state.adoption.require();
-    }
-    if let Some(ip) = f.reclaim {
-        let keep = Request::keep(ip);
-        if let Err(e) = ctx
+
+    async fn release(&self) -> Answer {
+        let s = &self.subject;
+        let released = self
+            .ctx
             .clients
             .allocator
-            .allocate(&Subject::of(svc), &keep)
-            .await
-        {
+            .release(&s.namespace, &s.name)
+            .await;
+        Answer::Released {
+            released,
+            indexed: self.ctx.state.index.address(&s.key()).is_some(),
+            cleaning: self.ctx.state.is_cleaning(&s.uid),
+        }
+    }
+
+    async fn allocate(&self, request: &Request) -> Answer {
+        let answer = self
+            .ctx
+            .clients
+            .allocator
+            .allocate(&self.subject, request)
+            .await;
+        let holder = answer
+            .as_ref()
+            .ok()
+            .and_then(|a| self.ctx.state.index.holder(a.ip));
+        Answer::Allocated(answer, holder)
+    }
+
+    async fn reclaim(&self, ip: IpAddr) -> Answer {
+        let keep = Request::keep(ip);
+        let answer = self
+            .ctx
+            .clients
+            .allocator
+            .allocate(&self.subject, &keep)
+            .await;
+        if let Err(e) = &answer {
             tracing::warn!(address = %ip, error = %e, "claiming back the address of a refused move failed; adopting every address again");
-            ctx.state.adoption.require();
         }
+        Answer::Reclaimed(answer.map(drop))
     }
-    tell(ctx, svc, f.note).await;
-    Error::Alloc(f.error)
-}
 
-/// Releases whatever the Service holds; a failure is reported as one.
-async fn release(ctx: &Context, svc: &Service, s: &Subject) -> Result<Option<IpAddr>, Error> {
-    match ctx.clients.allocator.release(&s.namespace, &s.name).await {
-        Ok(released) => Ok(released),
-        Err(e) => Err(failed(ctx, svc, plan::failure(&e)).await),
+    async fn wait_published(&self) -> Result<(), Error> {
+        let published = self.ctx.state.index.wait_published(self.dropped);
+        tokio::time::timeout(CONFIGMAP_WAIT, published)
+            .await
+            .map_err(|_| Error::ConfigMapPending(self.subject.to_string()))
     }
-}
-
-/// Gives the Service its address: the steps before the allocation, the
-/// allocation, then what its outcome says.
-async fn apply(svc: &Service, ctx: &Context, mut p: Apply) -> Result<(), Error> {
-    publish(ctx, svc, std::mem::take(&mut p.notes)).await;
-    let api: Api<Service> = Api::namespaced(ctx.clients.kube.clone(), &p.subject.namespace);
-    let mut own = OwnWrites::from(svc);
-    if p.add_finalizer {
-        own.wrote(&add_finalizer(&api, svc).await?);
-    }
-    if p.release_first {
-        release(ctx, svc, &p.subject).await?;
-    }
-    if p.adopt_first {
-        ctx.adopt_all().await?;
-    }
-    let answer = ctx.clients.allocator.allocate(&p.subject, &p.ask).await;
-    let holder = answer
-        .as_ref()
-        .ok()
-        .and_then(|a| ctx.state.index.holder(a.ip));
-    if answer.is_ok() {
-        ctx.clients
-            .events
-            .clear(&reference(svc), reason::ALLOCATION_FAILED);
-    }
-    let s = &p.subject;
-    match p.outcome(answer.as_ref(), holder.as_ref()) {
-        Outcome::Failed(f) => Err(failed(ctx, svc, f).await),
-        Outcome::Stale { ip, holder } => {
-            // Never publish an address twice. Give it back and adopt everything.
-            let _ = ctx.clients.allocator.release(&s.namespace, &s.name).await;
-            ctx.state.adoption.require();
-            Err(Error::Stale {
-                ip,
-                owner: s.to_string(),
-                holder: format!("{}/{}", holder.0, holder.1),
-            })
-        }
-        Outcome::Ipv6 { note } => {
-            release(ctx, svc, s).await?;
-            tell(ctx, svc, note).await;
-            ctx.state.index.remove(&s.key());
-            Ok(())
-        }
-        Outcome::Publish {
-            ip,
-            entry,
-            announce,
-            notes,
-        } => {
-            ctx.state.index.upsert(s.key(), ip, entry);
-            index::record_managed(&ctx.state.index, &ctx.metrics);
-            if let Some(note) = announce {
-                own.wrote(&patch_status(&api, svc, Some(ip)).await?);
-                tell(ctx, svc, note).await;
-            }
-            publish(ctx, svc, notes).await;
-            own.settle(&ctx.state.services, svc).await;
-            Ok(())
-        }
-    }
-}
-
-/// Releases the address, waits until the ConfigMap no longer holds it, clears
-/// the status of a Service that stays, then drops the finalizer; only for a
-/// Service this syncer served (see [`Cleanup::served`]).
-async fn cleanup(svc: &Service, ctx: &Context, p: Cleanup) -> Result<(), Error> {
-    let s = &p.subject;
-    let key = s.key();
-    let released = release(ctx, svc, s).await?;
-    let indexed = ctx.state.index.address(&key).is_some();
-    if !p.served(released, indexed, ctx.state.is_cleaning(&s.uid)) {
-        tracing::debug!(service = %s, "not served by this syncer; its finalizer is left alone");
-        return Ok(());
-    }
-    ctx.state.set_cleaning(&s.uid, true);
-    let generation = ctx.state.index.remove(&key);
-    index::record_managed(&ctx.state.index, &ctx.metrics);
-    if tokio::time::timeout(CONFIGMAP_WAIT, ctx.state.index.wait_published(generation))
-        .await
-        .is_err()
-    {
-        return Err(Error::ConfigMapPending(s.to_string()));
-    }
-    let api: Api<Service> = Api::namespaced(ctx.clients.kube.clone(), &s.namespace);
-    let mut own = OwnWrites::from(svc);
-    if p.clear_status {
-        own.wrote(&patch_status(&api, svc, None).await?);
-    }
-    if let Some(written) = remove_finalizer(&api, svc).await? {
-        own.wrote(&written);
-    }
-    ctx.state.set_cleaning(&s.uid, false);
-    if let Some(note) = p.released(released) {
-        tell(ctx, svc, note).await;
-        ctx.state.wake_waiting();
-    }
-    if p.deleting {
-        ctx.clients.events.forget(&reference(svc));
-    }
-    own.settle(&ctx.state.services, svc).await;
-    Ok(())
 }
 
 /// How long to wait before trying a failed Service again.
@@ -232,3 +217,6 @@ pub async fn release_orphans(ctx: &Context) -> Result<usize, Error> {
     }
     Ok(released)
 }
+
+#[cfg(test)]
+mod tests;

@@ -51,7 +51,7 @@ impl OwnWrites {
 
     /// Waits (at most [`CACHE_WAIT`]) until the cache holds the Service as
     /// last written or later, or no longer holds it.
-    pub async fn settle(self, services: &Store<Service>, svc: &Service) {
+    pub async fn settle(&self, services: &Store<Service>, svc: &Service) {
         if self.last.is_none() {
             return;
         }

@@ -10,26 +10,33 @@ fn mk_method(value: &str) -> Service {
         .build()
 }
 
-/// The notes of a first answer of 10.0.0.1 from `pool`.
-fn given_notes(p: &Apply, pool: &str) -> Notes {
-    match p.outcome(Ok(&mk_allocated("10.0.0.1", pool)), None) {
-        Outcome::Publish { notes, .. } => notes,
-        other => panic!("expected Publish, got {other:?}"),
+/// The steps about what a first answer of 10.0.0.1 from `pool` gives: those
+/// between its announcement and the last step.
+fn given_steps(p: &Apply, pool: &str) -> Vec<Step> {
+    let steps = mk_answered(p, "10.0.0.1", pool);
+    match &steps[..] {
+        [
+            _,
+            _,
+            _,
+            PatchStatus(_),
+            PublishEvent(_),
+            given @ ..,
+            SettleWrites,
+        ] => given.to_vec(),
+        other => panic!("expected an announced address, got {other:?}"),
     }
 }
 
 /// The ConfigMap entry a first answer from the default pool gives.
 fn entry_of(p: &Apply) -> String {
-    match p.outcome(Ok(&mk_allocated("10.0.0.1", "default")), None) {
-        Outcome::Publish { entry, .. } => entry.value(),
-        other => panic!("expected Publish, got {other:?}"),
-    }
+    recorded_entry(&mk_answered(p, "10.0.0.1", "default")).value()
 }
 
 #[test]
 fn proxy_without_the_proxy_protocol_mode_warns_and_the_entry_has_the_default_method() {
     let svc = mk_method("PROXY");
-    let note = the_warning(&mk_apply(&svc).notes.publish, reason::INVALID_ANNOTATION).clone();
+    let note = the_warning(&mk_apply(&svc).steps, reason::INVALID_ANNOTATION).clone();
     for word in [
         FORWARD_METHOD_ANNOTATION,
         "\"PROXY\"",
@@ -61,7 +68,7 @@ fn proxy_with_the_proxy_protocol_mode_is_written_without_a_warning() {
         ..mk_settings()
     };
     let p = mk_apply_in(&svc, &mode, &Adoptable::default());
-    assert!(p.notes.publish.is_empty(), "{:?}", p.notes.publish);
+    assert_eq!(published(&p.steps), Vec::<&Note>::new());
     assert_eq!(entry_of(&p), "shop/web:PROXY");
 }
 
@@ -74,9 +81,9 @@ fn dr_with_a_port_rewrite_warns_naming_each_pair_and_still_gets_its_address_and_
         .port(25, 2525)
         .build();
     let p = mk_apply(&svc);
-    assert!(p.notes.publish.is_empty(), "{:?}", p.notes.publish);
-    let notes = given_notes(&p, "default");
-    let note = the_warning(&notes.publish, reason::PORT_REWRITE);
+    assert_eq!(published(&p.steps), Vec::<&Note>::new());
+    let given = given_steps(&p, "default");
+    let note = the_warning(&given, reason::PORT_REWRITE);
     for word in [
         "port 80 with targetPort 8080",
         "port 25 with targetPort 2525",
@@ -91,7 +98,14 @@ fn dr_with_a_port_rewrite_warns_naming_each_pair_and_still_gets_its_address_and_
         );
     }
     assert!(!note.message.contains("443"), "{}", note.message);
-    assert!(!notes.clear.contains(&reason::PORT_REWRITE));
+    assert_eq!(
+        given,
+        [
+            ClearReason(reason::OUTSIDE_POOLS),
+            PublishEvent(note.clone())
+        ],
+        "the warning is not forgotten"
+    );
     assert_eq!(entry_of(&p), "shop/web:DR");
 }
 
@@ -107,9 +121,13 @@ fn equal_ports_or_another_method_forget_an_earlier_port_rewrite_warning() {
             .port(80, 8080)
             .build(),
     ] {
-        let notes = given_notes(&mk_apply(&svc), "default");
-        assert!(notes.publish.is_empty(), "{:?}", notes.publish);
-        assert!(notes.clear.contains(&reason::PORT_REWRITE));
+        assert_eq!(
+            given_steps(&mk_apply(&svc), "default"),
+            [
+                ClearReason(reason::PORT_REWRITE),
+                ClearReason(reason::OUTSIDE_POOLS)
+            ]
+        );
     }
 }
 
@@ -118,44 +136,35 @@ fn an_address_outside_every_pool_is_kept_with_one_warning_naming_it() {
     // Adopted from the status: kept, not announced again, warned about.
     let svc = mk_service("web").finalized().status("192.0.2.7").build();
     let p = mk_apply(&svc);
-    assert_eq!(p.ask, keep("192.0.2.7"));
-    assert!(!p.release_first);
-    let outcome = p.outcome(Ok(&mk_allocated("192.0.2.7", "")), Some(&mk_key("web")));
-    let Outcome::Publish {
-        ip,
-        entry,
-        announce,
-        notes,
-    } = outcome
-    else {
-        panic!("expected Publish, got {outcome:?}");
-    };
-    assert_eq!(ip, mk_ip("192.0.2.7"));
-    assert_eq!(entry.value(), "shop/web");
-    assert_eq!(announce, None);
-    let note = the_warning(&notes.publish, reason::OUTSIDE_POOLS);
+    assert_eq!(
+        p.steps,
+        [
+            ClearReason(reason::INVALID_ANNOTATION),
+            Allocate(keep("192.0.2.7"))
+        ]
+    );
+    let steps = p.outcome(Ok(&mk_allocated("192.0.2.7", "")), Some(&mk_key("web")));
+    let note = the_warning(&steps, reason::OUTSIDE_POOLS);
     assert!(note.message.starts_with("192.0.2.7 "), "{}", note.message);
-    assert!(!notes.clear.contains(&reason::OUTSIDE_POOLS));
+    let mut want = recorded("192.0.2.7").to_vec();
+    want.extend([
+        ClearReason(reason::PORT_REWRITE),
+        PublishEvent(note.clone()),
+        SettleWrites,
+    ]);
+    assert_eq!(steps, want, "no status write, no announcement");
+    assert_eq!(recorded_entry(&steps).value(), "shop/web");
 }
 
 #[test]
 fn an_address_in_a_pool_forgets_an_earlier_outside_pools_warning() {
-    let notes = given_notes(&mk_apply(&mk_service("web").build()), "default");
     assert_eq!(
-        notes,
-        Notes {
-            clear: vec![reason::PORT_REWRITE, reason::OUTSIDE_POOLS],
-            publish: vec![]
-        }
+        given_steps(&mk_apply(&mk_service("web").build()), "default"),
+        [
+            ClearReason(reason::PORT_REWRITE),
+            ClearReason(reason::OUTSIDE_POOLS)
+        ]
     );
-}
-
-/// What the plan does when the allocator answers with `error`.
-fn mk_failed(p: &Apply, error: &AllocError) -> Failure {
-    match p.outcome(Err(error), None) {
-        Outcome::Failed(f) => f,
-        other => panic!("expected Failed, got {other:?}"),
-    }
 }
 
 #[test]
@@ -166,17 +175,14 @@ fn a_denied_or_invalid_request_is_a_refusal_of_the_service_with_the_allocators_r
         AllocError::Invalid("address 127.0.0.1 is special-purpose".into()),
         AllocError::Refused("FAILED_PRECONDITION: 10.0.0.0 is the network address".into()),
     ] {
-        let f = mk_failed(&p, &refused);
-        assert!(
-            !f.adopt_again && !f.wait_for_release,
+        let steps = p.outcome(Err(&refused), None);
+        assert_eq!(
+            steps,
+            [failed_note(&refused), Fail(refused.clone())],
             "not the allocator being down: {refused}"
         );
-        assert_eq!(
-            (f.note.type_, f.note.reason),
-            (EventType::Warning, reason::ALLOCATION_FAILED)
-        );
-        assert_eq!(f.note.message, refused.to_string());
-        assert_eq!(f.error, refused);
+        let note = the_warning(&steps, reason::ALLOCATION_FAILED);
+        assert_eq!(note.message, refused.to_string());
     }
 }
 
@@ -198,13 +204,26 @@ fn a_refused_move_claims_back_the_address_held_before_and_a_refused_new_request_
         AllocError::Denied("address 10.0.0.9 is not for owner service:shop/web".into()),
         AllocError::Exhausted("pool \"dmz\" has no free address".into()),
     ] {
-        let reclaims = |p| mk_failed(p, &refused).reclaim;
-        assert_eq!(reclaims(&moving), Some(mk_ip("10.0.0.1")), "{refused}");
-        assert_eq!(reclaims(&fresh), None, "{refused}");
+        let wait = matches!(refused, AllocError::Exhausted(_)).then_some(WaitForRelease);
+        let after = |reclaim: Option<Step>| -> Vec<Step> {
+            wait.clone()
+                .into_iter()
+                .chain(reclaim)
+                .chain([failed_note(&refused), Fail(refused.clone())])
+                .collect()
+        };
+        let reclaim = Reclaim(mk_ip("10.0.0.1"));
+        assert_eq!(
+            moving.outcome(Err(&refused), None),
+            after(Some(reclaim)),
+            "{refused}"
+        );
+        assert_eq!(fresh.outcome(Err(&refused), None), after(None), "{refused}");
     }
     // An unreachable allocator is not asked again: adoption claims it back.
     let down = AllocError::Unreachable("connection refused".into());
-    let f = mk_failed(&moving, &down);
-    assert_eq!(f.reclaim, None);
-    assert!(f.adopt_again);
+    assert_eq!(
+        moving.outcome(Err(&down), None),
+        [RequireAdoption, failed_note(&down), Fail(down.clone())]
+    );
 }
