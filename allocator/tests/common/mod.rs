@@ -145,9 +145,7 @@ pub async fn mk_server_on(
         .map(|n| n.parse().expect("allowed CIDR"))
         .collect();
     let policy = Policy::new(&pools, allow_outside, Vec::new(), Vec::new()).expect("policy");
-    let ipam = Ipam::load(store, pools)
-        .expect("load")
-        .with_policy(policy);
+    let ipam = Ipam::load(store, pools).expect("load").with_policy(policy);
     let (handle, writer) = vipam_allocator::start_with(ipam, 1024, config.watch).expect("writer");
     let settings = Settings {
         max_message_bytes: config.max_message_bytes,
