@@ -6,7 +6,7 @@
 //! On a normal stop the supervisor tells everything to stop and waits for
 //! it to drain.
 
-use std::{collections::HashMap, future::Future, time::Duration};
+use std::{borrow::Cow, collections::HashMap, future::Future, time::Duration};
 
 use tokio::{
     sync::watch,
@@ -17,6 +17,10 @@ use tracing::Instrument;
 /// The error a supervised future may end with.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// The name of supervised work: a fixed one, or one made at run time (a
+/// listener and its address, say).
+pub type Name = Cow<'static, str>;
+
 /// How a supervised future ended when it should not have.
 #[derive(Debug, thiserror::Error)]
 pub enum EndedError {
@@ -24,13 +28,13 @@ pub enum EndedError {
     #[error("{name} stopped unexpectedly")]
     Returned {
         /// Its name.
-        name: &'static str,
+        name: Name,
     },
     /// It returned an error.
     #[error("{name} failed: {error}")]
     Failed {
         /// Its name.
-        name: &'static str,
+        name: Name,
         /// The error and its causes, outermost first.
         error: String,
     },
@@ -38,7 +42,7 @@ pub enum EndedError {
     #[error("{name} panicked: {message}")]
     Panicked {
         /// Its name.
-        name: &'static str,
+        name: Name,
         /// The panic message.
         message: String,
     },
@@ -46,7 +50,7 @@ pub enum EndedError {
 
 impl EndedError {
     /// The name of what ended.
-    pub fn name(&self) -> &'static str {
+    pub fn name(&self) -> &str {
         match self {
             EndedError::Returned { name }
             | EndedError::Failed { name, .. }
@@ -60,7 +64,7 @@ impl EndedError {
 #[derive(Debug)]
 pub struct Supervisor {
     running: JoinSet<Result<(), BoxError>>,
-    names: HashMap<Id, &'static str>,
+    names: HashMap<Id, Name>,
     stop: watch::Sender<bool>,
 }
 
@@ -83,12 +87,13 @@ impl Supervisor {
     /// Runs `work` under `name` (in a span of that name). It should end only
     /// after [`Supervisor::stopping`] completes; ending earlier, in any way,
     /// is an [`EndedError`].
-    pub fn spawn<F, E>(&mut self, name: &'static str, work: F)
+    pub fn spawn<F, E>(&mut self, name: impl Into<Name>, work: F)
     where
         F: Future<Output = Result<(), E>> + Send + 'static,
         E: Into<BoxError>,
     {
-        let span = tracing::info_span!("supervised", name);
+        let name = name.into();
+        let span = tracing::info_span!("supervised", name = %name);
         let work = async move { work.await.map_err(Into::into) }.instrument(span);
         let id = self.running.spawn(work).id();
         self.names.insert(id, name);
@@ -96,7 +101,7 @@ impl Supervisor {
 
     /// Runs `work` under `name` until [`Supervisor::stop`], then drops it:
     /// for work with nothing to finish, which never ends by itself.
-    pub fn spawn_until_stopped<F, E>(&mut self, name: &'static str, work: F)
+    pub fn spawn_until_stopped<F, E>(&mut self, name: impl Into<Name>, work: F)
     where
         F: Future<Output = Result<(), E>> + Send + 'static,
         E: Into<BoxError>,
@@ -179,7 +184,7 @@ impl Supervisor {
 /// What one joined future's end means; returning is fine only once
 /// `stopping`.
 fn outcome(
-    names: &mut HashMap<Id, &'static str>,
+    names: &mut HashMap<Id, Name>,
     joined: Result<(Id, Result<(), BoxError>), JoinError>,
     stopping: bool,
 ) -> Result<(), EndedError> {
@@ -187,7 +192,7 @@ fn outcome(
         Ok((id, _)) => *id,
         Err(e) => e.id(),
     };
-    let name = names.remove(&id).unwrap_or("unnamed work");
+    let name = names.remove(&id).unwrap_or(Cow::Borrowed("unnamed work"));
     match joined {
         Ok((_, Ok(()))) if stopping => Ok(()),
         Ok((_, Ok(()))) => Err(EndedError::Returned { name }),
@@ -250,12 +255,7 @@ mod tests {
             .await
             .expect_err("an early return");
         assert!(
-            matches!(
-                e,
-                EndedError::Returned {
-                    name: "ConfigMap writer"
-                }
-            ),
+            matches!(&e, EndedError::Returned { name } if name == "ConfigMap writer"),
             "{e}"
         );
         assert_eq!(e.to_string(), "ConfigMap writer stopped unexpectedly");
@@ -291,7 +291,7 @@ mod tests {
             .await
             .expect_err("a panic");
         assert!(
-            matches!(&e, EndedError::Panicked { name: "Service controller", message } if message == "index out of bounds"),
+            matches!(&e, EndedError::Panicked { name, message } if name == "Service controller" && message == "index out of bounds"),
             "{e}"
         );
     }

@@ -2,8 +2,9 @@
 //! v1alpha) over HTTP/2 without TLS, and `/healthz`, `/readyz`, `/metrics`
 //! over HTTP/1.1, on one or more listeners that differ only in which calls
 //! need a credential (see [`crate::policy::credentials::Access`]). Limits message size, time per
-//! request and requests in flight (shared by all listeners); on shutdown it
-//! ends watch streams, stops accepting and drains what is in flight.
+//! request and requests in flight (shared by all listeners). Each listener
+//! runs as a task of the program's [`Supervisor`]; when it stops, they stop
+//! accepting and drain what is in flight, and the watch streams end.
 
 use std::{
     net::SocketAddr,
@@ -17,7 +18,7 @@ use std::{
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{service::Routes, transport::Server};
-use vipam::v1::allocator_server::AllocatorServer;
+use vipam::{runtime::Supervisor, v1::allocator_server::AllocatorServer};
 
 use crate::{
     api::metrics::Metrics,
@@ -175,13 +176,12 @@ impl Bound {
         self.listeners.iter().map(|(l, _)| l.local_addr()).collect()
     }
 
-    /// Serves until `shutdown` completes, then ends watch streams, stops
-    /// accepting and drains requests in flight for at most `grace`.
-    pub async fn serve(
-        self,
-        shutdown: impl Future<Output = ()>,
-        grace: Duration,
-    ) -> anyhow::Result<()> {
+    /// Serves every listener as a task of `running` until it stops: then
+    /// readiness and health say so, watch streams end (each naming the
+    /// revision to reconnect with), and the listeners stop accepting and
+    /// drain what is in flight (for as long as the supervisor's stop
+    /// allows).
+    pub fn spawn(self, running: &mut Supervisor) -> anyhow::Result<()> {
         let Bound {
             listeners,
             http,
@@ -191,68 +191,36 @@ impl Bound {
             health,
             shutting_down,
         } = self;
-        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         // One limit for all listeners.
         let limit =
             tower::limit::GlobalConcurrencyLimitLayer::new(settings.max_concurrent_requests.max(1));
-        let mut servers = tokio::task::JoinSet::new();
         for (listener, routes) in listeners {
-            let mut stop = stop_rx.clone();
+            let name = format!("gRPC listener on {}", listener.local_addr()?);
             let server = Server::builder()
                 .accept_http1(true)
                 .timeout(settings.request_timeout)
                 .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
                 .layer(limit.clone())
                 .add_routes(routes)
-                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
-                    drop(stop.wait_for(|stop| *stop).await);
-                });
-            servers.spawn(async move { server.await.map_err(anyhow::Error::from) });
+                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), running.stopping());
+            running.spawn(name, server);
         }
         if let Some(listener) = http_listener {
-            let mut stop = stop_rx.clone();
-            servers.spawn(async move {
-                axum::serve(listener, http)
-                    .with_graceful_shutdown(async move {
-                        drop(stop.wait_for(|stop| *stop).await);
-                    })
-                    .await
-                    .map_err(anyhow::Error::from)
-            });
+            let name = format!("HTTP listener on {}", listener.local_addr()?);
+            let server = axum::serve(listener, http).with_graceful_shutdown(running.stopping());
+            running.spawn(name, server.into_future());
         }
-        tokio::select! {
-            ended = servers.join_next() => {
-                return match ended {
-                    Some(Ok(Ok(()))) | None => Err(anyhow::anyhow!("a listener stopped serving")),
-                    Some(Ok(Err(e))) => Err(e),
-                    Some(Err(e)) => Err(anyhow::anyhow!("a listener failed: {e}")),
-                };
-            }
-            () = shutdown => {}
-        }
-        tracing::info!(grace = ?grace, "shutting down: no new connections, draining requests in flight");
-        shutting_down.store(true, Ordering::Relaxed);
-        health.set_not_serving::<AllocatorServer<Service>>().await;
-        // Watch streams never end by themselves: end them, each telling its
-        // client the revision to reconnect with.
-        ipam.close_watchers();
-        drop(ipam);
-        let _ = stop_tx.send(true);
-        let drain = async {
-            while let Some(ended) = servers.join_next().await {
-                match ended {
-                    Ok(result) => result?,
-                    Err(e) => anyhow::bail!("a listener failed: {e}"),
-                }
-            }
-            Ok(())
-        };
-        match tokio::time::timeout(grace, drain).await {
-            Ok(result) => result,
-            Err(_) => {
-                tracing::warn!("shutdown grace period over; closing remaining connections");
-                Ok(())
-            }
-        }
+        let stopping = running.stopping();
+        running.spawn("shutdown of watches", async move {
+            stopping.await;
+            tracing::info!("shutting down: no new connections, draining requests in flight");
+            shutting_down.store(true, Ordering::Relaxed);
+            health.set_not_serving::<AllocatorServer<Service>>().await;
+            // Watch streams never end by themselves: end them, each telling
+            // its client the revision to reconnect with.
+            ipam.close_watchers();
+            Ok::<(), std::convert::Infallible>(())
+        });
+        Ok(())
     }
 }

@@ -235,16 +235,19 @@ impl Args {
             max_watchers: usize::try_from(max_watchers).unwrap_or(usize::MAX),
             progress_interval: DEFAULT_PROGRESS_INTERVAL,
         };
-        let (handle, writer) = match store_flags.engine {
-            Engine::Sled => {
-                let store = open_store(&data_dir, cache_bytes, watch_history)?;
-                start_writer(store.into(), &pools, policy, watch)?
-            }
-            Engine::Etcd => {
-                let store = store_flags.etcd.open(pools.clone(), watch_history).await?;
-                start_writer(store.into(), &pools, policy, watch)?
-            }
+        let store: Store = match store_flags.engine {
+            Engine::Sled => open_store(&data_dir, cache_bytes, watch_history)?.into(),
+            Engine::Etcd => store_flags
+                .etcd
+                .open(pools.clone(), watch_history)
+                .await?
+                .into(),
         };
+        let mut running = Supervisor::new();
+        if let Some(task) = store.background() {
+            running.spawn_until_stopped(task.name, task.run);
+        }
+        let (handle, writer) = start_writer(store, &pools, policy, watch)?;
         let settings = Settings {
             max_message_bytes: max_message_bytes as usize,
             request_timeout,
@@ -253,7 +256,7 @@ impl Args {
             token: None,
         };
         let bound = bind(listeners, http_listen, handle, settings, &data_dir).await?;
-        serve_until_signal(bound, writer, shutdown_grace).await
+        serve_until_signal(running, bound, writer, shutdown_grace).await
     }
 }
 
@@ -543,14 +546,18 @@ async fn bind(
     Ok(bound)
 }
 
-/// Serves until SIGTERM or SIGINT, or until the server or the store writer
-/// ends (an error naming it). Either way the server then drains for at most
-/// `grace`; once every request handler is gone the writer flushes and
-/// stops.
-async fn serve_until_signal(bound: Bound, writer: Writer, grace: Duration) -> anyhow::Result<()> {
-    let mut running = Supervisor::new();
-    let stopping = running.stopping();
-    running.spawn("server", bound.serve(stopping, grace));
+/// Serves until SIGTERM or SIGINT, or until a listener, the store writer or
+/// the store's own work ends (an error naming it), all under the one
+/// supervisor `running`. Either way everything then stops within one grace
+/// period: the listeners drain for up to `grace`, and once every request
+/// handler is gone the writer flushes and stops.
+async fn serve_until_signal(
+    mut running: Supervisor,
+    bound: Bound,
+    writer: Writer,
+    grace: Duration,
+) -> anyhow::Result<()> {
+    bound.spawn(&mut running)?;
     running.spawn("store writer", writer.wait());
     let ended = running.run_until(runtime::shutdown_signal()).await;
     // Connections that outlive the grace period still hold the writer's

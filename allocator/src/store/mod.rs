@@ -41,7 +41,7 @@ pub mod sled;
 #[cfg(test)]
 pub(crate) mod contract;
 
-use std::{net::IpAddr, sync::Arc, time::Duration};
+use std::{future::Future, net::IpAddr, sync::Arc, time::Duration};
 
 use crate::{
     addresses::pool::Family,
@@ -128,6 +128,19 @@ impl Write {
     }
 }
 
+/// Work a store needs done for as long as it is used (following a shared
+/// database), for the program's supervisor to run and watch.
+pub struct Background {
+    /// What it is, in logs and errors.
+    pub name: &'static str,
+    /// The work; it ends only with an error, or when the store cannot go
+    /// on.
+    pub run: std::pin::Pin<Box<dyn Future<Output = Result<(), BoxError>> + Send>>,
+}
+
+/// An error of the store's background work.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 /// What other writers sharing the database committed since the last call.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Observed {
@@ -154,6 +167,7 @@ pub(crate) trait Engine: Send + Sync + 'static {
     fn number_after(&self, revision: u64);
     fn max_batch(&self) -> usize;
     fn health(&self) -> Result<(), String>;
+    fn background(&self) -> Option<Background>;
     fn scan(&self, family: Family, first: u128, last: u128) -> Scan<(IpAddr, Record)>;
     fn scan_after(&self, after: Option<IpAddr>) -> Scan<(IpAddr, Record)>;
     fn addresses(&self) -> Scan<IpAddr>;
@@ -272,6 +286,12 @@ impl Store {
     /// Whether the store can serve now; the reason when it cannot.
     pub fn health(&self) -> Result<(), String> {
         self.engine.health()
+    }
+
+    /// The work the store needs run for as long as it is used, once (the
+    /// first call takes it): `None` for an engine that needs none.
+    pub fn background(&self) -> Option<Background> {
+        self.engine.background()
     }
 
     /// Committed allocations of a family from `first` to `last`

@@ -11,7 +11,7 @@ use tokio::{
     sync::oneshot,
 };
 use tonic::transport::Channel;
-use vipam::v1::allocator_client::AllocatorClient;
+use vipam::{runtime::Supervisor, v1::allocator_client::AllocatorClient};
 use vipam_allocator::{
     Ipam,
     addresses::pool::{PoolDef, Pools, apply_settings},
@@ -158,17 +158,18 @@ pub async fn mk_server_on(
         .expect("bind");
     let addr = bound.local_addr().expect("local addr");
     let (stop, stopped) = oneshot::channel::<()>();
+    let mut running = Supervisor::new();
+    bound.spawn(&mut running).expect("serve");
+    running.spawn("store writer", writer.wait());
     let done = tokio::spawn(async move {
-        bound
-            .serve(
-                async {
-                    let _ = stopped.await;
-                },
-                Duration::from_secs(5),
-            )
+        running
+            .run_until(async {
+                let _ = stopped.await;
+            })
             .await
-            .expect("serve");
-        writer.wait().await.expect("writer");
+            .expect("nothing ends before the stop");
+        let drained = running.stop(Duration::from_secs(10)).await;
+        assert!(drained.expect("a clean stop"), "stopped in time");
     });
     TestServer {
         addr,

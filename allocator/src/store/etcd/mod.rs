@@ -45,7 +45,7 @@ use self::{
     staged::{Expect, Put, Staged},
     start::{agree_on_pools, load},
 };
-use super::{Engine, Observed, Result, Scan, StoreError, Write};
+use super::{Background, Engine, Observed, Result, Scan, StoreError, Write};
 use crate::{
     addresses::pool::{Family, Pools, to_int},
     model::{Change, Record},
@@ -77,6 +77,8 @@ struct Inner {
     pools: Arc<Pools>,
     /// Each pool's definition and the mod revision of its key.
     pool_keys: Vec<(String, i64)>,
+    /// The follower's task, until the program's supervisor takes it.
+    follower: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -252,8 +254,10 @@ impl EtcdStore {
             fatal: Mutex::new(None),
             pools,
             pool_keys,
+            follower: Mutex::new(None),
         });
-        tokio::spawn(follow::run(inner.clone(), from));
+        let follower = tokio::spawn(follow::run(inner.clone(), from));
+        *lock(&inner.follower) = Some(follower);
         let store = EtcdStore { inner };
         store.wait_connected().await?;
         Ok(store)
@@ -550,6 +554,22 @@ impl Engine for EtcdStore {
             return Err("etcd does not answer linearizable reads (no quorum?)".into());
         }
         Ok(())
+    }
+
+    fn background(&self) -> Option<Background> {
+        let follower = lock(&self.inner.follower).take()?;
+        let inner = self.inner.clone();
+        Some(Background {
+            name: "etcd follower",
+            run: Box::pin(async move {
+                follower.await?;
+                // It ends only when the store cannot go on.
+                let why = lock(&inner.fatal).clone();
+                Err(why
+                    .unwrap_or_else(|| "it stopped following etcd".into())
+                    .into())
+            }),
+        })
     }
 
     fn scan(&self, family: Family, first: u128, last: u128) -> Scan<(IpAddr, Record)> {

@@ -131,3 +131,14 @@ pub(super) fn eventually<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
 }
 
 store_contract!(skippable mk_etcd);
+
+#[test]
+fn the_follower_is_handed_once_to_whoever_supervises_it() {
+    let Some(etcd) = Etcd::start("the_follower_is_handed_once_to_whoever_supervises_it") else {
+        return;
+    };
+    let store = etcd.open();
+    let follower = store.background().expect("the follower");
+    assert_eq!(follower.name, "etcd follower");
+    assert!(store.background().is_none(), "handed once");
+}

@@ -465,6 +465,9 @@ impl Engine for Batched {
     fn health(&self) -> Result<(), String> {
         self.inner.health()
     }
+    fn background(&self) -> Option<crate::store::Background> {
+        self.inner.background()
+    }
     fn scan(&self, family: Family, first: u128, last: u128) -> Scan<(IpAddr, Record)> {
         self.inner.scan(family, first, last)
     }

@@ -32,7 +32,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use super::{DEFAULT_HISTORY, Engine, Observed, Result, Scan, StoreError, Write};
+use super::{Background, DEFAULT_HISTORY, Engine, Observed, Result, Scan, StoreError, Write};
 use crate::{
     addresses::pool::{Family, from_int},
     model::{Change, ChangeKind, Record},
@@ -495,6 +495,11 @@ impl Engine for SledStore {
 
     fn health(&self) -> std::result::Result<(), String> {
         Ok(())
+    }
+
+    fn background(&self) -> Option<Background> {
+        // sled runs its own threads.
+        None
     }
 
     fn first_change(&self) -> Result<Option<u64>> {
