@@ -15,7 +15,7 @@ pub struct Stats {
     pub(crate) in_pool: Vec<AtomicU64>,
     pub(crate) usable_in_pool: Vec<AtomicU64>,
     pub(crate) outside: AtomicU64,
-    /// Flushes made.
+    /// Flushes that made writes durable.
     pub flushes: AtomicU64,
     /// Requests answered by the writer.
     pub writes: AtomicU64,
