@@ -534,6 +534,8 @@ pub(crate) fn a_failed_flush_applies_nothing_and_keeps_nothing_staged(
     );
     let revision = store.revision().expect("rev");
     assert_eq!(flush(store), Vec::new(), "nothing was left staged");
-    assert_eq!(store.revision().expect("rev"), revision);
+    // A shared store's revision may move on with etcd's (a replica that
+    // reconnects writes its sync key), but no change came after.
+    assert_eq!(store.changes(revision, u64::MAX).count(), 0);
     err
 }
