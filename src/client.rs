@@ -269,10 +269,23 @@ impl Client {
 
     /// The allocation of an owner; `Ok(None)` when it holds nothing.
     pub async fn get_owner(&self, owner: &str) -> Result<Option<Allocation>, Status> {
-        let request = GetRequest {
+        self.get(GetRequest {
             owner: owner.to_string(),
             ..Default::default()
-        };
+        })
+        .await
+    }
+
+    /// The allocation at an address; `Ok(None)` when it is free.
+    pub async fn get_address(&self, address: &str) -> Result<Option<Allocation>, Status> {
+        self.get(GetRequest {
+            address: address.to_string(),
+            ..Default::default()
+        })
+        .await
+    }
+
+    async fn get(&self, request: GetRequest) -> Result<Option<Allocation>, Status> {
         match self
             .retry(|mut c| {
                 let request = request.clone();

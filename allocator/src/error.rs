@@ -180,6 +180,17 @@ pub enum Error {
         /// The pool refused.
         pool: String,
     },
+    /// The caller's credential may not read an allocation: its owner or its
+    /// pool is not the credential's.
+    #[error(
+        "credential {credential:?} may not read {what}: it reads only its own owners in its own pools"
+    )]
+    ReadNotPermitted {
+        /// The credential's name.
+        credential: String,
+        /// What it asked for.
+        what: String,
+    },
     /// The caller's credential may not take an address outside every pool.
     #[error("credential {credential:?} may not allocate {address}, which lies outside every pool")]
     OutsidePoolsNotPermitted {

@@ -161,6 +161,8 @@ pub struct ListArgs {
     pub pool: Option<String>,
     /// Only owners with this prefix.
     pub owner_prefix: String,
+    /// Who asks: only what it may read is listed.
+    pub scope: Scope,
     /// Most allocations in the page.
     pub page_size: usize,
     /// Start after this address.

@@ -1,8 +1,9 @@
 //! The real allocator with several credentials (`--client`): the syncer's,
 //! for the `service:` owners in every pool, and a tool's, for `vm:` owners
 //! in the pool `vms`. Each may change only its own owners' allocations and
-//! draw only from its own pools; the authenticated listener needs a
-//! credential for every call; a token never shows in a log or an error.
+//! draw only from its own pools, and reads only its own owners' allocations
+//! in its own pools; the authenticated listener needs a credential for
+//! every call; a token never shows in a log or an error.
 
 use tonic::{Code, Status};
 use vipam::{
@@ -211,6 +212,71 @@ async fn a_tool_credential_changes_only_its_own_owners_in_its_own_pools() {
             assert!(!error.contains(token), "token in {error}");
         }
     }
+}
+
+#[tokio::test]
+async fn a_tool_credential_reads_only_its_own_owners_in_its_own_pools() {
+    let (_dir, allocator) = mk_allocator();
+    let wide = allocator.authenticated_url().expect("authenticated");
+    let syncer = client(&wide, Some(SYNCER_TOKEN));
+    let tool = client(&wide, Some(TOOL_TOKEN));
+    let web = syncer
+        .allocate(mk_allocate("service:default/web", "", ""))
+        .await
+        .expect("the syncer allocates a service");
+    // The syncer's owner in the tool's pool: the tool may not read it.
+    syncer
+        .allocate(mk_allocate("service:default/vm-side", "vms", ""))
+        .await
+        .expect("the syncer draws from every pool");
+    let vm = tool
+        .allocate(mk_allocate("vm:one", "vms", ""))
+        .await
+        .expect("the tool allocates in vms");
+
+    assert_eq!(tool.list_all("", "").await.expect("list"), vec![vm.clone()]);
+    assert_eq!(
+        tool.get_owner("vm:one").await.expect("get"),
+        Some(vm.clone())
+    );
+    for owner in ["service:default/web", "service:default/vm-side"] {
+        let err = tool.get_owner(owner).await.expect_err("not the tool's");
+        assert_refused(err, Code::PermissionDenied, &["\"tool\"", owner]);
+    }
+    let err = tool
+        .get_address(&web.address)
+        .await
+        .expect_err("not the tool's");
+    let message = assert_refused(err, Code::PermissionDenied, &["\"tool\"", &web.address]);
+    assert!(
+        !message.contains("service:"),
+        "the holder is not named: {message}"
+    );
+    // The syncer, scoped to every pool and its own owners, sees its own.
+    let seen: Vec<String> = syncer
+        .list_all("", "")
+        .await
+        .expect("list")
+        .into_iter()
+        .map(|a| a.owner)
+        .collect();
+    assert_eq!(seen, ["service:default/web", "service:default/vm-side"]);
+    // On the loopback listener, a call without a token reads everything.
+    let local = client(&allocator.url(), None);
+    assert_eq!(local.list_all("", "").await.expect("list").len(), 3);
+
+    // Through grpcurl, as an operator of the tool would list.
+    let out = grpcurl(&[
+        "-H",
+        &format!("authorization: Bearer {TOOL_TOKEN}"),
+        &allocator.authenticated.expect("listener").to_string(),
+        "vipam.v1.Allocator/List",
+    ])
+    .expect("grpcurl");
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{out:?}");
+    assert!(stdout.contains("\"vm:one\""), "{stdout}");
+    assert!(!stdout.contains("service:"), "{stdout}");
 }
 
 #[tokio::test]

@@ -23,6 +23,7 @@ use crate::{
         DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, parse_address, parse_labels, parse_owner, parse_pool,
     },
     policy::credentials::{Access, AuthError},
+    policy::scope,
     store::StoreError,
 };
 
@@ -52,6 +53,7 @@ pub fn status(e: Error) -> Status {
         Error::OwnerNotPermitted { .. }
         | Error::PoolNotPermitted { .. }
         | Error::OutsidePoolsNotPermitted { .. }
+        | Error::ReadNotPermitted { .. }
         | Error::PoolRefusesOwner { .. } => Status::permission_denied(message),
         Error::OutsidePools { .. } => Status::failed_precondition(message),
     }
@@ -203,7 +205,7 @@ fn release_args(request: pb::ReleaseRequest, scope: Scope) -> Result<ReleaseArgs
 
 const PAGE_TOKEN_PREFIX: &str = "after:";
 
-fn list_args(request: pb::ListRequest) -> Result<ListArgs, Error> {
+fn list_args(request: pb::ListRequest, scope: Scope) -> Result<ListArgs, Error> {
     let pb::ListRequest {
         pool,
         owner_prefix,
@@ -236,12 +238,13 @@ fn list_args(request: pb::ListRequest) -> Result<ListArgs, Error> {
     Ok(ListArgs {
         pool: optional(&pool).map(|p| parse_pool("pool", p)).transpose()?,
         owner_prefix,
+        scope,
         page_size,
         after,
     })
 }
 
-fn watch_args(request: pb::WatchRequest) -> Result<WatchArgs, Error> {
+fn watch_args(request: pb::WatchRequest, scope: Scope) -> Result<WatchArgs, Error> {
     let pb::WatchRequest {
         pool,
         owner_prefix,
@@ -250,6 +253,7 @@ fn watch_args(request: pb::WatchRequest) -> Result<WatchArgs, Error> {
     Ok(WatchArgs {
         pool: optional(&pool).map(|p| parse_pool("pool", p)).transpose()?,
         owner_prefix,
+        scope,
         since: since_revision,
     })
 }
@@ -353,16 +357,16 @@ impl Allocator for Service {
         request: Request<pb::GetRequest>,
     ) -> Result<Response<pb::Allocation>, Status> {
         self.observe("Get", async {
-            self.caller(&request, false)?;
+            let scope = self.caller(&request, false)?;
             let pb::GetRequest { owner, address } = request.into_inner();
             let allocation = match (optional(&owner), optional(&address)) {
                 (Some(owner), None) => {
                     let owner = parse_owner("owner", owner).map_err(status)?;
-                    self.read(move |h| h.get_by_owner(&owner)).await?
+                    self.read(move |h| h.get_by_owner(&owner, &scope)).await?
                 }
                 (None, Some(address)) => {
                     let ip = parse_address("address", address).map_err(status)?;
-                    self.read(move |h| h.get_by_address(ip)).await?
+                    self.read(move |h| h.get_by_address(ip, &scope)).await?
                 }
                 _ => {
                     return Err(Status::invalid_argument(format!(
@@ -380,8 +384,8 @@ impl Allocator for Service {
         request: Request<pb::ListRequest>,
     ) -> Result<Response<pb::ListResponse>, Status> {
         self.observe("List", async {
-            self.caller(&request, false)?;
-            let args = list_args(request.into_inner()).map_err(status)?;
+            let scope = self.caller(&request, false)?;
+            let args = list_args(request.into_inner(), scope).map_err(status)?;
             let page = self.read(move |h| h.list(&args)).await?;
             Ok(pb::ListResponse {
                 allocations: page.allocations.into_iter().map(to_proto).collect(),
@@ -401,8 +405,8 @@ impl Allocator for Service {
         request: Request<pb::WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
         self.observe("Watch", async {
-            self.caller(&request, false)?;
-            let args = watch_args(request.into_inner()).map_err(status)?;
+            let scope = self.caller(&request, false)?;
+            let args = watch_args(request.into_inner(), scope).map_err(status)?;
             let items = self.ipam.watch(args).await.map_err(status)?;
             let events =
                 ReceiverStream::new(items).map(|item| item.map(watch_event).map_err(status));
@@ -416,7 +420,7 @@ impl Allocator for Service {
         request: Request<pb::ListPoolsRequest>,
     ) -> Result<Response<pb::ListPoolsResponse>, Status> {
         self.observe("ListPools", async {
-            self.caller(&request, false)?;
+            let scope = self.caller(&request, false)?;
             let pb::ListPoolsRequest {} = request.into_inner();
             let report = self.read(|h| h.pools_report()).await?;
             let pools = self.ipam.pools();
@@ -446,7 +450,14 @@ impl Allocator for Service {
             Ok(pb::ListPoolsResponse {
                 pools: out,
                 outside_count: report.outside_count,
-                outside: report.outside.into_iter().map(to_proto).collect(),
+                // Figures are the allocator's; the allocations listed, the
+                // caller's to read.
+                outside: report
+                    .outside
+                    .into_iter()
+                    .filter(|a| scope::sees(&scope, &a.record.owner, a.pool.as_deref()))
+                    .map(to_proto)
+                    .collect(),
             })
         })
         .await

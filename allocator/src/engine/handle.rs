@@ -17,7 +17,7 @@ use crate::{
     engine::watch::{self, WatchArgs, WatchStream},
     engine::writer::{self, Queue, Writer},
     error::Result,
-    model::{AllocateArgs, Allocation, ListArgs, Page, PoolsReport, ReleaseArgs},
+    model::{AllocateArgs, Allocation, ListArgs, Page, PoolsReport, ReleaseArgs, Scope},
 };
 
 /// The allocator as the gRPC service and HTTP endpoints use it.
@@ -92,17 +92,17 @@ impl Handle {
         self.queue.release(args).await
     }
 
-    /// The allocation held by an owner.
-    pub fn get_by_owner(&self, owner: &str) -> Result<Allocation> {
-        self.reader.get_by_owner(owner)
+    /// The allocation held by an owner, if `scope` may read it.
+    pub fn get_by_owner(&self, owner: &str, scope: &Scope) -> Result<Allocation> {
+        self.reader.get_by_owner(owner, scope)
     }
 
-    /// The allocation at an address.
-    pub fn get_by_address(&self, ip: IpAddr) -> Result<Allocation> {
-        self.reader.get_by_address(ip)
+    /// The allocation at an address, if `scope` may read it.
+    pub fn get_by_address(&self, ip: IpAddr, scope: &Scope) -> Result<Allocation> {
+        self.reader.get_by_address(ip, scope)
     }
 
-    /// One page of allocations, by address.
+    /// One page of the allocations the caller may read, by address.
     pub fn list(&self, args: &ListArgs) -> Result<Page> {
         self.reader.list(args)
     }

@@ -9,8 +9,8 @@ use crate::{
     addresses::pool::{Family, Pools, to_int},
     engine::stats::Stats,
     error::{Error, Result},
-    model::{Allocation, Event, ListArgs, Page, PoolReport, PoolsReport, Record},
-    policy::checks::MAX_PAGE_SIZE,
+    model::{Allocation, Event, ListArgs, Page, PoolReport, PoolsReport, Record, Scope},
+    policy::{checks::MAX_PAGE_SIZE, scope},
     store::{Scan, Store},
 };
 
@@ -64,74 +64,56 @@ impl Reader {
         Allocation::at(&self.pools, address, record)
     }
 
-    /// The allocation held by an owner.
-    pub fn get_by_owner(&self, owner: &str) -> Result<Allocation> {
+    /// The allocation held by an owner, if the caller may read it.
+    pub fn get_by_owner(&self, owner: &str, scope: &Scope) -> Result<Allocation> {
         let not_found = || Error::NotFound {
             what: format!("owner {owner:?}"),
         };
         let ip = self.store.owner_address(owner)?.ok_or_else(not_found)?;
         let record = self.store.get(ip)?.ok_or_else(not_found)?;
-        Ok(self.allocation(ip, record))
+        let allocation = self.allocation(ip, record);
+        let what = format!("the allocation of owner {owner:?}");
+        scope::check_read(scope, what, owner, allocation.pool.as_deref())?;
+        Ok(allocation)
     }
 
-    /// The allocation at an address.
-    pub fn get_by_address(&self, ip: IpAddr) -> Result<Allocation> {
+    /// The allocation at an address, if the caller may read it.
+    pub fn get_by_address(&self, ip: IpAddr, scope: &Scope) -> Result<Allocation> {
         let record = self.store.get(ip)?.ok_or_else(|| Error::NotFound {
             what: format!("address {ip}"),
         })?;
-        Ok(self.allocation(ip, record))
+        let allocation = self.allocation(ip, record);
+        let what = format!("the allocation at {ip}");
+        let owner = &allocation.record.owner;
+        scope::check_read(scope, what, owner, allocation.pool.as_deref())?;
+        Ok(allocation)
     }
 
-    /// One page of allocations, by address.
+    /// One page of the allocations the caller may read, by address.
     pub fn list(&self, args: &ListArgs) -> Result<Page> {
         let ListArgs {
             pool,
             owner_prefix,
+            scope,
             page_size,
             after,
         } = args;
         let page_size = (*page_size).clamp(1, MAX_PAGE_SIZE);
-        let entries: Scan<(IpAddr, Record)> = match pool {
-            None => self.store.scan_after(*after),
-            Some(name) => {
-                let index = self
-                    .pools
-                    .index_of(name)
-                    .ok_or_else(|| Error::UnknownPool { pool: name.clone() })?;
-                let pool = self.pools.at(index);
-                let store = self.store.clone();
-                let after = after.map(to_int);
-                let spans: Vec<(Family, Span)> = Family::ALL
-                    .into_iter()
-                    .flat_map(|f| pool.covered(f).iter().map(move |s| (f, *s)))
-                    .collect();
-                Box::new(spans.into_iter().flat_map(move |(family, span)| {
-                    // Where this span's scan starts, or None when the page
-                    // token is already past it.
-                    let first = match after {
-                        Some((f, x)) if f == family && x >= span.last => None,
-                        Some((f, x)) if f == family => Some((x + 1).max(span.first)),
-                        Some((f, _)) if f > family => None,
-                        _ => Some(span.first),
-                    };
-                    let store = store.clone();
-                    first
-                        .into_iter()
-                        .flat_map(move |first| store.scan(family, first, span.last))
-                }))
-            }
-        };
         let mut page = Page::default();
         let mut last_seen = None;
-        for (scanned, entry) in entries.enumerate() {
+        for (scanned, entry) in self.entries(pool.as_deref(), *after)?.enumerate() {
             if scanned == MAX_SCAN_PER_PAGE {
                 page.next_after = last_seen;
                 return Ok(page);
             }
             let (ip, record) = entry?;
             last_seen = Some(ip);
-            if record.owner.starts_with(owner_prefix.as_str()) {
-                page.allocations.push(self.allocation(ip, record));
+            if !record.owner.starts_with(owner_prefix.as_str()) {
+                continue;
+            }
+            let allocation = self.allocation(ip, record);
+            if scope::sees(scope, &allocation.record.owner, allocation.pool.as_deref()) {
+                page.allocations.push(allocation);
                 if page.allocations.len() == page_size {
                     page.next_after = Some(ip);
                     return Ok(page);
@@ -139,6 +121,43 @@ impl Reader {
             }
         }
         Ok(page)
+    }
+
+    /// The committed allocations after `after`, by address: of one pool
+    /// (its covered spans) or of every one.
+    fn entries(&self, pool: Option<&str>, after: Option<IpAddr>) -> Result<Scan<(IpAddr, Record)>> {
+        let Some(name) = pool else {
+            return Ok(self.store.scan_after(after));
+        };
+        let index = self
+            .pools
+            .index_of(name)
+            .ok_or_else(|| Error::UnknownPool {
+                pool: name.to_string(),
+            })?;
+        let pool = self.pools.at(index);
+        let store = self.store.clone();
+        let after = after.map(to_int);
+        let spans: Vec<(Family, Span)> = Family::ALL
+            .into_iter()
+            .flat_map(|f| pool.covered(f).iter().map(move |s| (f, *s)))
+            .collect();
+        Ok(Box::new(spans.into_iter().flat_map(
+            move |(family, span)| {
+                // Where this span's scan starts, or None when the page token is
+                // already past it.
+                let first = match after {
+                    Some((f, x)) if f == family && x >= span.last => None,
+                    Some((f, x)) if f == family => Some((x + 1).max(span.first)),
+                    Some((f, _)) if f > family => None,
+                    _ => Some(span.first),
+                };
+                let store = store.clone();
+                first
+                    .into_iter()
+                    .flat_map(move |first| store.scan(family, first, span.last))
+            },
+        )))
     }
 
     /// Figures of every pool, and the first allocations outside them.

@@ -29,8 +29,8 @@ use crate::{
     engine::reader::Reader,
     engine::writer::Queue,
     error::{Error, Result},
-    model::{Allocation, ChangeKind, Event, ListArgs},
-    policy::checks::MAX_PAGE_SIZE,
+    model::{Allocation, ChangeKind, Event, ListArgs, Scope},
+    policy::{checks::MAX_PAGE_SIZE, scope},
 };
 
 pub use crate::engine::hub::{
@@ -70,6 +70,8 @@ pub struct WatchArgs {
     pub pool: Option<String>,
     /// Only owners with this prefix.
     pub owner_prefix: String,
+    /// Who asks: only what it may read is sent.
+    pub scope: Scope,
     /// 0: start with a snapshot; N: start after revision N.
     pub since: u64,
 }
@@ -80,6 +82,7 @@ impl WatchArgs {
             .as_deref()
             .is_none_or(|p| a.pool.as_deref() == Some(p))
             && a.record.owner.starts_with(self.owner_prefix.as_str())
+            && scope::sees(&self.scope, &a.record.owner, a.pool.as_deref())
     }
 }
 
@@ -171,6 +174,7 @@ fn scan(reader: &Reader, args: &WatchArgs) -> Result<BTreeMap<IpAddr, Allocation
         let page = reader.list(&ListArgs {
             pool: args.pool.clone(),
             owner_prefix: args.owner_prefix.clone(),
+            scope: args.scope.clone(),
             page_size: MAX_PAGE_SIZE,
             after,
         })?;

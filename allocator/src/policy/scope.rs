@@ -1,7 +1,8 @@
 //! What a credential may touch, as pure checks over a [`Scope`]: the owners
-//! (by prefix) it may allocate, release or take an address from, and the
-//! pools it may draw from. The allocation rules call them before deciding
-//! anything, so a refusal changes nothing.
+//! (by prefix) it may allocate, release or take an address from, the pools
+//! it may draw from, and the allocations it may read (its owners' in its
+//! pools). The allocation rules call them before deciding anything, so a
+//! refusal changes nothing.
 
 use std::net::IpAddr;
 
@@ -39,6 +40,34 @@ pub fn check_pool(scope: &Scope, pool: &str) -> Result<()> {
     }
 }
 
+/// Whether the scope may read the allocation of `owner` in `pool` (`None`:
+/// outside every pool): one of its owners, in one of its pools (outside
+/// every pool only for a scope of every pool), as it may change them.
+pub fn sees(scope: &Scope, owner: &str, pool: Option<&str>) -> bool {
+    let owner_seen = scope
+        .owners
+        .as_ref()
+        .is_none_or(|prefixes| prefixes.iter().any(|p| owner.starts_with(p.as_str())));
+    let pool_seen = match (&scope.pools, pool) {
+        (None, _) => true,
+        (Some(pools), Some(pool)) => pools.iter().any(|p| p == pool),
+        (Some(_), None) => false,
+    };
+    owner_seen && pool_seen
+}
+
+/// Refuses reading `what` (an owner's allocation, the one at an address),
+/// held by `owner` in `pool`, unless the scope [`sees`] it.
+pub fn check_read(scope: &Scope, what: String, owner: &str, pool: Option<&str>) -> Result<()> {
+    if sees(scope, owner, pool) {
+        return Ok(());
+    }
+    Err(Error::ReadNotPermitted {
+        credential: scope.credential.clone(),
+        what,
+    })
+}
+
 /// Refuses `address`, which lies outside every pool, unless the scope gives
 /// every pool.
 pub fn check_outside(scope: &Scope, address: IpAddr) -> Result<()> {
@@ -54,6 +83,36 @@ pub fn check_outside(scope: &Scope, address: IpAddr) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_scope_reads_its_own_owners_in_its_own_pools_only() {
+        let tool = mk_scope(&["vm:"], &["vms"]);
+        assert!(sees(&tool, "vm:a", Some("vms")));
+        assert!(!sees(&tool, "vm:a", Some("services")), "another pool");
+        assert!(!sees(&tool, "service:x", Some("vms")), "another owner");
+        assert!(!sees(&tool, "vm:a", None), "outside every pool");
+        let every_pool = mk_scope(&["vm:"], &[]);
+        let every_pool = Scope {
+            pools: None,
+            ..every_pool
+        };
+        assert!(sees(&every_pool, "vm:a", None));
+        assert!(
+            sees(&Scope::default(), "anyone", None),
+            "the local listener"
+        );
+        let err = check_read(
+            &tool,
+            "the allocation at 10.0.0.1".into(),
+            "service:x",
+            None,
+        )
+        .expect_err("refused");
+        assert_eq!(
+            err.to_string(),
+            "credential \"tool\" may not read the allocation at 10.0.0.1: it reads only its own owners in its own pools"
+        );
+    }
     use crate::fixtures::ip;
 
     fn mk_scope(owners: &[&str], pools: &[&str]) -> Scope {
