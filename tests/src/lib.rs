@@ -230,6 +230,20 @@ impl Allocator {
         Ok(format!("http://{addr}"))
     }
 
+    /// The address of its `--http-listen` listener, as it logged it.
+    pub fn http_addr(&self) -> Result<SocketAddr> {
+        let log = self.log();
+        let addr = log
+            .lines()
+            .find_map(|l| {
+                l.split_whitespace()
+                    .find_map(|w| w.strip_prefix("http_listen="))
+            })
+            .ok_or_else(|| anyhow!("no http_listen= in the log:\n{log}"))?;
+        addr.parse()
+            .with_context(|| format!("http_listen={addr} in the log"))
+    }
+
     /// The process id.
     pub fn pid(&self) -> u32 {
         self.child.id()
