@@ -16,7 +16,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use tonic::transport::Channel;
 use vipam::{
     client::{Backoff, Client},
-    v1::allocator_client::AllocatorClient,
+    v1::{AllocateRequest, allocator_client::AllocatorClient},
 };
 
 pub mod etcd;
@@ -362,6 +362,14 @@ pub fn refused_at_start(args: &[&str], envs: &[(&str, &str)]) -> Result<String> 
         );
     }
     Ok(stderr)
+}
+
+/// An Allocate request of `owner` for any address of the default pool.
+pub fn mk_allocate(owner: &str) -> AllocateRequest {
+    AllocateRequest {
+        owner: owner.to_string(),
+        ..Default::default()
+    }
 }
 
 /// A client of `url` that does not retry, sending `token` when given.

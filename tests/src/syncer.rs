@@ -854,6 +854,15 @@ pub fn status_ip(svc: &Service) -> Option<String> {
         .clone()
 }
 
+/// The ConfigMap data of `(address, entry)` pairs, as [`Kube::wait_data`]
+/// expects it.
+pub fn mk_data(pairs: &[(&str, String)]) -> BTreeMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.clone()))
+        .collect()
+}
+
 /// Whether a Service carries the syncer's finalizer.
 pub fn has_finalizer(svc: &Service) -> bool {
     svc.finalizers().iter().any(|f| f == FINALIZER)

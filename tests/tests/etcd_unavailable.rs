@@ -10,11 +10,8 @@ use std::{
 };
 
 use tonic::{Code, Status};
-use vipam::{
-    client::Client,
-    v1::{AllocateRequest, ListRequest},
-};
-use vipam_e2e::{Allocator, etcd, mk_client};
+use vipam::{client::Client, v1::ListRequest};
+use vipam_e2e::{Allocator, etcd, mk_allocate, mk_client};
 use vipam_test_etcd::{Cluster, require};
 use vipam_test_support::http;
 
@@ -25,13 +22,6 @@ const ETCD_TIMEOUT: Duration = Duration::from_secs(1);
 const MARGIN: Duration = Duration::from_millis(1000);
 /// How long the replica has to notice that etcd went or came back.
 const NOTICE: Duration = Duration::from_secs(30);
-
-fn mk_allocate(owner: &str) -> AllocateRequest {
-    AllocateRequest {
-        owner: owner.to_string(),
-        ..Default::default()
-    }
-}
 
 /// The status code of `GET path`.
 async fn http_status(addr: SocketAddr, path: &str) -> u16 {

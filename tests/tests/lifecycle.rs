@@ -11,15 +11,8 @@ use std::{
     time::Duration,
 };
 
-use vipam::v1::{AllocateRequest, GetRequest, ListPoolsRequest};
-use vipam_e2e::{Allocator, run_allocator};
-
-fn mk_allocate(owner: &str) -> AllocateRequest {
-    AllocateRequest {
-        owner: owner.to_string(),
-        ..Default::default()
-    }
-}
+use vipam::v1::{GetRequest, ListPoolsRequest};
+use vipam_e2e::{Allocator, mk_allocate, run_allocator};
 
 #[tokio::test]
 async fn allocations_survive_a_restart() {

@@ -10,7 +10,7 @@ use vipam::{
     client::Client,
     v1::{AllocateRequest, ReleaseRequest, WatchEventType, WatchRequest},
 };
-use vipam_e2e::{Allocator, grpcurl, run_allocator};
+use vipam_e2e::{Allocator, grpcurl, mk_allocate, run_allocator};
 use vipam_test_support::http::{self, Response};
 
 struct Setup {
@@ -42,13 +42,6 @@ fn mk_allocator() -> Setup {
 
 fn mk_client(url: &str, token: Option<&str>) -> Client {
     vipam_e2e::mk_client(url, token).expect("client")
-}
-
-fn mk_allocate(owner: &str) -> AllocateRequest {
-    AllocateRequest {
-        owner: owner.to_string(),
-        ..Default::default()
-    }
 }
 
 #[tokio::test]
