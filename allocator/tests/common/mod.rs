@@ -8,7 +8,10 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use tokio::sync::oneshot;
 use tonic::transport::Channel;
-use vipam::{runtime::Supervisor, v1::allocator_client::AllocatorClient};
+use vipam::{
+    runtime::Supervisor,
+    v1::{AllocateRequest, allocator_client::AllocatorClient},
+};
 use vipam_allocator::{
     Ipam,
     addresses::pool::{PoolDef, Pools, apply_settings},
@@ -51,6 +54,14 @@ impl TestServer {
         if let Some(done) = self.done.take() {
             done.await.expect("server task");
         }
+    }
+}
+
+/// An Allocate request of `owner` for any address of the default pool.
+pub fn mk_allocate(owner: &str) -> AllocateRequest {
+    AllocateRequest {
+        owner: owner.to_string(),
+        ..Default::default()
     }
 }
 
