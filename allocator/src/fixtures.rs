@@ -1,18 +1,20 @@
 //! The fixtures of the crate's unit tests: builders of addresses, pools,
-//! requests and records, and the store's state as plain maps for the pure
-//! rules.
+//! requests, records and stores, and the store's state as plain maps for the
+//! pure rules.
 
 use std::{
     collections::{BTreeMap, HashMap},
     net::IpAddr,
+    path::Path,
     sync::Arc,
 };
 
 use crate::{
     addresses::pool::{PoolDef, Pools},
+    engine::ipam::Ipam,
     model::{AllocateArgs, Record},
     policy::rules::{Rules, View},
-    store::StoreError,
+    store::{SledStore, StoreError},
 };
 
 /// The store's state as plain maps.
@@ -78,10 +80,47 @@ pub fn mk_record(owner: &str, revision: u64) -> Record {
     }
 }
 
+/// The allocation of `owner`, created at revision `revision`, with one
+/// label (`k=v`), as the store contract writes and reads it back.
+pub fn mk_labelled_record(owner: &str, revision: u64) -> Record {
+    Record {
+        owner: owner.to_string(),
+        labels: BTreeMap::from([("k".to_string(), "v".to_string())]),
+        created_unix_nanos: 1_700_000_000_000_000_000,
+        revision,
+    }
+}
+
+/// The allocation of `owner` labelled `name=<name>`, created at
+/// `created_unix_nanos`, at revision 1.
+pub fn mk_named_record(owner: &str, name: &str, created_unix_nanos: u64) -> Record {
+    Record {
+        owner: owner.to_string(),
+        labels: BTreeMap::from([("name".to_string(), name.to_string())]),
+        created_unix_nanos,
+        revision: 1,
+    }
+}
+
 /// An Allocate request of `owner` for any address of the default pool.
 pub fn mk_args(owner: &str) -> AllocateArgs {
     AllocateArgs {
         owner: owner.to_string(),
         ..Default::default()
     }
+}
+
+/// A sled store on a temporary directory of its own, which lives as long as
+/// the directory.
+pub fn mk_sled() -> (tempfile::TempDir, SledStore) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = SledStore::open(dir.path(), 8 << 20).expect("open the sled store");
+    (dir, store)
+}
+
+/// The allocator's state over a sled store in `dir`, with the pools of
+/// `specs`.
+pub fn mk_ipam(dir: &Path, specs: &[&str]) -> Ipam {
+    let store = SledStore::open(dir, 8 << 20).expect("open the sled store");
+    Ipam::load(store.into(), mk_pools(specs)).expect("load")
 }

@@ -12,14 +12,7 @@ use vipam::v1::{
 
 mod common;
 
-use common::{Config, mk_server};
-
-fn mk_allocate(owner: &str) -> AllocateRequest {
-    AllocateRequest {
-        owner: owner.to_string(),
-        ..Default::default()
-    }
-}
+use common::{Config, mk_allocate, mk_server};
 
 fn mk_explicit(owner: &str, address: &str) -> AllocateRequest {
     AllocateRequest {

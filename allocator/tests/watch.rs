@@ -14,7 +14,7 @@ use vipam_allocator::engine::watch::WatchSettings;
 
 mod common;
 
-use common::{Config, mk_server};
+use common::{Config, mk_allocate, mk_server};
 
 /// How long a test waits for an event that must come.
 const WAIT: Duration = Duration::from_secs(10);
@@ -24,13 +24,6 @@ fn mk_config() -> Config<'static> {
     Config {
         pools: &["default=10.0.0.0/20", "other=10.1.0.0/24"],
         ..Config::default()
-    }
-}
-
-fn mk_allocate(owner: &str) -> AllocateRequest {
-    AllocateRequest {
-        owner: owner.to_string(),
-        ..Default::default()
     }
 }
 

@@ -290,11 +290,10 @@ impl Allocator {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{error::Error, fixtures::mk_ip};
-
-    fn mk_owners(cluster: Option<&str>) -> Owners {
-        Owners::new(cluster.map(|c| c.parse().expect("test cluster name")))
-    }
+    use crate::{
+        error::Error,
+        fixtures::{mk_ip, mk_owners},
+    };
 
     fn held() -> AllocError {
         AllocError::Held("10.0.0.1 is held by service:shop/web".into())

@@ -15,7 +15,12 @@ use k8s_openapi::{
     apimachinery::pkg::{apis::meta::v1::Time, util::intstr::IntOrString},
 };
 
-use crate::{desired::FINALIZER, render::Legacy};
+use crate::{
+    desired::{FINALIZER, ForwardMethod},
+    index::ServiceKey,
+    owner::Owners,
+    render::{Entry, Legacy},
+};
 
 /// An address from a test literal.
 pub fn mk_ip(s: &str) -> IpAddr {
@@ -28,6 +33,25 @@ pub fn mk_legacy(uid: &str, ip: &str) -> Legacy {
         uid: Some(uid.into()),
         service: None,
         ip: mk_ip(ip),
+    }
+}
+
+/// The owners a syncer writes, named after `cluster` when it has one.
+pub fn mk_owners(cluster: Option<&str>) -> Owners {
+    Owners::new(cluster.map(|c| c.parse().expect("test cluster name")))
+}
+
+/// The index key of Service `shop/<name>`.
+pub fn mk_key(name: &str) -> ServiceKey {
+    ("shop".into(), name.into())
+}
+
+/// The ConfigMap entry of Service `namespace/name`.
+pub fn mk_entry(namespace: &str, name: &str, forward_method: Option<ForwardMethod>) -> Entry {
+    Entry {
+        namespace: namespace.into(),
+        name: name.into(),
+        forward_method,
     }
 }
 

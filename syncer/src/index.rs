@@ -136,39 +136,24 @@ pub fn record_managed(index: &Index, metrics: &Metrics) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn mk_key(name: &str) -> ServiceKey {
-        ("ns".to_string(), name.to_string())
-    }
-
-    fn mk_entry(name: &str) -> Entry {
-        Entry {
-            namespace: "ns".into(),
-            name: name.into(),
-            forward_method: None,
-        }
-    }
-
-    fn ip(s: &str) -> IpAddr {
-        s.parse().expect("test ip")
-    }
+    use crate::fixtures::{mk_entry, mk_ip, mk_key};
 
     #[test]
     fn upsert_changes_the_generation_only_when_something_changed() {
         let index = Index::default();
-        assert!(index.upsert(mk_key("a"), ip("10.0.0.1"), mk_entry("a")));
+        assert!(index.upsert(mk_key("a"), mk_ip("10.0.0.1"), mk_entry("shop", "a", None)));
         let (g1, _) = index.snapshot();
-        assert!(!index.upsert(mk_key("a"), ip("10.0.0.1"), mk_entry("a")));
+        assert!(!index.upsert(mk_key("a"), mk_ip("10.0.0.1"), mk_entry("shop", "a", None)));
         assert_eq!(index.snapshot().0, g1);
-        assert!(index.upsert(mk_key("a"), ip("10.0.0.2"), mk_entry("a")));
-        assert_eq!(index.holder(ip("10.0.0.1")), None);
-        assert_eq!(index.holder(ip("10.0.0.2")), Some(mk_key("a")));
+        assert!(index.upsert(mk_key("a"), mk_ip("10.0.0.2"), mk_entry("shop", "a", None)));
+        assert_eq!(index.holder(mk_ip("10.0.0.1")), None);
+        assert_eq!(index.holder(mk_ip("10.0.0.2")), Some(mk_key("a")));
     }
 
     #[test]
     fn remove_returns_a_generation_without_the_service() {
         let index = Index::default();
-        index.upsert(mk_key("a"), ip("10.0.0.1"), mk_entry("a"));
+        index.upsert(mk_key("a"), mk_ip("10.0.0.1"), mk_entry("shop", "a", None));
         let g = index.remove(&mk_key("a"));
         let (now, entries) = index.snapshot();
         assert_eq!(now, g);
@@ -183,7 +168,7 @@ mod tests {
     #[tokio::test]
     async fn wait_published_returns_once_the_generation_is_written() {
         let index = std::sync::Arc::new(Index::default());
-        index.upsert(mk_key("a"), ip("10.0.0.1"), mk_entry("a"));
+        index.upsert(mk_key("a"), mk_ip("10.0.0.1"), mk_entry("shop", "a", None));
         let g = index.remove(&mk_key("a"));
         let waiter = tokio::spawn({
             let index = index.clone();

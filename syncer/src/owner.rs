@@ -131,10 +131,7 @@ impl Owners {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn mk_owners(cluster: Option<&str>) -> Owners {
-        Owners::new(cluster.map(|c| c.parse().expect("test cluster name")))
-    }
+    use crate::fixtures::mk_owners;
 
     #[test]
     fn cluster_names_are_dns_labels() {

@@ -219,27 +219,16 @@ pub fn parse_data(data: &BTreeMap<String, String>) -> (Vec<Legacy>, Vec<String>)
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn mk_entry(ns: &str, name: &str, m: Option<ForwardMethod>) -> Entry {
-        Entry {
-            namespace: ns.into(),
-            name: name.into(),
-            forward_method: m,
-        }
-    }
-
-    fn ip(s: &str) -> IpAddr {
-        s.parse().expect("test ip")
-    }
+    use crate::fixtures::{mk_entry, mk_ip};
 
     #[test]
     fn render_writes_the_keepalived_format() {
         let entries = BTreeMap::from([
             (
-                ip("10.0.0.2"),
+                mk_ip("10.0.0.2"),
                 mk_entry("shop", "web", Some(ForwardMethod::Dr)),
             ),
-            (ip("10.0.0.1"), mk_entry("default", "db", None)),
+            (mk_ip("10.0.0.1"), mk_entry("default", "db", None)),
         ]);
         let r = render(&entries);
         assert_eq!(
@@ -255,12 +244,12 @@ mod tests {
     #[test]
     fn ipv6_addresses_are_left_out_and_reported() {
         let entries = BTreeMap::from([
-            (ip("fd00::5"), mk_entry("shop", "v6", None)),
-            (ip("10.0.0.1"), mk_entry("shop", "v4", None)),
+            (mk_ip("fd00::5"), mk_entry("shop", "v6", None)),
+            (mk_ip("10.0.0.1"), mk_entry("shop", "v4", None)),
         ]);
         let r = render(&entries);
         assert_eq!(r.data.len(), 1);
-        assert_eq!(r.ipv6, vec![(ip("fd00::5"), "shop/v6".to_string())]);
+        assert_eq!(r.ipv6, vec![(mk_ip("fd00::5"), "shop/v6".to_string())]);
         assert!(r.data.keys().all(|k| {
             k.chars()
                 .all(|c| c.is_ascii_alphanumeric() || "-._".contains(c))
@@ -270,12 +259,12 @@ mod tests {
     #[test]
     fn rendering_is_a_function_of_the_entries_alone() {
         let a = BTreeMap::from([
-            (ip("10.0.0.1"), mk_entry("a", "b", None)),
-            (ip("10.0.0.3"), mk_entry("c", "d", None)),
+            (mk_ip("10.0.0.1"), mk_entry("a", "b", None)),
+            (mk_ip("10.0.0.3"), mk_entry("c", "d", None)),
         ]);
         let mut b = BTreeMap::new();
-        b.insert(ip("10.0.0.3"), mk_entry("c", "d", None));
-        b.insert(ip("10.0.0.1"), mk_entry("a", "b", None));
+        b.insert(mk_ip("10.0.0.3"), mk_entry("c", "d", None));
+        b.insert(mk_ip("10.0.0.1"), mk_entry("a", "b", None));
         assert_eq!(render(&a), render(&b));
     }
 
@@ -369,12 +358,12 @@ mod tests {
                 Legacy {
                     uid: Some("u1".into()),
                     service: Some(("shop".into(), "web".into())),
-                    ip: ip("10.210.38.65")
+                    ip: mk_ip("10.210.38.65")
                 },
                 Legacy {
                     uid: Some("u2".into()),
                     service: None,
-                    ip: ip("10.210.38.66")
+                    ip: mk_ip("10.210.38.66")
                 },
             ]
         );

@@ -16,7 +16,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use tonic::transport::Channel;
 use vipam::{
     client::{Backoff, Client},
-    v1::allocator_client::AllocatorClient,
+    v1::{AllocateRequest, allocator_client::AllocatorClient},
 };
 
 pub mod etcd;
@@ -230,6 +230,20 @@ impl Allocator {
         Ok(format!("http://{addr}"))
     }
 
+    /// The address of its `--http-listen` listener, as it logged it.
+    pub fn http_addr(&self) -> Result<SocketAddr> {
+        let log = self.log();
+        let addr = log
+            .lines()
+            .find_map(|l| {
+                l.split_whitespace()
+                    .find_map(|w| w.strip_prefix("http_listen="))
+            })
+            .ok_or_else(|| anyhow!("no http_listen= in the log:\n{log}"))?;
+        addr.parse()
+            .with_context(|| format!("http_listen={addr} in the log"))
+    }
+
     /// The process id.
     pub fn pid(&self) -> u32 {
         self.child.id()
@@ -348,6 +362,14 @@ pub fn refused_at_start(args: &[&str], envs: &[(&str, &str)]) -> Result<String> 
         );
     }
     Ok(stderr)
+}
+
+/// An Allocate request of `owner` for any address of the default pool.
+pub fn mk_allocate(owner: &str) -> AllocateRequest {
+    AllocateRequest {
+        owner: owner.to_string(),
+        ..Default::default()
+    }
 }
 
 /// A client of `url` that does not retry, sending `token` when given.

@@ -250,29 +250,8 @@ impl Syncer {
 
     /// `GET path` on its HTTP endpoint: the status code and the body.
     pub async fn http_get(&self, path: &str) -> Result<(u16, String)> {
-        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-        let mut stream = tokio::net::TcpStream::connect(self.http).await?;
-        stream
-            .write_all(
-                format!(
-                    "GET {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
-                    self.http
-                )
-                .as_bytes(),
-            )
-            .await?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response).await?;
-        let code = response
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .ok_or_else(|| anyhow!("not an HTTP response: {response:?}"))?;
-        let body = response
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_string())
-            .unwrap_or_default();
-        Ok((code, body))
+        let response = vipam_test_support::http::get(self.http, path).await?;
+        Ok((response.status, response.body))
     }
 
     /// Whether `/readyz` answers 200: it leads and has adopted every address.
@@ -873,6 +852,15 @@ pub fn status_ip(svc: &Service) -> Option<String> {
         .first()?
         .ip
         .clone()
+}
+
+/// The ConfigMap data of `(address, entry)` pairs, as [`Kube::wait_data`]
+/// expects it.
+pub fn mk_data(pairs: &[(&str, String)]) -> BTreeMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.clone()))
+        .collect()
 }
 
 /// Whether a Service carries the syncer's finalizer.

@@ -4,18 +4,8 @@
 use std::time::Duration;
 
 use tonic::Code;
-use vipam::{
-    client::{Backoff, Client},
-    v1::AllocateRequest,
-};
-use vipam_e2e::Allocator;
-
-fn mk_allocate(owner: &str) -> AllocateRequest {
-    AllocateRequest {
-        owner: owner.to_string(),
-        ..Default::default()
-    }
-}
+use vipam::client::{Backoff, Client};
+use vipam_e2e::{Allocator, mk_allocate};
 
 #[tokio::test]
 async fn client_allocates_lists_and_releases() {

@@ -53,7 +53,8 @@ fn mk_allocator() -> Setup {
     (dir, allocator)
 }
 
-fn mk_allocate(owner: &str, pool: &str, address: &str) -> AllocateRequest {
+/// An Allocate request of `owner` in `pool` for `address` (empty: any).
+fn mk_allocate_at(owner: &str, pool: &str, address: &str) -> AllocateRequest {
     AllocateRequest {
         owner: owner.to_string(),
         pool: pool.to_string(),
@@ -69,7 +70,7 @@ fn client(url: &str, token: Option<&str>) -> Client {
 /// Asserts that `client` may allocate for `owner` and release it again.
 async fn assert_allocates_and_releases(client: &Client, owner: &str) {
     let allocated = client
-        .allocate(mk_allocate(owner, "", ""))
+        .allocate(mk_allocate_at(owner, "", ""))
         .await
         .expect("allocate");
     let released = client.release_owner(owner).await.expect("release");
@@ -96,7 +97,7 @@ async fn a_tool_credential_changes_only_its_own_owners_in_its_own_pools() {
 
     // The syncer's credential does its job: allocate and release Services.
     let web = syncer
-        .allocate(mk_allocate("service:default/web", "", ""))
+        .allocate(mk_allocate_at("service:default/web", "", ""))
         .await
         .expect("the syncer allocates a service");
     assert_eq!(
@@ -126,24 +127,27 @@ async fn a_tool_credential_changes_only_its_own_owners_in_its_own_pools() {
     // Nor take it, nor allocate outside its prefixes.
     for (request, words) in [
         (
-            mk_allocate("vm:thief", "", &web.address),
+            mk_allocate_at("vm:thief", "", &web.address),
             ["\"tool\"", "\"service:default/web\""],
         ),
         (
-            mk_allocate("service:default/fake", "vms", ""),
+            mk_allocate_at("service:default/fake", "vms", ""),
             ["\"tool\"", "\"service:default/fake\""],
         ),
         // Nor draw from a pool it is not given: named, by an address in
         // it, or as the default pool.
         (
-            mk_allocate("vm:one", "services", ""),
+            mk_allocate_at("vm:one", "services", ""),
             ["\"tool\"", "\"services\""],
         ),
         (
-            mk_allocate("vm:one", "", "10.40.0.9"),
+            mk_allocate_at("vm:one", "", "10.40.0.9"),
             ["\"tool\"", "\"services\""],
         ),
-        (mk_allocate("vm:one", "", ""), ["\"tool\"", "\"services\""]),
+        (
+            mk_allocate_at("vm:one", "", ""),
+            ["\"tool\"", "\"services\""],
+        ),
     ] {
         let err = tool.allocate(request).await.expect_err("refused");
         errors.push(assert_refused(err, Code::PermissionDenied, &words));
@@ -167,7 +171,7 @@ async fn a_tool_credential_changes_only_its_own_owners_in_its_own_pools() {
 
     // Its own owners in its own pool are fine.
     let vm = tool
-        .allocate(mk_allocate("vm:one", "vms", ""))
+        .allocate(mk_allocate_at("vm:one", "vms", ""))
         .await
         .expect("the tool allocates in vms");
     assert_eq!(vm.address, "10.40.1.1");
@@ -287,7 +291,7 @@ async fn calls_without_a_token_on_the_loopback_listener_keep_every_right() {
     // A token sent there is still checked, and grants only its scope.
     let tool = client(&allocator.url(), Some(TOOL_TOKEN));
     let err = tool
-        .allocate(mk_allocate("service:default/web", "", ""))
+        .allocate(mk_allocate_at("service:default/web", "", ""))
         .await
         .expect_err("the tool's scope applies on loopback too");
     assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");

@@ -16,7 +16,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, Result, anyhow, bail, ensure};
+use anyhow::{Context as _, Result, bail, ensure};
 use futures::future::try_join_all;
 use kube::api::ListParams;
 use vipam::v1::Allocation;
@@ -25,6 +25,7 @@ use vipam_e2e::{
     syncer::{Kube, Syncer, TIMEOUT, allocator_client, quiet_period, status_ip, wait_until},
 };
 use vipam_test_etcd::{Cluster, require};
+use vipam_test_support::http;
 
 /// The pool both replicas define: a /24 has 254 addresses, room for the 200
 /// Services and spare.
@@ -212,15 +213,7 @@ fn in_pool(ip: &str) -> bool {
 /// The sum of the samples of an allocator's counter `name` on `/metrics`
 /// whose labels include every one of `labels` (`key="value"`).
 async fn allocator_metric(addr: SocketAddr, name: &str, labels: &[&str]) -> Result<f64> {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let mut stream = tokio::net::TcpStream::connect(addr).await?;
-    let request = format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await?;
-    let (_, body) = response
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| anyhow!("not an HTTP response: {response:?}"))?;
+    let body = http::get(addr, "/metrics").await?.body;
     Ok(body
         .lines()
         .filter(|l| !l.starts_with('#'))

@@ -31,7 +31,9 @@ const MIGRATE_TIMEOUT: Duration = Duration::from_secs(60);
 
 type Client = AllocatorClient<tonic::transport::Channel>;
 
-fn mk_allocate(owner: &str, pool: &str) -> AllocateRequest {
+/// An Allocate request of the Service owner `owner` in `pool`, with the
+/// labels the syncer gives it.
+fn mk_labelled_allocate(owner: &str, pool: &str) -> AllocateRequest {
     let name = owner.rsplit('/').next().unwrap_or(owner);
     AllocateRequest {
         pool: pool.to_string(),
@@ -138,22 +140,22 @@ async fn fill_sled(dir: &Path) -> Vec<Allocation> {
     let a = start(dir, &[]);
     let mut c = a.client().await.expect("connect");
     for owner in ["shop/a1", "shop/a2", "shop/a3"] {
-        allocate(&mut c, mk_allocate(owner, "a")).await;
+        allocate(&mut c, mk_labelled_allocate(owner, "a")).await;
     }
     let v6 = AllocateRequest {
         family: Family::Ipv6.into(),
-        ..mk_allocate("shop/a6", "a")
+        ..mk_labelled_allocate("shop/a6", "a")
     };
     assert_eq!(allocate(&mut c, v6).await, "fd00:a::1");
-    allocate(&mut c, mk_allocate("shop/b1", "b")).await;
+    allocate(&mut c, mk_labelled_allocate("shop/b1", "b")).await;
     let explicit = AllocateRequest {
         address: "10.2.0.50".into(),
-        ..mk_allocate("shop/b2", "b")
+        ..mk_labelled_allocate("shop/b2", "b")
     };
     allocate(&mut c, explicit).await;
     let outside = AllocateRequest {
         address: "192.0.2.7".into(),
-        ..mk_allocate("shop/out", "")
+        ..mk_labelled_allocate("shop/out", "")
     };
     allocate(&mut c, outside).await;
     // A hole: the next allocation in pool a takes it.
@@ -179,11 +181,11 @@ async fn serve_from_etcd(endpoints: &str, held: &[Allocation]) -> Vec<Allocation
     let mut c = a.client().await.expect("connect");
     assert_serves(&mut c, held, &a.log()).await;
     assert_eq!(
-        allocate(&mut c, mk_allocate("shop/a4", "a")).await,
+        allocate(&mut c, mk_labelled_allocate("shop/a4", "a")).await,
         "10.1.0.2"
     );
     assert_eq!(
-        allocate(&mut c, mk_allocate("shop/b3", "b")).await,
+        allocate(&mut c, mk_labelled_allocate("shop/b3", "b")).await,
         "10.2.0.2"
     );
     let on_etcd = list(&mut c).await;
@@ -199,7 +201,7 @@ async fn serve_from_sled(dir: &Path, endpoints: &str, held: &[Allocation]) {
     let mut c = a.client().await.expect("connect");
     assert_serves(&mut c, held, &a.log()).await;
     assert_eq!(
-        allocate(&mut c, mk_allocate("shop/a5", "a")).await,
+        allocate(&mut c, mk_labelled_allocate("shop/a5", "a")).await,
         "10.1.0.4"
     );
     let out = migrate("sled", "etcd", dir, endpoints);

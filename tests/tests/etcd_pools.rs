@@ -6,21 +6,14 @@
 
 use std::time::Duration;
 
-use vipam::{client::Client, v1::AllocateRequest};
+use vipam::client::Client;
 use vipam_e2e::{
     etcd::{self, DEFAULT_PREFIX, Keys},
-    mk_client, refused_at_start,
+    mk_allocate, mk_client, refused_at_start,
 };
 use vipam_test_etcd::{Cluster, require};
 
 const POOL: &str = "web=10.50.0.0/24";
-
-fn mk_allocate(owner: &str) -> AllocateRequest {
-    AllocateRequest {
-        owner: owner.to_string(),
-        ..Default::default()
-    }
-}
 
 async fn mk_address(client: &Client, owner: &str) -> String {
     client

@@ -16,14 +16,11 @@ use std::{
 
 use tokio::{sync::Mutex, time::Instant};
 use tonic::Status;
-use vipam::{
-    client::Client,
-    v1::{AllocateRequest, Allocation},
-};
+use vipam::{client::Client, v1::Allocation};
 use vipam_e2e::{
     Allocator,
     etcd::{self, DEFAULT_PREFIX, Keys, is_transient},
-    mk_client,
+    mk_allocate, mk_client,
 };
 use vipam_test_etcd::{Cluster, require};
 
@@ -51,13 +48,6 @@ type Owners = Arc<Vec<Mutex<Known>>>;
 
 fn owner_name(i: usize) -> String {
     format!("o/{i:02}")
-}
-
-fn mk_allocate(owner: &str) -> AllocateRequest {
-    AllocateRequest {
-        owner: owner.to_string(),
-        ..Default::default()
-    }
 }
 
 /// A small deterministic generator, one per client.

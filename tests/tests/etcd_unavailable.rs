@@ -9,14 +9,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::{Code, Status};
-use vipam::{
-    client::Client,
-    v1::{AllocateRequest, ListRequest},
-};
-use vipam_e2e::{Allocator, etcd, mk_client};
+use vipam::{client::Client, v1::ListRequest};
+use vipam_e2e::{Allocator, etcd, mk_allocate, mk_client};
 use vipam_test_etcd::{Cluster, require};
+use vipam_test_support::http;
 
 /// The replica's `--etcd-timeout`.
 const ETCD_TIMEOUT: Duration = Duration::from_secs(1);
@@ -26,41 +23,9 @@ const MARGIN: Duration = Duration::from_millis(1000);
 /// How long the replica has to notice that etcd went or came back.
 const NOTICE: Duration = Duration::from_secs(30);
 
-fn mk_allocate(owner: &str) -> AllocateRequest {
-    AllocateRequest {
-        owner: owner.to_string(),
-        ..Default::default()
-    }
-}
-
-/// The `--http-listen` address the allocator logged.
-fn http_addr(allocator: &Allocator) -> SocketAddr {
-    allocator
-        .log()
-        .lines()
-        .find_map(|l| {
-            l.split_whitespace()
-                .find_map(|w| w.strip_prefix("http_listen="))
-        })
-        .expect("http_listen in the log")
-        .parse()
-        .expect("address")
-}
-
 /// The status code of `GET path`.
 async fn http_status(addr: SocketAddr, path: &str) -> u16 {
-    let mut conn = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    conn.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .await
-    .expect("write");
-    let mut raw = String::new();
-    conn.read_to_string(&mut raw).await.expect("read");
-    raw.split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("no status line in {raw:?}"))
+    http::get(addr, path).await.expect("an HTTP answer").status
 }
 
 /// Waits until `/readyz` answers `want`.
@@ -141,7 +106,7 @@ async fn mk_setup(cluster: &Cluster) -> Setup {
         ],
     )
     .expect("start");
-    let http = http_addr(&replica);
+    let http = replica.http_addr().expect("http_listen in the log");
     let client = mk_client(&replica.url(), None).expect("client");
     let held = client
         .allocate(mk_allocate("tool/held"))

@@ -18,12 +18,12 @@ use tokio::{sync::mpsc, time::Instant};
 use tonic::{Code, Streaming};
 use vipam::{
     client::Client,
-    v1::{AllocateRequest, WatchEvent, WatchEventType, WatchRequest},
+    v1::{WatchEvent, WatchEventType, WatchRequest},
 };
 use vipam_e2e::{
     Allocator,
     etcd::{self, DEFAULT_PREFIX, Keys, on_any_replica},
-    mk_client,
+    mk_allocate, mk_client,
 };
 use vipam_test_etcd::{Cluster, require};
 
@@ -37,13 +37,6 @@ type Seen = (WatchEventType, u64, String, String);
 /// An acknowledged write: (type, owner, address, revision of an
 /// allocation).
 type Ack = (WatchEventType, String, String, Option<u64>);
-
-fn mk_allocate(owner: &str) -> AllocateRequest {
-    AllocateRequest {
-        owner: owner.to_string(),
-        ..Default::default()
-    }
-}
 
 fn deadline() -> Instant {
     Instant::now() + WAIT

@@ -11,15 +11,8 @@ use std::{
     time::Duration,
 };
 
-use vipam::v1::{AllocateRequest, GetRequest, ListPoolsRequest};
-use vipam_e2e::{Allocator, run_allocator};
-
-fn mk_allocate(owner: &str) -> AllocateRequest {
-    AllocateRequest {
-        owner: owner.to_string(),
-        ..Default::default()
-    }
-}
+use vipam::v1::{GetRequest, ListPoolsRequest};
+use vipam_e2e::{Allocator, mk_allocate, run_allocator};
 
 #[tokio::test]
 async fn allocations_survive_a_restart() {
@@ -355,7 +348,6 @@ async fn a_second_allocator_on_the_same_data_dir_is_refused() {
 
 #[tokio::test]
 async fn http_listen_serves_health_and_metrics_without_grpc() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let dir = tempfile::tempdir().expect("tempdir");
     let a = Allocator::start(
         dir.path(),
@@ -367,31 +359,17 @@ async fn http_listen_serves_health_and_metrics_without_grpc() {
         ],
     )
     .expect("start");
-    let http: std::net::SocketAddr = a
-        .log()
-        .lines()
-        .find_map(|l| {
-            l.split_whitespace()
-                .find_map(|w| w.strip_prefix("http_listen="))
-        })
-        .expect("http_listen in the log")
-        .parse()
-        .expect("address");
+    let http = a.http_addr().expect("http_listen in the log");
     for (path, want) in [
-        ("/healthz", "200"),
-        ("/readyz", "200"),
-        ("/metrics", "200"),
-        ("/vipam.v1.Allocator/List", "404"),
+        ("/healthz", 200),
+        ("/readyz", 200),
+        ("/metrics", 200),
+        ("/vipam.v1.Allocator/List", 404),
     ] {
-        let mut conn = tokio::net::TcpStream::connect(http).await.expect("connect");
-        conn.write_all(
-            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
-        )
-        .await
-        .expect("write");
-        let mut raw = String::new();
-        conn.read_to_string(&mut raw).await.expect("read");
-        assert_eq!(raw.split_whitespace().nth(1), Some(want), "{path}: {raw}");
+        let response = vipam_test_support::http::get(http, path)
+            .await
+            .expect("GET");
+        assert_eq!(response.status, want, "{path}: {response:?}");
     }
     // gRPC is not served there.
     let mut c = vipam::v1::allocator_client::AllocatorClient::connect(format!("http://{http}"))

@@ -3,15 +3,15 @@
 //! tools), where every allocator call, reads included, needs the bearer
 //! token.
 
-use std::{net::SocketAddr, time::Duration};
+use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::Code;
 use vipam::{
     client::Client,
     v1::{AllocateRequest, ReleaseRequest, WatchEventType, WatchRequest},
 };
-use vipam_e2e::{Allocator, grpcurl, run_allocator};
+use vipam_e2e::{Allocator, grpcurl, mk_allocate, run_allocator};
+use vipam_test_support::http::{self, Response};
 
 struct Setup {
     _dir: tempfile::TempDir,
@@ -42,34 +42,6 @@ fn mk_allocator() -> Setup {
 
 fn mk_client(url: &str, token: Option<&str>) -> Client {
     vipam_e2e::mk_client(url, token).expect("client")
-}
-
-fn mk_allocate(owner: &str) -> AllocateRequest {
-    AllocateRequest {
-        owner: owner.to_string(),
-        ..Default::default()
-    }
-}
-
-async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
-    let mut conn = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    conn.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .await
-    .expect("write");
-    let mut raw = String::new();
-    conn.read_to_string(&mut raw).await.expect("read");
-    let status = raw
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .expect("status line");
-    let body = raw
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (status, body)
 }
 
 #[tokio::test]
@@ -168,9 +140,9 @@ async fn both_listeners_serve_health_reflection_and_http_endpoints() {
     let a = &setup.allocator;
     let wide = a.authenticated.expect("authenticated listener");
     for addr in [a.addr, wide] {
-        let (status, body) = http_get(addr, "/readyz").await;
+        let Response { status, body } = http::get(addr, "/readyz").await.expect("GET /readyz");
         assert_eq!((status, body.as_str()), (200, "ok\n"), "{addr}");
-        let (status, body) = http_get(addr, "/metrics").await;
+        let Response { status, body } = http::get(addr, "/metrics").await.expect("GET /metrics");
         assert_eq!(status, 200, "{addr}");
         assert!(body.contains("vipam_watchers 0"), "{addr}: {body}");
         let out = grpcurl(&[&addr.to_string(), "list"]).expect("grpcurl");

@@ -14,12 +14,13 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, bail};
 use serde_json::Value;
 use vipam_e2e::{
     syncer::{Kube, wait_until},
     workspace_dir,
 };
+use vipam_test_support::http::{self, Response};
 
 mod common;
 
@@ -159,23 +160,13 @@ fn free_port() -> u16 {
         .expect("a free loopback port")
 }
 
-/// `GET path` on Prometheus's HTTP API as JSON (HTTP/1.0, so the body is
-/// neither chunked nor kept alive).
+/// `GET path` on Prometheus's HTTP API as JSON.
 async fn api(addr: SocketAddr, path: &str) -> Result<Value> {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let mut stream = tokio::net::TcpStream::connect(addr).await?;
-    stream
-        .write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
-        .await?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await?;
-    let (head, body) = response
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| anyhow!("not an HTTP response: {response:?}"))?;
-    if !head.starts_with("HTTP/1.0 200") && !head.starts_with("HTTP/1.1 200") {
-        bail!("GET {path}: {head}");
+    let Response { status, body } = http::get(addr, path).await?;
+    if status != 200 {
+        bail!("GET {path}: {status} {body}");
     }
-    let v: Value = serde_json::from_str(body).with_context(|| format!("GET {path}: {body}"))?;
+    let v: Value = serde_json::from_str(&body).with_context(|| format!("GET {path}: {body}"))?;
     if v["status"] != "success" {
         bail!("GET {path}: {v}");
     }

@@ -169,7 +169,6 @@ fn readme_metric_tables_match_what_the_syncer_exports() {
 
 #[tokio::test]
 async fn readme_metric_tables_match_what_the_allocator_exports() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let dir = tempfile::tempdir().expect("tempdir");
     let a =
         vipam_e2e::Allocator::start(dir.path(), &["--pool", "default=10.8.0.0/29"]).expect("start");
@@ -180,14 +179,10 @@ async fn readme_metric_tables_match_what_the_allocator_exports() {
         .list_pools(vipam::v1::ListPoolsRequest {})
         .await
         .expect("list pools");
-    let mut conn = tokio::net::TcpStream::connect(a.addr)
+    let body = vipam_test_support::http::get(a.addr, "/metrics")
         .await
-        .expect("connect");
-    conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .await
-        .expect("write");
-    let mut body = String::new();
-    conn.read_to_string(&mut body).await.expect("read");
+        .expect("GET /metrics")
+        .body;
     let exported = metric_names(&body);
     let documented = readme_metrics(&section(&readme(), "### Health and metrics"));
     assert_eq!(documented, exported);

@@ -24,19 +24,12 @@ use vipam_e2e::{
     Allocator,
     syncer::{
         ADDRESS, CONFIG_MAP, FINALIZER, FORWARD_METHOD, Kube, Lb, POOL, TIMEOUT, allocations,
-        allocator_client, has_finalizer, owner, quiet_period, status_ip, wait_until,
+        allocator_client, has_finalizer, mk_data, owner, quiet_period, status_ip, wait_until,
     },
 };
 use vipam_kube_api::LoggedRequest;
 
 const POOL_DEFAULT: &str = "default=10.20.30.0/29";
-
-fn mk_data(pairs: &[(&str, String)]) -> BTreeMap<String, String> {
-    pairs
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.clone()))
-        .collect()
-}
 
 /// Whether a logged request is a write other than the Lease's renewals and
 /// reads (the Lease is renewed every few seconds by design).

@@ -18,18 +18,11 @@ use kube::{Api, api::PostParams};
 use serde_json::json;
 use vipam_e2e::syncer::{
     ADDRESS, CONFIG_MAP, FINALIZER, FORWARD_METHOD, Kube, LEASE, LEASE_DURATION, TIMEOUT,
-    allocations, has_finalizer, owner, quiet_period, status_ip, wait_until,
+    allocations, has_finalizer, mk_data, owner, quiet_period, status_ip, wait_until,
 };
 use vipam_kube_api::Fault;
 
 const POOL_DEFAULT: &str = "default=10.20.30.0/29";
-
-fn mk_data(pairs: &[(&str, String)]) -> BTreeMap<String, String> {
-    pairs
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.clone()))
-        .collect()
-}
 
 /// Every status IP each Service had, in order, from recorded versions
 /// (repeats collapsed; `None` when it had none).

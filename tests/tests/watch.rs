@@ -9,9 +9,9 @@ use tokio::sync::mpsc;
 use tonic::Code;
 use vipam::{
     client::{Backoff, Client},
-    v1::{AllocateRequest, WatchEventType, WatchRequest},
+    v1::{WatchEventType, WatchRequest},
 };
-use vipam_e2e::Allocator;
+use vipam_e2e::{Allocator, mk_allocate};
 
 /// How long a test waits for an event that must come.
 const WAIT: Duration = Duration::from_secs(30);
@@ -24,13 +24,6 @@ fn mk_backoff() -> Backoff {
         initial: Duration::from_millis(20),
         max: Duration::from_millis(200),
         max_elapsed: Duration::from_secs(60),
-    }
-}
-
-fn mk_allocate(owner: &str) -> AllocateRequest {
-    AllocateRequest {
-        owner: owner.to_string(),
-        ..Default::default()
     }
 }
 

@@ -16,7 +16,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::transport::{Channel, Endpoint};
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 use vipam::v1::{AllocateRequest, ReleaseRequest, allocator_client::AllocatorClient};
@@ -383,13 +382,11 @@ pub fn runtime() -> tokio::runtime::Runtime {
 
 /// A counter of the allocator's /metrics page (OpenMetrics adds `_total`).
 pub async fn metric(addr: SocketAddr, name: &str) -> Option<f64> {
-    let mut conn = tokio::net::TcpStream::connect(addr).await.ok()?;
-    conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
+    let body = vipam_test_support::http::get(addr, "/metrics")
         .await
-        .ok()?;
-    let mut raw = String::new();
-    conn.read_to_string(&mut raw).await.ok()?;
-    raw.lines().find_map(|line| {
+        .ok()?
+        .body;
+    body.lines().find_map(|line| {
         line.strip_prefix(name)
             .and_then(|rest| rest.strip_prefix(' '))
             .and_then(|v| v.trim().parse().ok())

@@ -595,13 +595,9 @@ pub fn apply_settings(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::addresses::intervals::IntervalSet;
+    use crate::{addresses::intervals::IntervalSet, fixtures::ip};
     use proptest::prelude::*;
     use std::net::Ipv4Addr;
-
-    fn ip(s: &str) -> IpAddr {
-        s.parse().expect("test address")
-    }
 
     fn mk_pool(value: &str) -> Pool {
         Pool::new(value.parse().expect("test pool spec")).expect("test pool")

@@ -125,10 +125,7 @@ pub fn mapped_ipv4(ip: IpAddr) -> Option<Ipv4Addr> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn ip(s: &str) -> IpAddr {
-        s.parse().expect("test address")
-    }
+    use crate::fixtures::ip;
 
     fn block_name(s: &str) -> Option<String> {
         containing(ip(s)).map(|b| b.net.to_string())

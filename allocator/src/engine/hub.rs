@@ -259,8 +259,11 @@ impl Hub {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{Allocation, ChangeKind, Record};
-    use std::{collections::BTreeMap, net::IpAddr};
+    use crate::{
+        fixtures::mk_record,
+        model::{Allocation, ChangeKind},
+    };
+    use std::net::IpAddr;
 
     fn mk_event(revision: u64) -> Event {
         Event {
@@ -269,12 +272,7 @@ mod tests {
             allocation: Allocation {
                 address: IpAddr::from([10, 0, 0, revision as u8]),
                 pool: None,
-                record: Record {
-                    owner: format!("o{revision}"),
-                    labels: BTreeMap::new(),
-                    created_unix_nanos: 0,
-                    revision,
-                },
+                record: mk_record(&format!("o{revision}"), revision),
             },
         }
     }

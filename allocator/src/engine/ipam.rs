@@ -221,16 +221,11 @@ mod tests {
         addresses::pool::PoolDef,
         engine::handle::start,
         error::Error,
-        fixtures::{ip, mk_args, mk_pools},
+        fixtures::{ip, mk_args, mk_ipam, mk_pools},
         store::SledStore,
     };
     use proptest::prelude::*;
     use std::collections::{BTreeSet, HashMap};
-
-    fn mk_ipam(dir: &std::path::Path, specs: &[&str]) -> Ipam {
-        let store = SledStore::open(dir, 8 << 20).expect("open store");
-        Ipam::load(store.into(), mk_pools(specs)).expect("load")
-    }
 
     /// Applies `apply` in a flush of its own, as the writer does with a
     /// request alone in its batch: its answer (with the revision its write

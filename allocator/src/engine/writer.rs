@@ -383,16 +383,10 @@ mod tests {
 
     use super::{Command, write_batch};
     use crate::{
-        engine::{handle::start, hub::Hub, ipam::Ipam, watch::WatchSettings},
-        fixtures::{ip, mk_args, mk_pools},
+        engine::{handle::start, hub::Hub, watch::WatchSettings},
+        fixtures::{ip, mk_args, mk_ipam},
         model::ReleaseArgs,
-        store::{SledStore, Store},
     };
-
-    fn mk_ipam(dir: &tempfile::TempDir) -> Ipam {
-        let store: Store = SledStore::open(dir.path(), 8 << 20).expect("open").into();
-        Ipam::load(store, mk_pools(&["a=10.0.0.0/24"])).expect("load")
-    }
 
     fn mk_release(owner: &str) -> ReleaseArgs {
         ReleaseArgs {
@@ -405,7 +399,7 @@ mod tests {
     #[tokio::test]
     async fn only_allocate_and_release_requests_count_as_writes() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (handle, _writer) = start(mk_ipam(&dir), 16).expect("start");
+        let (handle, _writer) = start(mk_ipam(dir.path(), &["a=10.0.0.0/24"]), 16).expect("start");
         handle.allocate(mk_args("svc")).await.expect("allocate");
         handle.barrier().await.expect("barrier");
         handle.release(mk_release("svc")).await.expect("release");
@@ -417,7 +411,7 @@ mod tests {
     #[test]
     fn a_request_writing_an_address_its_flush_writes_already_waits_for_the_next() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut ipam = mk_ipam(&dir);
+        let mut ipam = mk_ipam(dir.path(), &["a=10.0.0.0/24"]);
         let stats = ipam.stats();
         let hub = Hub::new(ipam.revision(), WatchSettings::default());
         let (svc, svc_answer) = oneshot::channel();

@@ -17,6 +17,7 @@ use std::{collections::BTreeMap, net::IpAddr};
 use super::{Store, StoreError, Write};
 use crate::{
     addresses::pool::{Family, to_int},
+    fixtures::{ip, mk_labelled_record},
     model::{Change, ChangeKind, Record},
 };
 
@@ -70,29 +71,6 @@ macro_rules! store_contract {
 }
 pub(crate) use store_contract;
 
-/// A record of `owner`, with one label, not yet numbered.
-pub(crate) fn mk_record(owner: &str) -> Record {
-    Record {
-        owner: owner.to_string(),
-        labels: BTreeMap::from([("k".to_string(), "v".to_string())]),
-        created_unix_nanos: 1_700_000_000_000_000_000,
-        revision: 0,
-    }
-}
-
-/// `mk_record(owner)` numbered `revision`.
-pub(crate) fn mk_record_at(owner: &str, revision: u64) -> Record {
-    Record {
-        revision,
-        ..mk_record(owner)
-    }
-}
-
-/// An address from its text.
-pub(crate) fn ip(s: &str) -> IpAddr {
-    s.parse().expect("test address")
-}
-
 /// The changes after `after` up to `last` as (revision, kind, address).
 pub(crate) fn revisions(store: &Store, after: u64, last: u64) -> Vec<(u64, ChangeKind, IpAddr)> {
     store
@@ -109,7 +87,7 @@ pub(crate) fn stage_allocate(store: &Store, address: &str, owner: &str) {
     store
         .stage(Write::Allocate {
             address: ip(address),
-            record: mk_record(owner),
+            record: mk_labelled_record(owner, 0),
         })
         .expect("stage an allocation");
 }

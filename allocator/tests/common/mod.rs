@@ -6,12 +6,12 @@
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    sync::oneshot,
-};
+use tokio::sync::oneshot;
 use tonic::transport::Channel;
-use vipam::{runtime::Supervisor, v1::allocator_client::AllocatorClient};
+use vipam::{
+    runtime::Supervisor,
+    v1::{AllocateRequest, allocator_client::AllocatorClient},
+};
 use vipam_allocator::{
     Ipam,
     addresses::pool::{PoolDef, Pools, apply_settings},
@@ -40,26 +40,10 @@ impl TestServer {
 
     /// `GET path` over HTTP/1.1 on the gRPC port: the status and the body.
     pub async fn http_get(&self, path: &str) -> (u16, String) {
-        let mut conn = tokio::net::TcpStream::connect(self.addr)
+        let response = vipam_test_support::http::get(self.addr, path)
             .await
-            .expect("connect");
-        conn.write_all(
-            format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n").as_bytes(),
-        )
-        .await
-        .expect("write");
-        let mut raw = String::new();
-        conn.read_to_string(&mut raw).await.expect("read");
-        let status = raw
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .expect("status line");
-        let body = raw
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_string())
-            .unwrap_or_default();
-        (status, body)
+            .expect("an HTTP answer");
+        (response.status, response.body)
     }
 
     /// Stops serving, drains, and waits for the store writer.
@@ -70,6 +54,14 @@ impl TestServer {
         if let Some(done) = self.done.take() {
             done.await.expect("server task");
         }
+    }
+}
+
+/// An Allocate request of `owner` for any address of the default pool.
+pub fn mk_allocate(owner: &str) -> AllocateRequest {
+    AllocateRequest {
+        owner: owner.to_string(),
+        ..Default::default()
     }
 }
 

@@ -4,7 +4,7 @@
 use super::*;
 use crate::{
     desired::{ADDRESS_ANNOTATION, FORWARD_METHOD_ANNOTATION, POOL_ANNOTATION},
-    fixtures::{mk_ip, mk_legacy, mk_service},
+    fixtures::{mk_entry, mk_ip, mk_key, mk_legacy, mk_service},
 };
 
 use Step::*;
@@ -51,19 +51,6 @@ fn mk_allocated(ip: &str, pool: &str) -> Allocated {
     }
 }
 
-fn mk_key(name: &str) -> ServiceKey {
-    ("shop".into(), name.into())
-}
-
-/// The ConfigMap entry of shop/web.
-fn mk_entry(forward_method: Option<ForwardMethod>) -> Entry {
-    Entry {
-        namespace: "shop".into(),
-        name: "web".into(),
-        forward_method,
-    }
-}
-
 fn ask(address: Option<&str>, pool: Option<&str>) -> Request {
     Request {
         address: address.map(mk_ip),
@@ -90,7 +77,7 @@ fn recorded(ip: &str) -> [Step; 3] {
         ClearReason(reason::ALLOCATION_FAILED),
         RecordEntry {
             ip: mk_ip(ip),
-            entry: mk_entry(None),
+            entry: mk_entry("shop", "web", None),
         },
         CountManaged,
     ]

@@ -229,11 +229,7 @@ pub fn pool_definition(pool: &Pool) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::addresses::pool::PoolDef;
-
-    fn ip(s: &str) -> IpAddr {
-        s.parse().expect("address")
-    }
+    use crate::{addresses::pool::PoolDef, fixtures::ip};
 
     #[test]
     fn address_keys_sort_by_address_ipv4_first_and_read_back() {

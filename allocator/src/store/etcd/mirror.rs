@@ -229,20 +229,7 @@ impl Mirror {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::BTreeMap;
-
-    fn ip(s: &str) -> IpAddr {
-        s.parse().expect("address")
-    }
-
-    fn record(owner: &str, revision: u64) -> Record {
-        Record {
-            owner: owner.into(),
-            labels: BTreeMap::new(),
-            created_unix_nanos: 0,
-            revision,
-        }
-    }
+    use crate::fixtures::{ip, mk_record};
 
     /// The store revision of the first change of etcd revision `etcd`.
     fn at(etcd: u64) -> u64 {
@@ -255,7 +242,7 @@ mod tests {
             revision: at(etcd),
             kind,
             address: ip(address),
-            record: record(owner, at(etcd)),
+            record: mk_record(owner, at(etcd)),
         }
     }
 
@@ -277,7 +264,7 @@ mod tests {
     #[test]
     fn history_before_the_initial_copy_is_replayable_but_not_applied_again() {
         let entry = Entry {
-            record: record("a", 5),
+            record: mk_record("a", 5),
             mod_revision: 5,
         };
         let mut m = Mirror::new(vec![(ip("10.0.0.1"), entry)], 8, 100, 3);

@@ -174,10 +174,7 @@ impl Staged {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn ip() -> IpAddr {
-        IpAddr::from([10, 0, 0, 1])
-    }
+    use crate::fixtures::ip;
 
     #[test]
     fn a_key_read_then_written_is_compared_once_with_the_writes_expectation() {
@@ -188,7 +185,7 @@ mod tests {
         s.write(
             b"k".to_vec(),
             || Some(Expect::Absent),
-            Some(Put::Owner(ip())),
+            Some(Put::Owner(ip("10.0.0.1"))),
         );
         s.read(b"k".to_vec(), Expect::ModRevision(9));
         assert!(s.reads.is_empty());

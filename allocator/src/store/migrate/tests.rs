@@ -1,5 +1,4 @@
 use std::{
-    collections::BTreeMap,
     sync::{
         Arc,
         atomic::{AtomicUsize, Ordering},
@@ -9,27 +8,13 @@ use std::{
 
 use super::*;
 use crate::{
-    addresses::pool::PoolDef,
+    fixtures::{ip, mk_named_record, mk_pools, mk_sled},
     model::Change,
-    store::{Engine, Observed, Scan, SledStore, Write, contract::ip},
+    store::{Engine, Observed, Scan, SledStore, Write},
 };
 
-fn mk_pools() -> Pools {
-    let defs: Vec<PoolDef> = ["a=10.1.0.0/24,fd00:a::/120", "b=10.2.0.0/24"]
-        .iter()
-        .map(|d| d.parse().expect("pool"))
-        .collect();
-    Pools::new(defs, None).expect("pools")
-}
-
-fn mk_record(owner: &str, label: &str, created: u64) -> Record {
-    Record {
-        owner: owner.to_string(),
-        labels: BTreeMap::from([("name".to_string(), label.to_string())]),
-        created_unix_nanos: created,
-        revision: 1,
-    }
-}
+/// The pools of these tests: both families in `a`.
+const POOLS: [&str; 2] = ["a=10.1.0.0/24,fd00:a::/120", "b=10.2.0.0/24"];
 
 fn ok(entries: &[(&str, Record)]) -> std::vec::IntoIter<Result<(IpAddr, Record), String>> {
     entries
@@ -37,12 +22,6 @@ fn ok(entries: &[(&str, Record)]) -> std::vec::IntoIter<Result<(IpAddr, Record),
         .map(|(a, r)| Ok((ip(a), r.clone())))
         .collect::<Vec<_>>()
         .into_iter()
-}
-
-fn mk_sled() -> (tempfile::TempDir, SledStore) {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let store = SledStore::open(dir.path(), 8 << 20).expect("open");
-    (dir, store)
 }
 
 fn mk_store() -> (tempfile::TempDir, Store) {
@@ -56,7 +35,7 @@ fn mk_source(entries: &[(&str, &str)]) -> (tempfile::TempDir, Store) {
     for (i, (address, owner)) in entries.iter().enumerate() {
         let record = Record {
             revision: i as u64 + 1,
-            ..mk_record(
+            ..mk_named_record(
                 owner,
                 &format!("svc-{i}"),
                 1_700_000_000_000_000_000 + i as u64,
@@ -84,8 +63,8 @@ fn all(store: &Store) -> Vec<(IpAddr, Record)> {
 #[test]
 fn identical_scans_have_no_difference_whatever_their_revisions() {
     let a = [
-        ("10.0.0.1", mk_record("o1", "x", 1)),
-        ("fd00::1", mk_record("o2", "y", 2)),
+        ("10.0.0.1", mk_named_record("o1", "x", 1)),
+        ("fd00::1", mk_named_record("o2", "y", 2)),
     ];
     let mut b = a.clone();
     b[0].1.revision = 99;
@@ -97,18 +76,18 @@ fn identical_scans_have_no_difference_whatever_their_revisions() {
 #[test]
 fn missing_extra_and_changed_allocations_are_each_named_in_address_order() {
     let source = [
-        ("10.0.0.1", mk_record("o1", "x", 1)),
-        ("10.0.0.2", mk_record("o2", "x", 2)),
-        ("10.0.0.3", mk_record("o3", "x", 3)),
-        ("10.0.0.4", mk_record("o4", "x", 4)),
-        ("fd00::1", mk_record("o6", "x", 6)),
+        ("10.0.0.1", mk_named_record("o1", "x", 1)),
+        ("10.0.0.2", mk_named_record("o2", "x", 2)),
+        ("10.0.0.3", mk_named_record("o3", "x", 3)),
+        ("10.0.0.4", mk_named_record("o4", "x", 4)),
+        ("fd00::1", mk_named_record("o6", "x", 6)),
     ];
     let target = [
-        ("10.0.0.1", mk_record("other", "x", 1)),
-        ("10.0.0.3", mk_record("o3", "changed", 3)),
-        ("10.0.0.4", mk_record("o4", "x", 40)),
-        ("10.0.0.5", mk_record("o5", "x", 5)),
-        ("fd00::1", mk_record("o6", "x", 6)),
+        ("10.0.0.1", mk_named_record("other", "x", 1)),
+        ("10.0.0.3", mk_named_record("o3", "changed", 3)),
+        ("10.0.0.4", mk_named_record("o4", "x", 40)),
+        ("10.0.0.5", mk_named_record("o5", "x", 5)),
+        ("fd00::1", mk_named_record("o6", "x", 6)),
     ];
     let (count, differences) = compare(ok(&source), ok(&target)).expect("compare");
     assert_eq!(count, 5);
@@ -137,8 +116,8 @@ fn missing_extra_and_changed_allocations_are_each_named_in_address_order() {
 #[test]
 fn an_empty_target_misses_everything_and_an_empty_source_has_only_extras() {
     let some = [
-        ("10.0.0.1", mk_record("o1", "x", 1)),
-        ("fd00::1", mk_record("o2", "x", 2)),
+        ("10.0.0.1", mk_named_record("o1", "x", 1)),
+        ("fd00::1", mk_named_record("o2", "x", 2)),
     ];
     let (count, missing) = compare(ok(&some), ok(&[])).expect("compare");
     assert_eq!((count, missing.count), (2, 2));
@@ -150,7 +129,7 @@ fn an_empty_target_misses_everything_and_an_empty_source_has_only_extras() {
 
 #[test]
 fn a_failed_read_on_either_side_ends_the_comparison_with_its_error() {
-    let good = [("10.0.0.1", mk_record("o1", "x", 1))];
+    let good = [("10.0.0.1", mk_named_record("o1", "x", 1))];
     let failing = || {
         ok(&good).chain(std::iter::once(Err::<(IpAddr, Record), _>(
             "disk gone".to_string(),
@@ -196,7 +175,7 @@ fn differences_list_the_first_ten_and_count_the_rest() {
 
 #[test]
 fn the_summary_counts_per_pool_and_family_and_outside_every_pool() {
-    let pools = mk_pools();
+    let pools = mk_pools(&POOLS);
     let mut summary = Summary::new(&pools);
     for a in [
         "10.1.0.1",
@@ -220,7 +199,7 @@ fn the_summary_counts_per_pool_and_family_and_outside_every_pool() {
 
 #[test]
 fn copy_keeps_every_allocation_with_owner_labels_and_creation_time() {
-    let pools = mk_pools();
+    let pools = mk_pools(&POOLS);
     let (_s, source) = mk_source(&[
         ("10.1.0.1", "svc-a"),
         ("10.2.0.9", "svc-b"),
@@ -267,7 +246,7 @@ fn copied_allocations_take_revisions_after_the_sources_last() {
     copy(
         side(&source, "source"),
         side(&target, "target"),
-        &mk_pools(),
+        &mk_pools(&POOLS),
     )
     .expect("copy");
     assert_eq!(target.revision().expect("revision"), 4);
@@ -286,7 +265,7 @@ fn a_target_that_holds_allocations_is_refused_with_their_number() {
     let err = copy(
         side(&source, "source"),
         side(&target, "the sled store in /data"),
-        &mk_pools(),
+        &mk_pools(&POOLS),
     )
     .expect_err("refused");
     assert_eq!(
@@ -328,7 +307,7 @@ fn copy_commits_at_most_max_batch_allocations_at_once() {
     let summary = copy(
         side(&source, "source"),
         side(&target, "target"),
-        &mk_pools(),
+        &mk_pools(&POOLS),
     )
     .expect("copy");
     assert_eq!(summary.total(), 7);
@@ -348,7 +327,7 @@ fn a_copy_into_etcd_commits_in_transactions_etcd_accepts_and_reads_back() {
         return;
     }
     let cluster = vipam_test_etcd::Cluster::start(1);
-    let pools = std::sync::Arc::new(mk_pools());
+    let pools = mk_pools(&POOLS);
     // More than one transaction's worth, in both families and both pools.
     let addresses: Vec<String> = (1..=150)
         .map(|i| format!("10.1.0.{i}"))

@@ -2,9 +2,9 @@
 //! reopen, the directory lock, the kept change history, unreadable entries.
 
 use super::*;
-use crate::store::{
-    Store,
-    contract::{ip, mk_record_at as mk_record, store_contract},
+use crate::{
+    fixtures::{ip, mk_labelled_record, mk_sled},
+    store::{Store, contract::store_contract},
 };
 
 /// Stages the allocation of `ip` to `record.owner`.
@@ -37,16 +37,10 @@ fn revisions(store: &SledStore, after: u64, last: u64) -> Vec<(u64, ChangeKind, 
 /// Allocates 10.0.0.1 to `svc-a` (revision 1) and fd00::2 to `svc-b` (2),
 /// releases 10.0.0.1 (3), and flushes.
 fn write_three(store: &SledStore) {
-    put(store, ip("10.0.0.1"), &mk_record("svc-a", 1));
-    put(store, ip("fd00::2"), &mk_record("svc-b", 2));
-    delete(store, ip("10.0.0.1"), &mk_record("svc-a", 1));
+    put(store, ip("10.0.0.1"), &mk_labelled_record("svc-a", 1));
+    put(store, ip("fd00::2"), &mk_labelled_record("svc-b", 2));
+    delete(store, ip("10.0.0.1"), &mk_labelled_record("svc-a", 1));
     store.flush().expect("flush");
-}
-
-fn mk_store() -> (tempfile::TempDir, SledStore) {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let store = SledStore::open(dir.path(), 8 << 20).expect("open");
-    (dir, store)
 }
 
 /// A store opened on a directory whose previous store `write` wrote to
@@ -58,22 +52,22 @@ fn reopened(write: impl FnOnce(&SledStore)) -> (tempfile::TempDir, SledStore) {
     (dir, store)
 }
 
-store_contract!(mk_store());
+store_contract!(mk_sled());
 
 #[test]
 fn a_new_store_is_at_revision_zero_with_no_history() {
-    let (_dir, store) = mk_store();
+    let (_dir, store) = mk_sled();
     assert_eq!(store.revision().expect("rev"), 0);
     assert_eq!(store.first_change().expect("first"), None);
 }
 
 #[test]
 fn each_write_of_a_flush_is_a_change_numbered_in_the_order_it_was_staged() {
-    let (_dir, store) = mk_store();
+    let (_dir, store) = mk_sled();
     // Given revisions are the store's to replace.
-    put(&store, ip("10.0.0.1"), &mk_record("svc-a", 9));
-    put(&store, ip("fd00::2"), &mk_record("svc-b", 9));
-    delete(&store, ip("10.0.0.1"), &mk_record("svc-a", 1));
+    put(&store, ip("10.0.0.1"), &mk_labelled_record("svc-a", 9));
+    put(&store, ip("fd00::2"), &mk_labelled_record("svc-b", 9));
+    delete(&store, ip("10.0.0.1"), &mk_labelled_record("svc-a", 1));
     assert_eq!(store.revision().expect("rev"), 0, "nothing committed yet");
     assert_eq!(store.changes(0, 3).count(), 0, "nothing applied yet");
     let expected = vec![
@@ -81,19 +75,19 @@ fn each_write_of_a_flush_is_a_change_numbered_in_the_order_it_was_staged() {
             revision: 1,
             kind: ChangeKind::Allocated,
             address: ip("10.0.0.1"),
-            record: mk_record("svc-a", 1),
+            record: mk_labelled_record("svc-a", 1),
         },
         Change {
             revision: 2,
             kind: ChangeKind::Allocated,
             address: ip("fd00::2"),
-            record: mk_record("svc-b", 2),
+            record: mk_labelled_record("svc-b", 2),
         },
         Change {
             revision: 3,
             kind: ChangeKind::Released,
             address: ip("10.0.0.1"),
-            record: mk_record("svc-a", 1),
+            record: mk_labelled_record("svc-a", 1),
         },
     ];
     assert_eq!(store.flush().expect("flush"), expected);
@@ -111,9 +105,9 @@ fn each_write_of_a_flush_is_a_change_numbered_in_the_order_it_was_staged() {
 
 #[test]
 fn a_copy_numbers_its_writes_after_the_revision_it_is_given() {
-    let (_dir, store) = mk_store();
+    let (_dir, store) = mk_sled();
     store.number_after(41);
-    put(&store, ip("10.0.0.1"), &mk_record("svc-a", 0));
+    put(&store, ip("10.0.0.1"), &mk_labelled_record("svc-a", 0));
     let changes = store.flush().expect("flush");
     assert_eq!(changes[0].revision, 42);
     assert_eq!(store.revision().expect("rev"), 42);
@@ -122,9 +116,9 @@ fn a_copy_numbers_its_writes_after_the_revision_it_is_given() {
 #[test]
 fn staged_writes_that_were_never_flushed_are_not_on_disk() {
     let (_dir, store) = reopened(|store| {
-        put(store, ip("10.0.0.1"), &mk_record("svc-a", 1));
+        put(store, ip("10.0.0.1"), &mk_labelled_record("svc-a", 1));
         store.flush().expect("flush");
-        put(store, ip("10.0.0.2"), &mk_record("svc-b", 2));
+        put(store, ip("10.0.0.2"), &mk_labelled_record("svc-b", 2));
     });
     assert_eq!(store.get(ip("10.0.0.2")).expect("get"), None);
     assert_eq!(store.owner_address("svc-b").expect("owner"), None);
@@ -138,7 +132,7 @@ fn flushed_writes_survive_reopen() {
     assert_eq!(store.get(ip("10.0.0.1")).expect("get"), None);
     assert_eq!(
         store.get(ip("fd00::2")).expect("get"),
-        Some(mk_record("svc-b", 2))
+        Some(mk_labelled_record("svc-b", 2))
     );
     assert_eq!(
         store.owner_address("svc-b").expect("owner"),
@@ -160,7 +154,7 @@ fn a_database_exists_in_a_directory_only_once_a_store_was_opened_there() {
 
 #[test]
 fn a_directory_held_by_an_open_store_is_refused_after_the_lock_wait() {
-    let (dir, _store) = mk_store();
+    let (dir, _store) = mk_sled();
     let started = Instant::now();
     let err = match SledStore::open(dir.path(), 8 << 20) {
         Ok(_) => panic!("a second store opened a directory in use"),
@@ -179,14 +173,18 @@ fn a_directory_whose_store_was_just_closed_reopens() {
         let store = SledStore::open(dir.path(), 8 << 20).expect("reopen");
         assert_eq!(store.revision().expect("rev"), round);
         let addr = IpAddr::from([10, 0, 0, round as u8 + 1]);
-        put(&store, addr, &mk_record(&format!("o{round}"), round + 1));
+        put(
+            &store,
+            addr,
+            &mk_labelled_record(&format!("o{round}"), round + 1),
+        );
         store.flush().expect("flush");
     }
 }
 
 #[test]
 fn an_unreadable_record_is_an_error_not_a_panic() {
-    let (_dir, store) = mk_store();
+    let (_dir, store) = mk_sled();
     store
         .db
         .insert(alloc_key(ip("10.0.0.1")), b"not json".to_vec())
@@ -209,8 +207,8 @@ fn an_unreadable_record_is_an_error_not_a_panic() {
 #[test]
 fn the_change_log_survives_reopen() {
     let (_dir, store) = reopened(|store| {
-        put(store, ip("10.0.0.1"), &mk_record("svc-a", 1));
-        delete(store, ip("10.0.0.1"), &mk_record("svc-a", 1));
+        put(store, ip("10.0.0.1"), &mk_labelled_record("svc-a", 1));
+        delete(store, ip("10.0.0.1"), &mk_labelled_record("svc-a", 1));
         store.flush().expect("flush");
     });
     assert_eq!(
@@ -224,12 +222,12 @@ fn the_change_log_survives_reopen() {
 
 #[test]
 fn the_change_log_keeps_exactly_the_last_history_revisions() {
-    let (_dir, store) = mk_store();
+    let (_dir, store) = mk_sled();
     let store = store.with_history(3);
     assert_eq!(store.first_change().expect("first"), None);
     for r in 1..=10u64 {
         let addr = IpAddr::from([10, 0, 0, r as u8]);
-        put(&store, addr, &mk_record(&format!("o{r}"), r));
+        put(&store, addr, &mk_labelled_record(&format!("o{r}"), r));
         if r % 4 == 0 {
             // Trimming works within one staged batch and across batches.
             store.flush().expect("flush");
@@ -239,7 +237,11 @@ fn the_change_log_keeps_exactly_the_last_history_revisions() {
     assert_eq!(store.first_change().expect("first"), Some(8));
     let kept: Vec<u64> = revisions(&store, 0, 10).iter().map(|c| c.0).collect();
     assert_eq!(kept, vec![8, 9, 10]);
-    delete(&store, IpAddr::from([10, 0, 0, 1]), &mk_record("o1", 1));
+    delete(
+        &store,
+        IpAddr::from([10, 0, 0, 1]),
+        &mk_labelled_record("o1", 1),
+    );
     store.flush().expect("flush");
     let kept: Vec<u64> = revisions(&store, 0, 11).iter().map(|c| c.0).collect();
     assert_eq!(kept, vec![9, 10, 11], "a release trims too");
@@ -250,7 +252,7 @@ fn a_shortened_history_is_trimmed_after_reopen() {
     let (_dir, store) = reopened(|store| {
         for r in 1..=20u64 {
             let addr = IpAddr::from([10, 0, 0, r as u8]);
-            put(store, addr, &mk_record(&format!("o{r}"), r));
+            put(store, addr, &mk_labelled_record(&format!("o{r}"), r));
         }
         store.flush().expect("flush");
     });
@@ -259,7 +261,7 @@ fn a_shortened_history_is_trimmed_after_reopen() {
     assert_eq!(store.trim_history().expect("trim"), 15);
     assert_eq!(store.first_change().expect("first"), Some(16));
     assert_eq!(store.trim_history().expect("trim again"), 0);
-    put(&store, ip("10.0.1.1"), &mk_record("o21", 21));
+    put(&store, ip("10.0.1.1"), &mk_labelled_record("o21", 21));
     store.flush().expect("flush");
     let kept: Vec<u64> = revisions(&store, 0, 21).iter().map(|c| c.0).collect();
     assert_eq!(kept, vec![17, 18, 19, 20, 21]);
@@ -269,7 +271,7 @@ fn a_shortened_history_is_trimmed_after_reopen() {
 
 #[test]
 fn an_unreadable_change_is_an_error_not_a_panic() {
-    let (_dir, store) = mk_store();
+    let (_dir, store) = mk_sled();
     store
         .db
         .insert(change_key(1), b"?garbage".to_vec())

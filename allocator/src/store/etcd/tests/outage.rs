@@ -6,12 +6,15 @@
 use std::time::{Duration, Instant};
 
 use super::{Etcd, eventually};
-use crate::store::{
-    Store, StoreError,
-    contract::{
-        a_failed_flush_applies_nothing_and_keeps_nothing_staged, allocate, ip, stage_allocate,
+use crate::{
+    fixtures::ip,
+    store::{
+        Store, StoreError,
+        contract::{
+            a_failed_flush_applies_nothing_and_keeps_nothing_staged, allocate, stage_allocate,
+        },
+        etcd::keys::Keys,
     },
-    etcd::keys::Keys,
 };
 
 /// The etcd timeout of these tests.

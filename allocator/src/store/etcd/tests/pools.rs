@@ -4,10 +4,10 @@
 
 use super::{Etcd, POOL, eventually};
 use crate::{
-    fixtures::mk_pools,
+    fixtures::{ip, mk_pools},
     store::{
         StoreError,
-        contract::{allocate, ip, stage_allocate},
+        contract::{allocate, stage_allocate},
         etcd::keys::{self, Keys},
     },
 };

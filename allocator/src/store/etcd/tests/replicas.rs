@@ -10,14 +10,17 @@ use std::sync::{
 };
 
 use super::{Etcd, eventually};
-use crate::model::{Change, ChangeKind};
-use crate::store::{
-    Store, StoreError,
-    contract::{
-        a_failed_flush_applies_nothing_and_keeps_nothing_staged, allocate, flush, ip,
-        mk_record_at as mk_record, release, stage_allocate, stage_release,
+use crate::{
+    fixtures::{ip, mk_labelled_record},
+    model::{Change, ChangeKind},
+    store::{
+        Store, StoreError,
+        contract::{
+            a_failed_flush_applies_nothing_and_keeps_nothing_staged, allocate, flush, release,
+            stage_allocate, stage_release,
+        },
+        etcd::keys,
     },
-    etcd::keys,
 };
 
 /// Two replicas on one etcd, or `None` when etcd cannot run here.
@@ -62,7 +65,7 @@ fn replicas_racing_for_one_address_for_two_owners_commit_one() {
     stage_allocate(&a, "10.0.0.1", "owner-a");
     stage_allocate(&b, "10.0.0.1", "owner-b");
     let won = race(&a, &b);
-    let winner = mk_record("owner-a", won);
+    let winner = mk_labelled_record("owner-a", won);
     // The loser's committed reads have caught up, and nothing stays staged.
     assert_eq!(b.get(ip("10.0.0.1")).expect("get"), Some(winner.clone()));
     assert_eq!(
@@ -101,7 +104,7 @@ fn replicas_racing_to_give_one_owner_two_addresses_commit_one() {
     );
     assert_eq!(
         b.get(ip("10.0.0.1")).expect("get"),
-        Some(mk_record("owner", won))
+        Some(mk_labelled_record("owner", won))
     );
     assert_eq!(b.get(ip("10.0.0.2")).expect("get"), None);
     assert_eq!(b.record_for_decision(ip("10.0.0.2")).expect("get"), None);
@@ -171,7 +174,7 @@ fn write_some(store: &Store) -> Vec<Change> {
         revision,
         kind,
         address: ip(address),
-        record: mk_record(owner, created),
+        record: mk_labelled_record(owner, created),
     };
     let r1 = allocate(store, "10.0.0.1", "a").revision;
     stage_allocate(store, "fd00::1", "b");

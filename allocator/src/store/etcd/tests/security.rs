@@ -13,9 +13,9 @@ use std::{
 use vipam_test_etcd::{Certificates, Cluster, require, require_etcdctl, require_tool};
 
 use super::Etcd;
-use crate::store::{
-    StoreError,
-    contract::{allocate, ip},
+use crate::{
+    fixtures::ip,
+    store::{StoreError, contract::allocate},
 };
 
 /// Every log line of this process from the first [`capture_logs`] on.
