@@ -225,16 +225,16 @@ async fn a_tool_credential_reads_only_its_own_owners_in_its_own_pools() {
     let syncer = client(&wide, Some(SYNCER_TOKEN));
     let tool = client(&wide, Some(TOOL_TOKEN));
     let web = syncer
-        .allocate(mk_allocate("service:default/web", "", ""))
+        .allocate(mk_allocate_at("service:default/web", "", ""))
         .await
         .expect("the syncer allocates a service");
     // The syncer's owner in the tool's pool: the tool may not read it.
     syncer
-        .allocate(mk_allocate("service:default/vm-side", "vms", ""))
+        .allocate(mk_allocate_at("service:default/vm-side", "vms", ""))
         .await
         .expect("the syncer draws from every pool");
     let vm = tool
-        .allocate(mk_allocate("vm:one", "vms", ""))
+        .allocate(mk_allocate_at("vm:one", "vms", ""))
         .await
         .expect("the tool allocates in vms");
 
