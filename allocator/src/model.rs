@@ -90,6 +90,9 @@ pub struct AllocateArgs {
     /// The address is already in use by the owner: the outside-pools rule
     /// does not apply to it.
     pub adopt: bool,
+    /// The owner moves: another address it holds is released in the same
+    /// write.
+    pub replace_held: bool,
     /// Who asks, and what they may touch.
     pub scope: Scope,
 }

@@ -157,6 +157,7 @@ fn allocate_args(request: pb::AllocateRequest, scope: Scope) -> Result<AllocateA
         labels,
         family,
         adopt,
+        replace_held,
     } = request;
     if adopt && address.is_empty() {
         return Err(Error::Invalid {
@@ -186,6 +187,7 @@ fn allocate_args(request: pb::AllocateRequest, scope: Scope) -> Result<AllocateA
         labels: parse_labels(labels)?,
         family,
         adopt,
+        replace_held,
         scope,
     })
 }

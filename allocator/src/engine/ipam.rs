@@ -133,6 +133,25 @@ impl Ipam {
                 })?;
                 Ok(Step::Wrote(allocation))
             }
+            rules::Allocate::Move { from, to } if self.written(from.0) || self.written(to.0) => {
+                Ok(Step::Later)
+            }
+            rules::Allocate::Move {
+                from: (held, old),
+                to: (ip, record),
+            } => {
+                let allocation = self.allocation(ip, record.clone());
+                // Both in this flush: the store commits them together.
+                self.write(Write::Release {
+                    address: held,
+                    record: old,
+                })?;
+                self.write(Write::Allocate {
+                    address: ip,
+                    record,
+                })?;
+                Ok(Step::Wrote(allocation))
+            }
         }
     }
 

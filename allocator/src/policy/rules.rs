@@ -48,6 +48,14 @@ pub enum Allocate {
     Holds(IpAddr, Record),
     /// Write this allocation, then answer it.
     Put(IpAddr, Record),
+    /// Release the allocation the owner holds (`from`) and write `to` in
+    /// the same flush, then answer `to`.
+    Move {
+        /// The address held and its allocation.
+        from: (IpAddr, Record),
+        /// The address moved to and its allocation.
+        to: (IpAddr, Record),
+    },
 }
 
 /// What a Release decided.
@@ -114,6 +122,7 @@ impl Rules {
             labels,
             family,
             adopt,
+            replace_held,
             scope,
         } = args;
         if let (Some(ip), Some(f)) = (address, family)
@@ -136,24 +145,23 @@ impl Rules {
         self.check_scope(view, &scope, &owner, address)?;
 
         // Idempotency, and one address per owner, come before anything else.
-        if let Some(held) = view.held_by(&owner)? {
-            let record = view.record_at(held)?.ok_or_else(|| StoreError::Corrupt {
-                key: format!("o{owner}"),
-                why: format!("owner index points to {held}, which holds no allocation"),
-            })?;
-            let held_pool = self.pools.containing(held);
-            let same_address = address.is_none_or(|a| a == held);
-            let same_pool = named.is_none_or(|n| held_pool == Some(n));
-            let same_family = family.is_none_or(|f| f == Family::of(held));
-            if same_address && same_pool && same_family {
+        let moving = match self.held(view, &owner)? {
+            Some((held, record)) if self.answers(held, address, named, family) => {
                 return Ok(Allocate::Holds(held, record));
             }
-            return Err(Error::OwnerHoldsOther {
-                owner,
-                held,
-                pool: held_pool.map(|i| self.pools.at(i).name().to_string()),
-            });
-        }
+            Some(from) if replace_held => Some(from),
+            Some((held, _)) => {
+                return Err(Error::OwnerHoldsOther {
+                    owner,
+                    held,
+                    pool: self
+                        .pools
+                        .containing(held)
+                        .map(|i| self.pools.at(i).name().to_string()),
+                });
+            }
+            None => None,
+        };
 
         self.check_draw(&scope, &owner, named, address)?;
         let ip = match address {
@@ -164,7 +172,7 @@ impl Rules {
                 self.lowest_free(index, family)?
             }
         };
-        Ok(Allocate::Put(
+        let to = (
             ip,
             Record {
                 owner,
@@ -172,7 +180,37 @@ impl Rules {
                 created_unix_nanos: now,
                 revision,
             },
-        ))
+        );
+        Ok(match moving {
+            Some(from) => Allocate::Move { from, to },
+            None => Allocate::Put(to.0, to.1),
+        })
+    }
+
+    /// The address `owner` holds and its allocation.
+    fn held(&self, view: &impl View, owner: &str) -> Result<Option<(IpAddr, Record)>> {
+        let Some(held) = view.held_by(owner)? else {
+            return Ok(None);
+        };
+        let record = view.record_at(held)?.ok_or_else(|| StoreError::Corrupt {
+            key: format!("o{owner}"),
+            why: format!("owner index points to {held}, which holds no allocation"),
+        })?;
+        Ok(Some((held, record)))
+    }
+
+    /// Whether `held` answers a request for `address` in the pool `named`
+    /// of `family` (each `None`: any).
+    fn answers(
+        &self,
+        held: IpAddr,
+        address: Option<IpAddr>,
+        named: Option<usize>,
+        family: Option<Family>,
+    ) -> bool {
+        address.is_none_or(|a| a == held)
+            && named.is_none_or(|n| self.pools.containing(held) == Some(n))
+            && family.is_none_or(|f| f == Family::of(held))
     }
 
     /// The credential may touch `owner`, and the holder of `address`.
@@ -388,6 +426,62 @@ pub(crate) mod tests {
             address: Some(ip(address)),
             ..mk_args(owner)
         }
+    }
+
+    #[test]
+    fn an_owner_that_moves_releases_what_it_holds_and_takes_what_it_asks_for() {
+        let (rules, view) = mk_holding("svc", "10.0.0.9");
+        let moving = AllocateArgs {
+            replace_held: true,
+            ..mk_explicit("svc", "10.0.0.20")
+        };
+        let decided = rules.allocate(&view, moving, 2, 7).expect("a move");
+        assert_eq!(
+            decided,
+            Allocate::Move {
+                from: (ip("10.0.0.9"), mk_record("svc", 1)),
+                to: (ip("10.0.0.20"), mk_record("svc", 2)),
+            }
+        );
+        // Asking for what it holds is no move.
+        let staying = AllocateArgs {
+            replace_held: true,
+            ..mk_explicit("svc", "10.0.0.9")
+        };
+        let decided = rules.allocate(&view, staying, 2, 7).expect("holds");
+        assert_eq!(
+            decided,
+            Allocate::Holds(ip("10.0.0.9"), mk_record("svc", 1))
+        );
+    }
+
+    #[test]
+    fn a_move_to_an_address_another_owner_holds_is_refused() {
+        let (mut rules, mut view) = mk_holding("svc", "10.0.0.9");
+        view.hold(&mut rules, ip("10.0.0.20"), mk_record("other", 1));
+        let moving = AllocateArgs {
+            replace_held: true,
+            ..mk_explicit("svc", "10.0.0.20")
+        };
+        let err = rules.allocate(&view, moving, 2, 7).expect_err("held");
+        assert!(matches!(err, Error::Held { .. }), "{err}");
+    }
+
+    #[test]
+    fn a_move_to_another_pool_takes_its_lowest_free_address() {
+        let mut rules = mk_rules(&["a=10.0.0.0/24", "b=10.0.1.0/24"]);
+        let mut view = MemView::default();
+        view.hold(&mut rules, ip("10.0.0.1"), mk_record("svc", 1));
+        let moving = AllocateArgs {
+            pool: Some("b".into()),
+            replace_held: true,
+            ..mk_args("svc")
+        };
+        let decided = rules.allocate(&view, moving, 2, 7).expect("a move");
+        assert!(
+            matches!(&decided, Allocate::Move { from, to } if from.0 == ip("10.0.0.1") && to.0 == ip("10.0.1.1")),
+            "{decided:?}"
+        );
     }
 
     #[test]

@@ -280,6 +280,9 @@ mod property {
                                 view.hold(&mut rules, ip, record);
                             }
                             Ok(Allocate::Holds(..)) => prop_assert!(!foreign),
+                            Ok(decided @ Allocate::Move { .. }) => {
+                                prop_assert!(false, "a move nobody asked for: {decided:?}");
+                            }
                             Err(e) if foreign => prop_assert!(
                                 matches!(e, Error::OwnerNotPermitted { .. }), "{e}"
                             ),
