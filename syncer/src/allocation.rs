@@ -222,6 +222,7 @@ impl Allocator {
             labels: owners.labels(service),
             family: 0,
             adopt: request.adopt,
+            replace_held: request.moving,
         };
         let start = Instant::now();
         let result = self.client.allocate(req).await;

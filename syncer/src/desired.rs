@@ -118,6 +118,9 @@ pub struct Request {
     /// The address is already in use (in the Service's status, or from the
     /// Go provider): the allocator records it even outside every pool.
     pub adopt: bool,
+    /// The Service moves from the address it holds to the one asked for:
+    /// the allocator releases the held one in the same write.
+    pub moving: bool,
 }
 
 impl Request {
@@ -128,6 +131,7 @@ impl Request {
             address: Some(ip),
             pool: None,
             adopt: true,
+            moving: false,
         }
     }
 }
@@ -289,6 +293,7 @@ pub fn desired(svc: &Service, settings: &Settings) -> Desired {
             address,
             pool: requested_pool(svc)?,
             adopt: false,
+            moving: false,
         })
     });
     let mut warnings = Vec::new();
@@ -706,6 +711,7 @@ mod tests {
                 address: None,
                 pool: Some("dmz".into()),
                 adopt: false,
+                moving: false,
             })
         );
     }

@@ -108,8 +108,7 @@ impl Plan {
     /// come: after a failed release, those of [`failure`] (which end the
     /// reconcile); after a clean-up's release, those of
     /// [`Cleanup::released`]; after the allocation, those of
-    /// [`Apply::outcome`]; after a failed claim back, adoption of every
-    /// address again, which claims it back. Any other answer adds nothing.
+    /// [`Apply::outcome`]. Any other answer adds nothing.
     pub fn then(&self, answer: &Answer) -> Vec<Step> {
         match (self, answer) {
             (
@@ -129,7 +128,6 @@ impl Plan {
             (Plan::Apply(a), Answer::Allocated(answer, holder)) => {
                 a.outcome(answer.as_ref(), holder.as_ref())
             }
-            (_, Answer::Reclaimed(Err(_))) => vec![Step::RequireAdoption],
             _ => Vec::new(),
         }
     }
@@ -141,14 +139,12 @@ impl Plan {
 pub struct Apply {
     /// The Service.
     pub subject: Subject,
-    /// In order: the Events, the finalizer, a release (when it moves),
-    /// adoption of every address in use (before a new one), the allocation.
+    /// In order: the Events, the finalizer, adoption of every address in
+    /// use (before a new one), the allocation (a move, when the Service asks
+    /// for another address than the one in its status).
     pub steps: Vec<Step>,
     /// The address in the Service's status.
     pub status: Option<IpAddr>,
-    /// Whether the Service moves from the address in its status to another
-    /// one it asks for (the held address is released first).
-    pub moving: bool,
     /// The address from before vipam, for a Service without a status.
     pub adopted: Option<IpAddr>,
     /// The forward method of its ConfigMap entry.
@@ -225,20 +221,27 @@ fn apply(svc: &Service, d: Desired, adoptable: &Adoptable) -> Plan {
     let subject = Subject::of(svc);
     let status = status_ip(svc);
     let adopted = status.is_none().then(|| adoptable.of(&subject)).flatten();
-    let (ask, moving, adopt_first) = match (status, request.address) {
-        // The user asks for another address: move (and only then).
-        (Some(have), Some(want)) if have != want => (request, true, false),
-        (Some(have), _) => (Request::keep(have), false, false),
-        (None, Some(_)) => (request, false, false),
+    let (ask, adopt_first) = match (status, request.address) {
+        // The user asks for another address: move (and only then), in one
+        // write, so the old address is never free for another claimant and a
+        // refused move leaves the Service what it holds.
+        (Some(have), Some(want)) if have != want => (
+            Request {
+                moving: true,
+                ..request
+            },
+            false,
+        ),
+        (Some(have), _) => (Request::keep(have), false),
+        (None, Some(_)) => (request, false),
         (None, None) => match adopted {
-            Some(ip) => (Request::keep(ip), false, false),
-            None => (request, false, true),
+            Some(ip) => (Request::keep(ip), false),
+            None => (request, true),
         },
     };
     let steps = notes
         .steps()
         .chain((!has_finalizer(svc)).then_some(Step::AddFinalizer))
-        .chain(moving.then_some(Step::Release))
         .chain(adopt_first.then_some(Step::AdoptAll))
         .chain([Step::Allocate(ask)])
         .collect();
@@ -246,7 +249,6 @@ fn apply(svc: &Service, d: Desired, adoptable: &Adoptable) -> Plan {
         subject,
         steps,
         status,
-        moving,
         adopted,
         forward_method: d.forward_method,
         port_rewrites: d.port_rewrites,
@@ -289,27 +291,18 @@ fn given(ip: IpAddr, pool: &str, rewrites: &[PortRewrite]) -> Notes {
     notes
 }
 
-/// What a failed call to the allocator means for the Service: every address
-/// is adopted again when the allocator was unreachable (it may come back
-/// without its data), then the Event, then the reconcile fails.
+/// What a failed call to the allocator means for the Service: a Service
+/// whose pool is full waits for a release; every address is adopted again
+/// when the allocator was unreachable (it may come back without its data);
+/// then the Event, then the reconcile fails. A refused move changed
+/// nothing: the Service keeps the address its status names.
 pub fn failure(error: &AllocError) -> Vec<Step> {
-    failed_allocation(error, None)
-}
-
-/// A failed call to the allocator, as [`failure`]; before the Event, a
-/// Service whose pool is full waits for a release, and one whose move was
-/// refused claims back the address it held (`reclaim`), so that it keeps it
-/// (its status and entry still name it) and no other Service is handed it.
-fn failed_allocation(error: &AllocError, reclaim: Option<IpAddr>) -> Vec<Step> {
     let unreachable = matches!(error, AllocError::Unreachable(_));
     let full = matches!(error, AllocError::Exhausted(_));
     let note = Note::warning(reason::ALLOCATION_FAILED, "Allocate", error.to_string());
     full.then_some(Step::WaitForRelease)
         .into_iter()
         .chain(unreachable.then_some(Step::RequireAdoption))
-        // An unreachable allocator is not asked again now: the adoption it
-        // requires claims the address back.
-        .chain(reclaim.filter(|_| !unreachable).map(Step::Reclaim))
         .chain([Step::PublishEvent(note), Step::Fail(error.clone())])
         .collect()
 }
@@ -339,7 +332,7 @@ impl Apply {
     ) -> Vec<Step> {
         let Allocated { ip, pool } = match answer {
             Ok(a) => a,
-            Err(e) => return failed_allocation(e, self.status.filter(|_| self.moving)),
+            Err(e) => return failure(e),
         };
         let ip = *ip;
         let mut steps = vec![Step::ClearReason(reason::ALLOCATION_FAILED)];

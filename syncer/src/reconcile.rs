@@ -4,7 +4,7 @@
 //! ([`Plan::then`](crate::plan::Plan::then)). This module decides nothing:
 //! it only knows how each [`Step`] is done.
 
-use std::{collections::VecDeque, net::IpAddr, sync::Arc, time::Duration};
+use std::{collections::VecDeque, sync::Arc, time::Duration};
 
 use k8s_openapi::api::core::v1::{ObjectReference, Service};
 use kube::{
@@ -83,7 +83,6 @@ impl<'a> Run<'a> {
             }
             Step::AdoptAll => self.ctx.adopt_all().await?,
             Step::Allocate(request) => return Ok(Some(self.allocate(&request).await)),
-            Step::Reclaim(ip) => return Ok(Some(self.reclaim(ip).await)),
             Step::RequireAdoption => state.adoption.require(),
             Step::WaitForRelease => state.wait_for_release(ObjectRef::from_obj(self.svc)),
             Step::RecordEntry { ip, entry } => {
@@ -156,20 +155,6 @@ impl<'a> Run<'a> {
             .ok()
             .and_then(|a| self.ctx.state.index.holder(a.ip));
         Answer::Allocated(answer, holder)
-    }
-
-    async fn reclaim(&self, ip: IpAddr) -> Answer {
-        let keep = Request::keep(ip);
-        let answer = self
-            .ctx
-            .clients
-            .allocator
-            .allocate(&self.subject, &keep)
-            .await;
-        if let Err(e) = &answer {
-            tracing::warn!(address = %ip, error = %e, "claiming back the address of a refused move failed; adopting every address again");
-        }
-        Answer::Reclaimed(answer.map(drop))
     }
 
     async fn wait_published(&self) -> Result<(), Error> {

@@ -38,9 +38,6 @@ pub enum Step {
     AdoptAll,
     /// Ask the allocator for an address. Answers [`Answer::Allocated`].
     Allocate(Request),
-    /// Claim back the address the Service held before a refused move.
-    /// Answers [`Answer::Reclaimed`].
-    Reclaim(IpAddr),
     /// Require adoption of every address again before the next new one: the
     /// allocator may have lost its state.
     RequireAdoption,
@@ -109,6 +106,4 @@ pub enum Answer {
         /// Whether the Service's clean-up had started here.
         cleaning: bool,
     },
-    /// The allocator's answer to [`Step::Reclaim`].
-    Reclaimed(Result<(), AllocError>),
 }

@@ -56,6 +56,16 @@ fn ask(address: Option<&str>, pool: Option<&str>) -> Request {
         address: address.map(mk_ip),
         pool: pool.map(Into::into),
         adopt: false,
+        moving: false,
+    }
+}
+
+/// A request to move to `address`: the held address is released in the
+/// same write.
+fn move_to(address: &str) -> Request {
+    Request {
+        moving: true,
+        ..ask(Some(address), None)
     }
 }
 
@@ -264,7 +274,7 @@ fn a_requested_address_other_than_the_status_is_a_move_and_an_equal_one_is_kept(
             .build();
         let p = mk_apply(&svc);
         let steps = if moves {
-            vec![Release, Allocate(ask(Some(want), None))]
+            vec![Allocate(move_to(want))]
         } else {
             vec![Allocate(keep(want))]
         };

@@ -161,17 +161,16 @@ async fn a_new_service_gets_the_finalizer_then_adoption_an_address_its_status_an
 }
 
 #[tokio::test]
-async fn a_service_moving_to_another_requested_address_releases_the_old_one_first() {
+async fn a_service_moving_to_another_requested_address_asks_the_allocator_to_move_it() {
     let moved = web()
         .finalized()
         .status("10.0.0.9")
         .annotation(ADDRESS_ANNOTATION, "10.0.0.9")
         .resource_version("2");
     let script = Script::of([
-        release("web", "10.0.0.1"),
         allocate(
             "web",
-            json!({"address": "10.0.0.9", "adopt": false}),
+            json!({"address": "10.0.0.9", "adopt": false, "replace_held": true}),
             Ok(mk_allocation("10.0.0.9", "default")),
         ),
         status_written("web", Some("10.0.0.9"), moved),
@@ -187,16 +186,14 @@ async fn a_service_moving_to_another_requested_address_releases_the_old_one_firs
 }
 
 #[tokio::test]
-async fn a_refused_move_claims_back_the_address_the_service_keeps() {
+async fn a_refused_move_leaves_the_service_its_address_and_says_why() {
     let held = "10.0.0.9 is held by service:shop/db";
     let script = Script::of([
-        release("web", "10.0.0.1"),
         allocate(
             "web",
-            json!({"address": "10.0.0.9"}),
+            json!({"address": "10.0.0.9", "replace_held": true}),
             Err(Status::already_exists(held)),
         ),
-        keep("web", "10.0.0.1"),
         failed_event("web", &format!("address held: {held}")),
     ]);
     let s = Scenario::start(vec![mk_cached(web_moving())], script).await;

@@ -48,14 +48,10 @@ fn a_failed_release_publishes_the_failure_and_ends_the_reconcile() {
 }
 
 #[test]
-fn a_move_goes_on_to_the_allocation_after_its_release() {
+fn a_move_is_one_allocation_that_asks_the_allocator_to_move() {
     let p = mk_mover();
-    assert_eq!(
-        p.steps().last(),
-        Some(&Allocate(ask(Some("10.0.0.9"), None)))
-    );
-    assert_eq!(p.then(&mk_released(Ok(Some("10.0.0.1")))), []);
-    assert_eq!(p.then(&mk_released(Ok(None))), []);
+    assert_eq!(p.steps().last(), Some(&Allocate(move_to("10.0.0.9"))));
+    assert!(!p.steps().contains(&Release), "no release of its own");
 }
 
 #[test]
@@ -93,10 +89,4 @@ fn the_allocators_answer_decides_what_follows_the_allocation() {
     assert_eq!(p.then(&answer), a.outcome(Err(&full), None));
 }
 
-#[test]
-fn a_failed_claim_back_requires_adoption_again_before_the_event() {
-    let p = mk_mover();
-    let held = AllocError::Held("10.0.0.1 is held by shop/db".into());
-    assert_eq!(p.then(&Answer::Reclaimed(Err(held))), [RequireAdoption]);
-    assert_eq!(p.then(&Answer::Reclaimed(Ok(()))), []);
-}
+
