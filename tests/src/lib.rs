@@ -1,7 +1,8 @@
 //! Helpers to run the real vipam binaries in tests: find them in the target
 //! directory, start them on a free loopback port with a data directory of
 //! their own (or as replicas on etcd, [`etcd`]), stop them with SIGTERM or
-//! SIGKILL, and run the real `grpcurl` and the Python examples.
+//! SIGKILL, and run the real `grpcurl` and the Python examples. What a
+//! fault-injection run records is a [`history`].
 
 use std::{
     io::{BufRead, BufReader},
@@ -20,6 +21,7 @@ use vipam::{
 };
 
 pub mod etcd;
+pub mod history;
 pub mod syncer;
 
 /// How long a binary may take to start serving.
