@@ -2,7 +2,7 @@
 //! directory, start them on a free loopback port with a data directory of
 //! their own (or as replicas on etcd, [`etcd`]), stop them with SIGTERM or
 //! SIGKILL, and run the real `grpcurl` and the Python examples. What a
-//! fault-injection run records is a [`history`].
+//! fault-injection run records is a [`history`]; the [`checker`] judges it.
 
 use std::{
     io::{BufRead, BufReader},
@@ -20,6 +20,7 @@ use vipam::{
     v1::allocator_client::AllocatorClient,
 };
 
+pub mod checker;
 pub mod etcd;
 pub mod history;
 pub mod syncer;
