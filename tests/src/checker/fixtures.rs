@@ -6,7 +6,9 @@ use std::net::{IpAddr, Ipv4Addr};
 use tonic::Code;
 
 use super::Config;
-use crate::history::{History, Holding, Input, Operation, Output, Time};
+use crate::history::{
+    History, Holding, Input, Operation, Output, Time, WatchKind, WatchRecord, WatchStream,
+};
 
 /// `10.0.0.n`.
 pub(crate) fn mk_addr(n: u8) -> IpAddr {
@@ -124,5 +126,22 @@ pub(crate) fn mk_refused(code: Code) -> Output {
     Output::Refused {
         code,
         message: format!("{code:?}"),
+    }
+}
+
+/// A Watch stream of `replica`.
+pub(crate) fn mk_stream(replica: &str, events: Vec<WatchRecord>) -> WatchStream {
+    WatchStream {
+        replica: replica.into(),
+        events,
+    }
+}
+
+/// A Watch event.
+pub(crate) fn mk_event(kind: WatchKind, revision: u64, holding: Option<(u8, &str)>) -> WatchRecord {
+    WatchRecord {
+        kind,
+        revision,
+        holding: holding.map(|(n, o)| mk_holding(n, o)),
     }
 }

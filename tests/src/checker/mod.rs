@@ -4,7 +4,8 @@
 //! what the sequential specification ([`model`]) gives. That is
 //! linearizability, checked as Porcupine does (the search in [`wgl`]),
 //! partitioned (below), then on the whole history. Besides, checks that
-//! look at the history directly ([`table`]).
+//! look at the history directly ([`table`]) and at the Watch streams
+//! ([`watch`]).
 //!
 //! # Partitions
 //!
@@ -35,6 +36,7 @@
 //! never a pass. [`check_partitions`] alone is the sound, fast half.
 
 pub mod table;
+pub mod watch;
 
 mod compile;
 mod model;
@@ -46,6 +48,8 @@ mod wgl;
 mod fixtures;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod watch_tests;
 
 use std::net::IpAddr;
 
