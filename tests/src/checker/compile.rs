@@ -124,6 +124,80 @@ pub(crate) enum Act {
     List { table: Vec<(Id, Id)> },
 }
 
+/// An owner or an address, as something an operation names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) enum Name {
+    Owner(Id),
+    Address(Id),
+}
+
+/// A set of names, as bits: owner `o` is bit `2o`, address `a` bit `2a+1`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct NameSet(Vec<u64>);
+
+impl NameSet {
+    /// The set of `names`.
+    pub fn of(names: &[Name]) -> Self {
+        let mut set = NameSet::default();
+        for name in names {
+            let bit = match name {
+                Name::Owner(o) => 2 * *o as usize,
+                Name::Address(a) => 2 * *a as usize + 1,
+            };
+            if set.0.len() <= bit / 64 {
+                set.0.resize(bit / 64 + 1, 0);
+            }
+            set.0[bit / 64] |= 1 << (bit % 64);
+        }
+        set
+    }
+
+    /// Whether it shares a name with `other`.
+    pub fn meets(&self, other: &NameSet) -> bool {
+        self.0.iter().zip(&other.0).any(|(a, b)| a & b != 0)
+    }
+}
+
+impl Act {
+    /// The owners and addresses it names, in its input or its answer.
+    pub fn names(&self) -> Vec<Name> {
+        let owner = |o: &Option<Id>| o.map(Name::Owner);
+        let address = |a: &Option<Id>| a.map(Name::Address);
+        let pair = |(a, o): (Id, Id)| [Name::Address(a), Name::Owner(o)];
+        match self {
+            Act::Allocate { owner: o, at, out } => {
+                let got = match out {
+                    AllocateOut::Got(a) => Some(*a),
+                    _ => None,
+                };
+                let named = [Some(Name::Owner(*o)), address(at), address(&got)];
+                named.into_iter().flatten().collect()
+            }
+            Act::Release { owner: o, at, out } => {
+                let freed = match out {
+                    ReleaseOut::Freed { address, owner } => pair((*address, *owner)).to_vec(),
+                    _ => Vec::new(),
+                };
+                let named = [owner(o), address(at)].into_iter().flatten();
+                named.chain(freed).collect()
+            }
+            Act::Get {
+                owner: o,
+                at,
+                found,
+            } => {
+                let found = found.iter().flat_map(|f| pair(*f));
+                [owner(o), address(at)]
+                    .into_iter()
+                    .flatten()
+                    .chain(found)
+                    .collect()
+            }
+            Act::List { table } => table.iter().flat_map(|f| pair(*f)).collect(),
+        }
+    }
+}
+
 /// One operation to place in a linearization.
 #[derive(Clone, Debug)]
 pub(crate) struct Call {

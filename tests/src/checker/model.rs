@@ -12,42 +12,60 @@
 //! the search always allows.
 
 use super::{
-    compile::{Act, AllocateOut, Compiled, Id, ReleaseOut},
+    compile::{Act, AllocateOut, Compiled, Id, Name, ReleaseOut},
     partition::shown,
     wgl::Model,
 };
 
-/// The whole table.
+/// No one, no address.
+const NONE: Id = Id::MAX;
+
+/// The whole table: by address its holder, then by owner its address, in
+/// one vector (one allocation a copy).
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub(crate) struct Table {
-    /// By address: its holder.
-    pub holder: Vec<Option<Id>>,
-    /// By owner: its address.
-    pub held: Vec<Option<Id>>,
+    addresses: usize,
+    cells: Vec<Id>,
 }
 
 impl Table {
+    fn new(addresses: usize, owners: usize) -> Self {
+        Table {
+            addresses,
+            cells: vec![NONE; addresses + owners],
+        }
+    }
+
     fn take(&self, owner: Id, address: Id) -> Table {
         let mut next = self.clone();
-        next.holder[address as usize] = Some(owner);
-        next.held[owner as usize] = Some(address);
+        next.cells[address as usize] = owner;
+        next.cells[self.addresses + owner as usize] = address;
         next
     }
 
     fn free(&self, address: Id) -> Table {
         let mut next = self.clone();
-        if let Some(owner) = next.holder[address as usize].take() {
-            next.held[owner as usize] = None;
+        if let Some(owner) = self.holder(address) {
+            next.cells[address as usize] = NONE;
+            next.cells[self.addresses + owner as usize] = NONE;
         }
         next
     }
 
     fn holder(&self, address: Id) -> Option<Id> {
-        self.holder[address as usize]
+        Some(self.cells[address as usize]).filter(|o| *o != NONE)
     }
 
     fn held(&self, owner: Id) -> Option<Id> {
-        self.held[owner as usize]
+        Some(self.cells[self.addresses + owner as usize]).filter(|a| *a != NONE)
+    }
+
+    /// Every (address, holder), by address.
+    pub fn holdings(&self) -> impl Iterator<Item = (Id, Id)> + '_ {
+        let holders = self.cells[..self.addresses].iter().enumerate();
+        holders
+            .filter(|(_, o)| **o != NONE)
+            .map(|(a, o)| (a as Id, *o))
     }
 }
 
@@ -62,11 +80,14 @@ pub(crate) struct Whole {
     /// Allocate of unknown outcome is most likely to have taken: tried
     /// first.
     pub likely: Vec<Vec<Id>>,
+    /// Whether an Allocate of any address with an unknown outcome takes
+    /// only likely addresses (a pruned search's model).
+    pub likely_only: bool,
 }
 
 impl Whole {
-    /// The model of the table of `compiled`.
-    pub fn new(compiled: &Compiled) -> Self {
+    /// The model of the table of `compiled` (see [`Whole::likely_only`]).
+    pub fn new(compiled: &Compiled, likely_only: bool) -> Self {
         let names = &compiled.names;
         let mut likely = vec![Vec::new(); names.owners.len()];
         for (address, owner) in compiled.calls.iter().flat_map(|c| shown(&c.act)) {
@@ -80,6 +101,7 @@ impl Whole {
             owners: names.owners.len(),
             usable: names.usable,
             likely,
+            likely_only,
         }
     }
 }
@@ -88,10 +110,44 @@ impl Model for Whole {
     type State = Table;
 
     fn init(&self) -> Table {
-        Table {
-            holder: vec![None; self.addresses],
-            held: vec![None; self.owners],
+        Table::new(self.addresses, self.owners)
+    }
+
+    fn blame(&self, table: &Table, act: &Act) -> Vec<Name> {
+        let Act::List { table: listed } = act else {
+            return act.names();
+        };
+        let now = table.holdings();
+        let mut blamed: Vec<Name> = Vec::new();
+        for (a, o) in now
+            .filter(|e| !listed.contains(e))
+            .chain(listed.iter().copied())
+        {
+            if table.holder(a) != Some(o) || !listed.contains(&(a, o)) {
+                blamed.extend([Name::Address(a), Name::Owner(o)]);
+            }
         }
+        blamed
+    }
+
+    fn reach(&self, act: &Act) -> Vec<Name> {
+        let mut names = act.names();
+        if let Act::Allocate {
+            owner, at: None, ..
+        }
+        | Act::Release {
+            owner: Some(owner),
+            at: None,
+            ..
+        } = act
+        {
+            names.extend(
+                self.likely[*owner as usize]
+                    .iter()
+                    .map(|a| Name::Address(*a)),
+            );
+        }
+        names
     }
 
     fn step(&self, table: &Table, act: &Act, next: &mut Vec<Table>) {
@@ -109,12 +165,7 @@ impl Model for Whole {
                 }
             }
             Act::List { table: listed } => {
-                let now = table
-                    .holder
-                    .iter()
-                    .enumerate()
-                    .filter_map(|(a, o)| o.map(|o| (a as Id, o)));
-                if now.eq(listed.iter().copied()) {
+                if table.holdings().eq(listed.iter().copied()) {
                     next.push(table.clone());
                 }
             }
@@ -165,6 +216,9 @@ impl Whole {
                 for a in likely.iter().filter(|a| free(a)) {
                     next.push(table.take(owner, *a));
                 }
+                if self.likely_only {
+                    return;
+                }
                 let others = (0..self.usable as Id).filter(|a| free(a) && !likely.contains(a));
                 for a in others {
                     next.push(table.take(owner, a));
@@ -174,7 +228,7 @@ impl Whole {
     }
 
     fn full(&self, table: &Table) -> bool {
-        table.holder[..self.usable].iter().all(Option::is_some)
+        table.cells[..self.usable].iter().all(|o| *o != NONE)
     }
 }
 

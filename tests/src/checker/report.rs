@@ -9,7 +9,7 @@ use super::{
     compile::{Call, Compiled, Id, Names},
     model::Table,
     partition::OTHER,
-    wgl::{Model, Search, Stuck, search},
+    wgl::{Mode, Model, Search, Stuck, search},
 };
 use crate::history::{History, Operation, Time};
 
@@ -171,7 +171,7 @@ pub(crate) fn shrink<M: Model>(
     cuts.dedup();
     let fails = |cut: Time| {
         let kept = prefix(calls, cut);
-        match search(model, &kept, limit).0 {
+        match search(model, &kept, limit, Mode::Exact).0 {
             Search::Stuck(stuck) => Some((kept, stuck)),
             Search::Linearized | Search::GaveUp => None,
         }
@@ -254,11 +254,12 @@ pub(crate) fn held(names: &Names, owner: Id, held: Option<Id>) -> String {
 /// The table as "[10.0.0.1=a, 10.0.0.2=b]".
 pub(crate) fn table(names: &Names, table: &Table) -> String {
     let entries: Vec<String> = table
-        .holder
-        .iter()
-        .enumerate()
-        .filter_map(|(a, o)| {
-            o.map(|o| format!("{}={}", names.addresses[a], names.owners[o as usize]))
+        .holdings()
+        .map(|(a, o)| {
+            format!(
+                "{}={}",
+                names.addresses[a as usize], names.owners[o as usize]
+            )
         })
         .collect();
     format!("the table is [{}]", entries.join(", "))
