@@ -61,6 +61,10 @@ mod wgl;
 #[cfg(test)]
 mod fixtures;
 #[cfg(test)]
+mod proptests;
+#[cfg(test)]
+mod sim;
+#[cfg(test)]
 mod tests;
 #[cfg(test)]
 mod watch_tests;
