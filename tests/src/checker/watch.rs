@@ -100,6 +100,8 @@ struct Replay {
     segments: Vec<Segment>,
     /// SNAPSHOT events of a snapshot not complete yet.
     pending: Option<Table>,
+    /// The table after the last event of the last segment.
+    now: Table,
     frontier: u64,
     found: Vec<WatchViolation>,
 }
@@ -110,6 +112,7 @@ impl Replay {
             replica: stream.replica.clone(),
             segments: Vec::new(),
             pending: None,
+            now: Table::new(),
             frontier: 0,
             found: Vec::new(),
         };
@@ -173,6 +176,7 @@ impl Replay {
 
     fn snapshot_complete(&mut self, revision: u64) -> Result<(), String> {
         let snapshot = self.pending.take().unwrap_or_default();
+        self.now = snapshot.clone();
         self.segments.push(Segment {
             from: revision,
             snapshot,
@@ -191,10 +195,11 @@ impl Replay {
         let Some(segment) = self.segments.last_mut() else {
             return Err("comes before any snapshot".into());
         };
-        let table = segment.at(segment.to);
         segment.changes.insert(revision, (allocated, h.clone()));
         segment.to = revision;
-        match misfit(&table, allocated, h) {
+        let misfit = misfit(&self.now, allocated, h);
+        apply(&mut self.now, allocated, h);
+        match misfit {
             Some(why) => Err(why),
             None => Ok(()),
         }
@@ -202,7 +207,7 @@ impl Replay {
 
     /// The table the stream ends with.
     fn end(&self) -> Option<Table> {
-        self.segments.last().map(|s| s.at(s.to))
+        self.segments.last().map(|_| self.now.clone())
     }
 }
 
