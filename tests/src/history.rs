@@ -196,8 +196,10 @@ pub fn holding(allocation: &pb::Allocation) -> Result<Holding, MalformedReply> {
 }
 
 impl Output {
-    /// The output of a failed call: a refusal, or unknown when the call may
-    /// still have taken effect.
+    /// The output of a failed call: unknown when the call may still have
+    /// taken effect (UNAVAILABLE, DEADLINE_EXCEEDED, CANCELLED, UNKNOWN,
+    /// INTERNAL, ABORTED, DATA_LOSS: transport errors come as some of
+    /// these), a refusal that changed nothing otherwise.
     pub fn from_status(status: &Status) -> Self {
         if indeterminate(status.code()) {
             Output::Unknown(format!("{:?}: {}", status.code(), status.message()))

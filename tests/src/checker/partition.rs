@@ -13,6 +13,16 @@
 //! address or owner never shown with it can still explain an answer that
 //! names no holder (ALREADY_EXISTS, FAILED_PRECONDITION): the *widened*
 //! partition adds every such call, and is what a failure is judged on.
+//!
+//! Why a partition's verdict binds the whole history: no call left out of
+//! the widened partition of an address can change its holder (an Allocate
+//! that answered another address took that one; a Release that answered
+//! took what it named; one of unknown outcome that may take or free this
+//! address is in), and none left out of an owner's can change its address;
+//! and every step the whole model lets a member take is one the
+//! partition's model allows on the projection. The owner's model keeps the
+//! addresses the owner is never shown with as one value, [`OTHER`], which
+//! allows more, never less.
 
 use std::collections::BTreeSet;
 
