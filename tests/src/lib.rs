@@ -1,7 +1,8 @@
 //! Helpers to run the real vipam binaries in tests: find them in the target
 //! directory, start them on a free loopback port with a data directory of
 //! their own (or as replicas on etcd, [`etcd`]), stop them with SIGTERM or
-//! SIGKILL, and run the real `grpcurl` and the Python examples.
+//! SIGKILL, and run the real `grpcurl` and the Python examples. What a
+//! fault-injection run records is a [`history`]; the [`checker`] judges it.
 
 use std::{
     io::{BufRead, BufReader},
@@ -19,7 +20,9 @@ use vipam::{
     v1::{AllocateRequest, allocator_client::AllocatorClient},
 };
 
+pub mod checker;
 pub mod etcd;
+pub mod history;
 pub mod syncer;
 
 /// How long a binary may take to start serving.
