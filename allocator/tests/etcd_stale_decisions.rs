@@ -104,24 +104,12 @@ fn wait_holds(store: &Store, at: IpAddr, owner: Option<&str>) -> Option<Record> 
 
 /// Stages the allocation `record` at `at`.
 fn put(store: &Store, at: IpAddr, record: &Record) {
-    let record = record.clone();
-    store
-        .stage(Write::Allocate {
-            address: at,
-            record,
-        })
-        .expect("stage");
+    store.stage(Write::allocate(at, record)).expect("stage");
 }
 
 /// Stages the release of the allocation `record` at `at`.
 fn delete(store: &Store, at: IpAddr, record: &Record) {
-    let record = record.clone();
-    store
-        .stage(Write::Release {
-            address: at,
-            record,
-        })
-        .expect("stage");
+    store.stage(Write::release(at, record)).expect("stage");
 }
 
 fn commit_put(store: &Store, at: IpAddr, record: &Record) {

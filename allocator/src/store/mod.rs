@@ -120,6 +120,22 @@ pub enum Write {
 }
 
 impl Write {
+    /// The allocation of `address` to `record.owner`.
+    pub fn allocate(address: IpAddr, record: &Record) -> Write {
+        Write::Allocate {
+            address,
+            record: record.clone(),
+        }
+    }
+
+    /// The release of the allocation `record` at `address`.
+    pub fn release(address: IpAddr, record: &Record) -> Write {
+        Write::Release {
+            address,
+            record: record.clone(),
+        }
+    }
+
     /// The address written.
     pub fn address(&self) -> IpAddr {
         match self {

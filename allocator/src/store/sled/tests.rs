@@ -9,24 +9,12 @@ use crate::{
 
 /// Stages the allocation of `ip` to `record.owner`.
 fn put(store: &SledStore, ip: IpAddr, record: &Record) {
-    let record = record.clone();
-    store
-        .stage(Write::Allocate {
-            address: ip,
-            record,
-        })
-        .expect("put");
+    store.stage(Write::allocate(ip, record)).expect("put");
 }
 
 /// Stages the release of the allocation `record` at `ip`.
 fn delete(store: &SledStore, ip: IpAddr, record: &Record) {
-    let record = record.clone();
-    store
-        .stage(Write::Release {
-            address: ip,
-            record,
-        })
-        .expect("delete");
+    store.stage(Write::release(ip, record)).expect("delete");
 }
 
 /// The changes after `after` up to `last` as (revision, kind, address).
