@@ -1,6 +1,6 @@
 //! The sled engine, the embedded default: the [`Store`] contract over one
-//! sled database in a directory. The only file that names sled; key encoding
-//! lives here alone.
+//! sled database in a directory. The only code that names sled; key
+//! encoding lives in `keys.rs` alone.
 //!
 //! Writes are staged: [`Write`]s add to one pending batch, each numbered
 //! with the next revision (sled's writes have no revision of their own, so
@@ -12,12 +12,6 @@
 //! the staged writes; every other read sees them once applied, which is
 //! immediately before they are made durable. No other writer shares the
 //! database (sled locks its directory), so nothing is ever observed.
-//!
-//! Keys: `a` + family tag + big-endian address bytes (so keys sort by
-//! address, IPv4 before IPv6) → JSON [`Record`]; `o` + owner → address key;
-//! `m/revision` → big-endian u64; `r` + big-endian revision → the [`Change`]
-//! of that revision (the change log Watch replays), kind byte + address key
-//! + JSON record.
 //!
 //! Every write puts its change-log entry in the same batch as the
 //! allocation, and removes the entry that falls out of the kept history, so
@@ -32,20 +26,18 @@ use std::{
     time::{Duration, Instant},
 };
 
+mod keys;
+
+use self::keys::{
+    ALLOC, CHANGE, OWNER, REVISION_KEY, alloc_key, alloc_key_int, change_key, change_value,
+    decode_alloc_key, decode_change, decode_entry, decode_record, encode_record, owner_key,
+    read_revision,
+};
 use super::{Background, DEFAULT_HISTORY, Engine, Observed, Result, Scan, StoreError, Write};
 use crate::{
-    addresses::pool::{Family, from_int},
+    addresses::pool::Family,
     model::{Change, ChangeKind, Record},
 };
-
-const ALLOC: u8 = b'a';
-const OWNER: u8 = b'o';
-const CHANGE: u8 = b'r';
-const REVISION_KEY: &[u8] = b"m/revision";
-const TAG_V4: u8 = 4;
-const TAG_V6: u8 = 6;
-const KIND_ALLOCATED: u8 = b'+';
-const KIND_RELEASED: u8 = b'-';
 
 /// How long [`SledStore::open`] waits for the directory's lock.
 pub const LOCK_WAIT: Duration = Duration::from_secs(2);
@@ -104,119 +96,6 @@ impl Staged {
         }
         (batch, std::mem::take(&mut self.changes))
     }
-}
-
-/// Encodes the key of an allocation.
-fn alloc_key(ip: IpAddr) -> Vec<u8> {
-    let mut key = Vec::with_capacity(18);
-    key.push(ALLOC);
-    match ip {
-        IpAddr::V4(v4) => {
-            key.push(TAG_V4);
-            key.extend_from_slice(&v4.octets());
-        }
-        IpAddr::V6(v6) => {
-            key.push(TAG_V6);
-            key.extend_from_slice(&v6.octets());
-        }
-    }
-    key
-}
-
-fn alloc_key_int(family: Family, value: u128) -> Vec<u8> {
-    alloc_key(from_int(family, value))
-}
-
-fn decode_alloc_key(key: &[u8]) -> Result<IpAddr> {
-    let corrupt = |why: &str| StoreError::Corrupt {
-        key: key.escape_ascii().to_string(),
-        why: why.to_string(),
-    };
-    match key {
-        [ALLOC, TAG_V4, rest @ ..] => <[u8; 4]>::try_from(rest)
-            .map(IpAddr::from)
-            .map_err(|_| corrupt("IPv4 key of the wrong length")),
-        [ALLOC, TAG_V6, rest @ ..] => <[u8; 16]>::try_from(rest)
-            .map(IpAddr::from)
-            .map_err(|_| corrupt("IPv6 key of the wrong length")),
-        _ => Err(corrupt("not an allocation key")),
-    }
-}
-
-fn owner_key(owner: &str) -> Vec<u8> {
-    let mut key = Vec::with_capacity(owner.len() + 1);
-    key.push(OWNER);
-    key.extend_from_slice(owner.as_bytes());
-    key
-}
-
-fn change_key(revision: u64) -> [u8; 9] {
-    let mut key = [CHANGE; 9];
-    key[1..].copy_from_slice(&revision.to_be_bytes());
-    key
-}
-
-fn change_value(kind: ChangeKind, address_key: &[u8], record_json: &[u8]) -> Vec<u8> {
-    let mut value = Vec::with_capacity(1 + address_key.len() + record_json.len());
-    value.push(match kind {
-        ChangeKind::Allocated => KIND_ALLOCATED,
-        ChangeKind::Released => KIND_RELEASED,
-    });
-    value.extend_from_slice(address_key);
-    value.extend_from_slice(record_json);
-    value
-}
-
-fn decode_change(key: &[u8], value: &[u8]) -> Result<Change> {
-    let corrupt = |why: &str| StoreError::Corrupt {
-        key: key.escape_ascii().to_string(),
-        why: why.to_string(),
-    };
-    let revision = match key {
-        [CHANGE, rest @ ..] => <[u8; 8]>::try_from(rest)
-            .map(u64::from_be_bytes)
-            .map_err(|_| corrupt("change key of the wrong length"))?,
-        _ => return Err(corrupt("not a change key")),
-    };
-    let (kind, rest) = match value {
-        [KIND_ALLOCATED, rest @ ..] => (ChangeKind::Allocated, rest),
-        [KIND_RELEASED, rest @ ..] => (ChangeKind::Released, rest),
-        _ => return Err(corrupt("unknown change kind")),
-    };
-    let address_len = match rest {
-        [ALLOC, TAG_V4, ..] => 6,
-        [ALLOC, TAG_V6, ..] => 18,
-        _ => return Err(corrupt("change without an address")),
-    };
-    if rest.len() < address_len {
-        return Err(corrupt("change with a truncated address"));
-    }
-    let (address, record) = rest.split_at(address_len);
-    Ok(Change {
-        revision,
-        kind,
-        address: decode_alloc_key(address)?,
-        record: decode_record(key, record)?,
-    })
-}
-
-fn encode_record(key: &[u8], record: &Record) -> Result<Vec<u8>> {
-    serde_json::to_vec(record).map_err(|e| StoreError::Corrupt {
-        key: key.escape_ascii().to_string(),
-        why: e.to_string(),
-    })
-}
-
-fn decode_record(key: &[u8], value: &[u8]) -> Result<Record> {
-    serde_json::from_slice(value).map_err(|e| StoreError::Corrupt {
-        key: key.escape_ascii().to_string(),
-        why: e.to_string(),
-    })
-}
-
-fn decode_entry(entry: sled::Result<(sled::IVec, sled::IVec)>) -> Result<(IpAddr, Record)> {
-    let (k, v) = entry?;
-    Ok((decode_alloc_key(&k)?, decode_record(&k, &v)?))
 }
 
 impl SledStore {
@@ -337,21 +216,6 @@ impl SledStore {
             })?;
             Ok((owner, decode_alloc_key(&v)?))
         })
-    }
-}
-
-/// The revision stored under [`REVISION_KEY`], 0 when there is none.
-fn read_revision(value: Option<&[u8]>) -> Result<u64> {
-    match value {
-        None => Ok(0),
-        Some(v) => {
-            <[u8; 8]>::try_from(v)
-                .map(u64::from_be_bytes)
-                .map_err(|_| StoreError::Corrupt {
-                    key: "m/revision".to_string(),
-                    why: "not an 8-byte integer".to_string(),
-                })
-        }
     }
 }
 

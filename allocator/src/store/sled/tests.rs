@@ -1,9 +1,12 @@
 //! The sled engine's own promises, beyond the contract: what survives a
 //! reopen, the directory lock, the kept change history, unreadable entries.
 
-use super::*;
+use std::time::Instant;
+
+use super::{keys::TAG_V4, *};
 use crate::{
     fixtures::{ip, mk_labelled_record, mk_sled},
+    model::ChangeKind,
     store::{Store, contract::store_contract},
 };
 
