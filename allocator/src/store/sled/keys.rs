@@ -129,11 +129,8 @@ pub(super) fn decode_record(key: &[u8], value: &[u8]) -> Result<Record> {
     })
 }
 
-pub(super) fn decode_entry(
-    entry: sled::Result<(sled::IVec, sled::IVec)>,
-) -> Result<(IpAddr, Record)> {
-    let (k, v) = entry?;
-    Ok((decode_alloc_key(&k)?, decode_record(&k, &v)?))
+pub(super) fn decode_entry(key: &[u8], value: &[u8]) -> Result<(IpAddr, Record)> {
+    Ok((decode_alloc_key(key)?, decode_record(key, value)?))
 }
 
 /// The revision stored under [`REVISION_KEY`], 0 when there is none.
