@@ -102,7 +102,8 @@ pub enum Error {
         /// The owner named in the request.
         owner: String,
     },
-    /// The store cannot commit now (unreachable, no quorum, a timeout).
+    /// The store cannot commit now (unreachable, no quorum, a timeout, a
+    /// full disk).
     #[error(
         "the store cannot commit now: {why}; nothing was changed unless it says the outcome is unknown; retry"
     )]

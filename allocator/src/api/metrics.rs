@@ -197,7 +197,7 @@ fn encode_store(
     ConstCounter::new(stats.conflicts.load(Ordering::Relaxed)).encode(counter)?;
     let counter = encoder.encode_descriptor(
         "vipam_store_unavailable",
-        "Flushes the store could not commit (etcd unreachable or without quorum)",
+        "Flushes the store could not commit (etcd unreachable or without quorum, a full disk)",
         None,
         MetricType::Counter,
     )?;

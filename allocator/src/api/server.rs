@@ -57,17 +57,15 @@ pub struct Listener {
 /// of a client that vanished end.
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 
-/// `/healthz`, `/readyz` and `/metrics`: not ready while shutting down or
-/// once the store writer has stopped.
+/// `/healthz`, `/readyz` and `/metrics`: not ready while shutting down,
+/// once the store writer has stopped, or while the store serves no reads.
 fn probes(ipam: Handle, metrics: Arc<Metrics>, shutting_down: Arc<AtomicBool>) -> axum::Router {
     vipam::runtime::probe_router(
         move || {
             if shutting_down.load(Ordering::Relaxed) {
                 Err("shutting down")
-            } else if !ipam.is_ready() {
-                Err("store writer stopped")
             } else {
-                Ok(())
+                ipam.readiness()
             }
         },
         move || metrics.render(),

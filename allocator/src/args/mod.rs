@@ -126,6 +126,13 @@ pub struct Args {
     #[arg(long, env = "VIPAM_CACHE_BYTES", default_value_t = 64 << 20, value_name = "BYTES", value_parser = clap::value_parser!(u64).range(1 << 20..))]
     pub cache_bytes: u64,
 
+    /// Free space, in bytes, the database keeps on its disk: below it,
+    /// Allocate and Release answer UNAVAILABLE naming the full disk and
+    /// change nothing, reads go on, and writes resume once space is freed
+    /// (0: write until the disk is full).
+    #[arg(long, env = "VIPAM_MIN_FREE_BYTES", default_value_t = crate::store::sled::DEFAULT_MIN_FREE, value_name = "BYTES")]
+    pub min_free_bytes: u64,
+
     /// Longest time to drain requests in flight after SIGTERM.
     #[arg(long, env = "VIPAM_SHUTDOWN_GRACE", default_value = "20s", value_name = "DURATION", value_parser = parse_duration)]
     pub shutdown_grace: Duration,
@@ -209,6 +216,7 @@ impl Args {
             watch_buffer,
             max_watchers,
             cache_bytes,
+            min_free_bytes,
             shutdown_grace,
             log,
             log_format,
@@ -236,7 +244,9 @@ impl Args {
             progress_interval: DEFAULT_PROGRESS_INTERVAL,
         };
         let store: Store = match store_flags.engine {
-            Engine::Sled => open_store(&data_dir, cache_bytes, watch_history)?.into(),
+            Engine::Sled => open_store(&data_dir, cache_bytes, watch_history)?
+                .with_min_free(min_free_bytes)
+                .into(),
             Engine::Etcd => store_flags
                 .etcd
                 .open(pools.clone(), watch_history)

@@ -75,11 +75,17 @@ impl Handle {
         self.queue.barrier().await
     }
 
-    /// Whether the writer still takes requests.
-    pub fn is_ready(&self) -> bool {
-        self.stats().writer_alive.load(Ordering::Relaxed)
-            && !self.queue.is_closed()
-            && self.reader.health().is_ok()
+    /// Whether the writer still takes requests and the store serves reads;
+    /// why not. A store that serves reads but cannot write now (a full
+    /// disk) is ready: its writes say why they fail.
+    pub fn readiness(&self) -> Result<(), &'static str> {
+        if !self.stats().writer_alive.load(Ordering::Relaxed) || self.queue.is_closed() {
+            return Err("store writer stopped");
+        }
+        if self.reader.health().is_err() {
+            return Err("store unavailable");
+        }
+        Ok(())
     }
 
     /// Allocates; answered once durable.

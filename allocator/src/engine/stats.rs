@@ -21,7 +21,8 @@ pub struct Stats {
     pub writes: AtomicU64,
     /// Flushes that lost a race to another writer sharing the store.
     pub conflicts: AtomicU64,
-    /// Flushes the store could not commit for now (etcd unreachable).
+    /// Flushes the store could not commit for now (etcd unreachable, a full
+    /// disk).
     pub unavailable: AtomicU64,
     /// Current store revision.
     pub revision: AtomicU64,

@@ -16,7 +16,8 @@
 //!   writes each address at most once. When it fails, none stays staged, the
 //!   error says why, and none of the staged writes is applied unless the
 //!   error says the outcome is unknown (a database that did not answer may
-//!   have committed them).
+//!   have committed them): committed reads never show them, and the next
+//!   writes are numbered after the last committed revision.
 //! - Every write is one [`Change`] with a revision of its own, which the
 //!   store gives it: [`Store::flush`] returns the flush's changes, by
 //!   revision, and an allocation reads back with the revision of its change.
@@ -65,8 +66,8 @@ pub enum StoreError {
     #[error("store stopped: {0}")]
     Stopped(String),
     /// The database cannot be reached or cannot commit now (no quorum, a
-    /// timeout): nothing staged was applied, unless the error says the
-    /// outcome is unknown; the next request may succeed.
+    /// timeout, a full disk): nothing staged was applied, unless the error
+    /// says the outcome is unknown; the next request may succeed.
     #[error("store unavailable: {0}")]
     Unavailable(String),
     /// Another writer sharing the database changed a key the batch relied

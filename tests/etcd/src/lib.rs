@@ -33,12 +33,12 @@ mod tls;
 mod tests;
 
 use std::ffi::{OsStr, OsString};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 pub use cluster::{Cluster, Options};
 pub use tls::Certificates;
+use vipam_test_support::skip::skip_or_fail;
 
 /// The env variable naming the etcd binary to run instead of `etcd` on `PATH`.
 pub const ETCD_BIN_ENV: &str = "VIPAM_ETCD_BIN";
@@ -100,25 +100,6 @@ pub fn require_tool(test: &str, name: &str) -> Option<PathBuf> {
     find_binary(name, None, std::env::var_os("PATH").as_deref())
         .map_err(|reason| skip_or_fail(test, &reason))
         .ok()
-}
-
-/// Says that `test` cannot run here and why, or fails it when env `CI` is set.
-pub(crate) fn skip_or_fail(test: &str, reason: &str) {
-    if std::env::var_os("CI").is_some() {
-        panic!("{test} cannot run (and CI is set): {reason}");
-    }
-    let line = format!("SKIPPED {test}: {reason}");
-    eprintln!("{line}");
-    let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/skipped-tests.txt");
-    // The list is a convenience for the reader of the test command's output; the line on
-    // stderr above is the record.
-    if let Ok(mut f) = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(file)
-    {
-        let _ = writeln!(f, "{line}");
-    }
 }
 
 /// The binary `name`: the one `explicit` names (which must exist), or else the first file

@@ -1,6 +1,6 @@
 //! The sled engine, the embedded default: the [`Store`] contract over one
-//! sled database in a directory. The only file that names sled; key encoding
-//! lives here alone.
+//! sled database in a directory. The only code that names sled; key
+//! encoding lives in `keys.rs` alone.
 //!
 //! Writes are staged: [`Write`]s add to one pending batch, each numbered
 //! with the next revision (sled's writes have no revision of their own, so
@@ -13,214 +13,86 @@
 //! immediately before they are made durable. No other writer shares the
 //! database (sled locks its directory), so nothing is ever observed.
 //!
-//! Keys: `a` + family tag + big-endian address bytes (so keys sort by
-//! address, IPv4 before IPv6) → JSON [`Record`]; `o` + owner → address key;
-//! `m/revision` → big-endian u64; `r` + big-endian revision → the [`Change`]
-//! of that revision (the change log Watch replays), kind byte + address key
-//! + JSON record.
-//!
 //! Every write puts its change-log entry in the same batch as the
 //! allocation, and removes the entry that falls out of the kept history, so
-//! the log always holds exactly the last `history` revisions (fewer on a
-//! young store) without gaps.
+//! the log holds the last `history` revisions (fewer on a young store)
+//! without gaps.
+//!
+//! A full disk stops writes, not reads: a flush first checks that the disk
+//! keeps the room the store wants free, and refuses to write below it, so
+//! that sled does not fill the disk to its last byte. When sled fails a
+//! write all the same, the flush is undone (see `recovery.rs`): its writes
+//! are hidden from reads, the database is reopened in the room of a reserve
+//! file kept for that, and the flush is rolled back on disk if it reached
+//! it. Either way the flush fails with [`StoreError::Unavailable`], nothing
+//! is changed, and writes resume by themselves once the disk has room.
+//!
+//! [`Store`]: super::Store
+
+mod keys;
+mod recovery;
+mod staged;
+mod view;
 
 use std::{
-    collections::HashMap,
     net::IpAddr,
-    path::Path,
-    sync::{Arc, Mutex, MutexGuard, PoisonError},
-    time::{Duration, Instant},
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard},
+    time::Duration,
 };
 
+use self::{
+    keys::{
+        ALLOC, CHANGE, OWNER, REVISION_KEY, alloc_key, alloc_key_int, change_key, decode_alloc_key,
+        decode_change, decode_entry, decode_record, owner_key, read_revision,
+    },
+    recovery::{Open, open_with_reserve},
+    staged::Staged,
+    view::{inclusive, prefix},
+};
 use super::{Background, DEFAULT_HISTORY, Engine, Observed, Result, Scan, StoreError, Write};
 use crate::{
-    addresses::pool::{Family, from_int},
-    model::{Change, ChangeKind, Record},
+    addresses::pool::Family,
+    model::{Change, Record},
 };
 
-const ALLOC: u8 = b'a';
-const OWNER: u8 = b'o';
-const CHANGE: u8 = b'r';
-const REVISION_KEY: &[u8] = b"m/revision";
-const TAG_V4: u8 = 4;
-const TAG_V6: u8 = 6;
-const KIND_ALLOCATED: u8 = b'+';
-const KIND_RELEASED: u8 = b'-';
-
-/// How long [`SledStore::open`] waits for the directory's lock.
-pub const LOCK_WAIT: Duration = Duration::from_secs(2);
-
-/// sled reports a lock held elsewhere as an I/O error of kind `Other` that
-/// wraps the `WouldBlock` of the lock call, or as that `WouldBlock` itself.
-fn is_lock_error(e: &std::io::Error) -> bool {
-    e.kind() == std::io::ErrorKind::WouldBlock || e.to_string().contains("could not acquire lock")
-}
+pub use self::recovery::{DEFAULT_MIN_FREE, LOCK_WAIT, RESERVE};
 
 impl From<sled::Error> for StoreError {
     fn from(e: sled::Error) -> Self {
-        StoreError::Engine(Box::new(e))
+        match recovery::no_room(&e) {
+            // A read of a database whose write failed for want of room.
+            Some(why) => StoreError::Unavailable(format!("the disk is full ({why})")),
+            None => StoreError::Engine(Box::new(e)),
+        }
     }
 }
 
-/// The sled engine: a database in one directory.
+/// The sled engine: a database in one directory. Clones share it.
 #[derive(Clone)]
 pub struct SledStore {
-    db: sled::Db,
+    shared: Arc<Shared>,
     history: u64,
-    staged: Arc<Mutex<Staged>>,
+    min_free: u64,
 }
 
-/// Writes not yet applied to sled: the value each key will have (`None`:
-/// removed), the changes they make and the revisions they took. A flush
-/// turns them into one batch; decision reads look here first.
-#[derive(Default)]
-struct Staged {
-    values: HashMap<Vec<u8>, Option<Vec<u8>>>,
-    changes: Vec<Change>,
-    /// The revision of the last write applied and durable.
-    committed: u64,
-    /// The revision of the last write staged (`committed` when none is).
-    last: u64,
-}
-
-impl Staged {
-    fn insert(&mut self, key: Vec<u8>, value: Vec<u8>) {
-        self.values.insert(key, Some(value));
-    }
-
-    fn remove(&mut self, key: Vec<u8>) {
-        self.values.insert(key, None);
-    }
-
-    /// Takes the staged writes out as one batch and their changes; nothing
-    /// stays staged.
-    fn take(&mut self) -> (sled::Batch, Vec<Change>) {
-        let mut batch = sled::Batch::default();
-        for (key, value) in self.values.drain() {
-            match value {
-                Some(value) => batch.insert(key, value),
-                None => batch.remove(key),
-            }
-        }
-        (batch, std::mem::take(&mut self.changes))
-    }
-}
-
-/// Encodes the key of an allocation.
-fn alloc_key(ip: IpAddr) -> Vec<u8> {
-    let mut key = Vec::with_capacity(18);
-    key.push(ALLOC);
-    match ip {
-        IpAddr::V4(v4) => {
-            key.push(TAG_V4);
-            key.extend_from_slice(&v4.octets());
-        }
-        IpAddr::V6(v6) => {
-            key.push(TAG_V6);
-            key.extend_from_slice(&v6.octets());
-        }
-    }
-    key
-}
-
-fn alloc_key_int(family: Family, value: u128) -> Vec<u8> {
-    alloc_key(from_int(family, value))
-}
-
-fn decode_alloc_key(key: &[u8]) -> Result<IpAddr> {
-    let corrupt = |why: &str| StoreError::Corrupt {
-        key: key.escape_ascii().to_string(),
-        why: why.to_string(),
-    };
-    match key {
-        [ALLOC, TAG_V4, rest @ ..] => <[u8; 4]>::try_from(rest)
-            .map(IpAddr::from)
-            .map_err(|_| corrupt("IPv4 key of the wrong length")),
-        [ALLOC, TAG_V6, rest @ ..] => <[u8; 16]>::try_from(rest)
-            .map(IpAddr::from)
-            .map_err(|_| corrupt("IPv6 key of the wrong length")),
-        _ => Err(corrupt("not an allocation key")),
-    }
-}
-
-fn owner_key(owner: &str) -> Vec<u8> {
-    let mut key = Vec::with_capacity(owner.len() + 1);
-    key.push(OWNER);
-    key.extend_from_slice(owner.as_bytes());
-    key
-}
-
-fn change_key(revision: u64) -> [u8; 9] {
-    let mut key = [CHANGE; 9];
-    key[1..].copy_from_slice(&revision.to_be_bytes());
-    key
-}
-
-fn change_value(kind: ChangeKind, address_key: &[u8], record_json: &[u8]) -> Vec<u8> {
-    let mut value = Vec::with_capacity(1 + address_key.len() + record_json.len());
-    value.push(match kind {
-        ChangeKind::Allocated => KIND_ALLOCATED,
-        ChangeKind::Released => KIND_RELEASED,
-    });
-    value.extend_from_slice(address_key);
-    value.extend_from_slice(record_json);
-    value
-}
-
-fn decode_change(key: &[u8], value: &[u8]) -> Result<Change> {
-    let corrupt = |why: &str| StoreError::Corrupt {
-        key: key.escape_ascii().to_string(),
-        why: why.to_string(),
-    };
-    let revision = match key {
-        [CHANGE, rest @ ..] => <[u8; 8]>::try_from(rest)
-            .map(u64::from_be_bytes)
-            .map_err(|_| corrupt("change key of the wrong length"))?,
-        _ => return Err(corrupt("not a change key")),
-    };
-    let (kind, rest) = match value {
-        [KIND_ALLOCATED, rest @ ..] => (ChangeKind::Allocated, rest),
-        [KIND_RELEASED, rest @ ..] => (ChangeKind::Released, rest),
-        _ => return Err(corrupt("unknown change kind")),
-    };
-    let address_len = match rest {
-        [ALLOC, TAG_V4, ..] => 6,
-        [ALLOC, TAG_V6, ..] => 18,
-        _ => return Err(corrupt("change without an address")),
-    };
-    if rest.len() < address_len {
-        return Err(corrupt("change with a truncated address"));
-    }
-    let (address, record) = rest.split_at(address_len);
-    Ok(Change {
-        revision,
-        kind,
-        address: decode_alloc_key(address)?,
-        record: decode_record(key, record)?,
-    })
-}
-
-fn encode_record(key: &[u8], record: &Record) -> Result<Vec<u8>> {
-    serde_json::to_vec(record).map_err(|e| StoreError::Corrupt {
-        key: key.escape_ascii().to_string(),
-        why: e.to_string(),
-    })
-}
-
-fn decode_record(key: &[u8], value: &[u8]) -> Result<Record> {
-    serde_json::from_slice(value).map_err(|e| StoreError::Corrupt {
-        key: key.escape_ascii().to_string(),
-        why: e.to_string(),
-    })
-}
-
-fn decode_entry(entry: sled::Result<(sled::IVec, sled::IVec)>) -> Result<(IpAddr, Record)> {
-    let (k, v) = entry?;
-    Ok((decode_alloc_key(&k)?, decode_record(&k, &v)?))
+/// What the clones of a store share.
+struct Shared {
+    /// The directory, named in errors.
+    dir: PathBuf,
+    /// How the database is opened, to reopen it after a failed write.
+    config: sled::Config,
+    staged: Mutex<Staged>,
+    open: RwLock<Open>,
 }
 
 impl SledStore {
-    /// Opens (or creates) the store in `dir` with a page cache of `cache_bytes`.
+    /// Opens (or creates) the store in `dir` with a page cache of
+    /// `cache_bytes`, keeping [`DEFAULT_MIN_FREE`] bytes of its disk free,
+    /// and the file [`RESERVE`] in `dir` that holds the room to reopen the
+    /// database after a write failed for want of space (without it, if the
+    /// disk has no room for it, such a failure may fail reads too). On a
+    /// disk without room to open the database, the reserve makes it.
     ///
     /// sled locks the directory, and a handle closed a moment ago (in this
     /// process, or one that is exiting) may still hold the lock while its
@@ -233,28 +105,22 @@ impl SledStore {
             // Durability comes from the explicit flush after each batch of
             // writes; a background flusher would only add concurrent flushes.
             .flush_every_ms(None);
-        let deadline = Instant::now() + LOCK_WAIT;
-        let db = loop {
-            match config.open() {
-                Err(sled::Error::Io(e)) if is_lock_error(&e) => {
-                    if Instant::now() >= deadline {
-                        return Err(sled::Error::Io(e).into());
-                    }
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-                other => break other?,
-            }
-        };
+        let db = open_with_reserve(&config, dir)?;
         let committed = read_revision(db.get(REVISION_KEY)?.as_deref())?;
-        Ok(SledStore {
-            db,
+        let store = SledStore {
+            shared: Arc::new(Shared {
+                dir: dir.to_path_buf(),
+                config,
+                staged: Mutex::new(Staged::new(committed)),
+                open: RwLock::new(Open::new(db)),
+            }),
             history: DEFAULT_HISTORY,
-            staged: Arc::new(Mutex::new(Staged {
-                committed,
-                last: committed,
-                ..Staged::default()
-            })),
-        })
+            min_free: DEFAULT_MIN_FREE,
+        };
+        if let Err(e) = store.keep_reserve() {
+            tracing::warn!(dir = %dir.display(), error = %e, "no room for the reserve: a write that fails for want of space may fail reads too, until space is freed");
+        }
+        Ok(store)
     }
 
     /// Whether `dir` holds a database (sled's file `db`), without opening or
@@ -271,6 +137,14 @@ impl SledStore {
         self
     }
 
+    /// Writes only while the disk of the store has at least `bytes` free
+    /// (0: until sled fails a write for want of room). Below that, a flush
+    /// fails with [`StoreError::Unavailable`] and changes nothing.
+    pub fn with_min_free(mut self, bytes: u64) -> SledStore {
+        self.min_free = bytes;
+        self
+    }
+
     /// Removes change-log entries older than the kept history (after the
     /// history was shortened), with nothing staged, and makes that durable.
     /// Returns how many it removed.
@@ -279,14 +153,14 @@ impl SledStore {
         let Some(last_dropped) = revision.checked_sub(self.history) else {
             return Ok(0);
         };
+        let db = self.view()?.db;
         let mut removed = 0;
         loop {
             // Bounded batches: a much shortened history must not build one
             // huge batch in memory.
             let mut batch = sled::Batch::default();
             let mut n = 0;
-            for key in self
-                .db
+            for key in db
                 .range(change_key(0)..=change_key(last_dropped))
                 .keys()
                 .take(10_000)
@@ -296,127 +170,91 @@ impl SledStore {
             }
             if n == 0 {
                 if removed > 0 {
-                    self.db.flush()?;
+                    db.flush()?;
                 }
                 return Ok(removed);
             }
-            self.db.apply_batch(batch)?;
+            db.apply_batch(batch)?;
             removed += n;
-        }
-    }
-
-    fn trim_one(&self, staged: &mut Staged, revision: u64) {
-        if let Some(old) = revision.checked_sub(self.history)
-            && old > 0
-        {
-            staged.remove(change_key(old).to_vec());
         }
     }
 
     fn staged(&self) -> MutexGuard<'_, Staged> {
         // The staged writes stay consistent even if a holder panicked: every
         // change to them is a single map insert.
-        self.staged.lock().unwrap_or_else(PoisonError::into_inner)
+        self.shared
+            .staged
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn open_state(&self) -> RwLockReadGuard<'_, Open> {
+        // Each change to the state is a single assignment.
+        self.shared
+            .open
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn open_state_mut(&self) -> RwLockWriteGuard<'_, Open> {
+        self.shared
+            .open
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// The value of `key`, staged writes included.
     fn read_latest(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
-        if let Some(value) = self.staged().values.get(key) {
+        if let Some(value) = self.staged().value(key) {
             return Ok(value.clone());
         }
-        Ok(self.db.get(key)?.map(|v| v.to_vec()))
+        Ok(self.view()?.get(key)?.map(|v| v.to_vec()))
     }
 
     /// Every owner index entry as (owner, address).
-    pub fn owner_index(&self) -> impl Iterator<Item = Result<(String, IpAddr)>> + use<> {
-        self.db.scan_prefix([OWNER]).map(|entry| {
+    pub fn owner_index(&self) -> Scan<(String, IpAddr)> {
+        let view = match self.view() {
+            Ok(view) => view,
+            Err(e) => return Box::new(std::iter::once(Err(e))),
+        };
+        Box::new(view.range(prefix(OWNER)).map(|entry| {
             let (k, v) = entry?;
             let owner = String::from_utf8(k[1..].to_vec()).map_err(|_| StoreError::Corrupt {
                 key: k.escape_ascii().to_string(),
                 why: "owner is not UTF-8".to_string(),
             })?;
             Ok((owner, decode_alloc_key(&v)?))
-        })
+        }))
     }
-}
 
-/// The revision stored under [`REVISION_KEY`], 0 when there is none.
-fn read_revision(value: Option<&[u8]>) -> Result<u64> {
-    match value {
-        None => Ok(0),
-        Some(v) => {
-            <[u8; 8]>::try_from(v)
-                .map(u64::from_be_bytes)
-                .map_err(|_| StoreError::Corrupt {
-                    key: "m/revision".to_string(),
-                    why: "not an 8-byte integer".to_string(),
-                })
+    /// A scan of the committed entries of `range`, each decoded by `decode`.
+    fn scan_range<T: 'static>(
+        &self,
+        range: view::Range,
+        decode: fn(&[u8], &[u8]) -> Result<T>,
+    ) -> Scan<T> {
+        match self.view() {
+            Ok(view) => Box::new(view.range(range).map(move |entry| {
+                let (k, v) = entry?;
+                decode(&k, &v)
+            })),
+            Err(e) => Box::new(std::iter::once(Err(e))),
         }
-    }
-}
-
-impl SledStore {
-    /// Stages the allocation `record` at `ip` as the next revision.
-    fn stage_allocate(&self, ip: IpAddr, mut record: Record) -> Result<()> {
-        let mut staged = self.staged();
-        record.revision = staged.last + 1;
-        let key = alloc_key(ip);
-        let value = encode_record(&key, &record)?;
-        let change = change_value(ChangeKind::Allocated, &key, &value);
-        staged.last = record.revision;
-        staged.insert(change_key(record.revision).to_vec(), change);
-        self.trim_one(&mut staged, record.revision);
-        staged.insert(owner_key(&record.owner), key.clone());
-        staged.insert(key, value);
-        staged.insert(
-            REVISION_KEY.to_vec(),
-            record.revision.to_be_bytes().to_vec(),
-        );
-        staged.changes.push(Change {
-            revision: record.revision,
-            kind: ChangeKind::Allocated,
-            address: ip,
-            record,
-        });
-        Ok(())
-    }
-
-    /// Stages the release of the allocation `record` at `ip` as the next
-    /// revision.
-    fn stage_release(&self, ip: IpAddr, record: Record) -> Result<()> {
-        let mut staged = self.staged();
-        let revision = staged.last + 1;
-        let key = alloc_key(ip);
-        let value = encode_record(&key, &record)?;
-        let change = change_value(ChangeKind::Released, &key, &value);
-        staged.last = revision;
-        staged.insert(change_key(revision).to_vec(), change);
-        self.trim_one(&mut staged, revision);
-        staged.remove(key);
-        staged.remove(owner_key(&record.owner));
-        staged.insert(REVISION_KEY.to_vec(), revision.to_be_bytes().to_vec());
-        staged.changes.push(Change {
-            revision,
-            kind: ChangeKind::Released,
-            address: ip,
-            record,
-        });
-        Ok(())
     }
 }
 
 impl Engine for SledStore {
     fn get(&self, ip: IpAddr) -> Result<Option<Record>> {
         let key = alloc_key(ip);
-        self.db
+        self.view()?
             .get(&key)?
             .map(|v| decode_record(&key, &v))
             .transpose()
     }
 
     fn owner_address(&self, owner: &str) -> Result<Option<IpAddr>> {
-        self.db
-            .get(owner_key(owner))?
+        self.view()?
+            .get(&owner_key(owner))?
             .map(|k| decode_alloc_key(&k))
             .transpose()
     }
@@ -439,32 +277,41 @@ impl Engine for SledStore {
     }
 
     fn stage(&self, write: Write) -> Result<()> {
+        let mut staged = self.staged();
         match write {
-            Write::Allocate { address, record } => self.stage_allocate(address, record),
-            Write::Release { address, record } => self.stage_release(address, record),
+            Write::Allocate { address, record } => staged.allocate(address, record, self.history),
+            Write::Release { address, record } => staged.release(address, record, self.history),
         }
     }
 
     fn flush(&self) -> Result<Vec<Change>> {
         let mut staged = self.staged();
-        if staged.values.is_empty() {
+        if staged.is_empty() {
             // Every applied write was made durable by the flush that
             // applied it.
             return Ok(Vec::new());
         }
-        let (batch, changes) = staged.take();
+        let batch = staged.take();
+        // Unless this flush commits, the next writes number on from what is
+        // durable.
+        let committed = staged.committed;
+        let last = std::mem::replace(&mut staged.last, committed);
+        self.check_room()?;
+        let db = self.writable(committed)?;
         // The lock is held until the batch is applied and durable, so a
         // decision read never misses a write that is neither staged nor
         // applied.
-        if let Err(e) = self.db.apply_batch(batch) {
-            // Nothing was applied: the numbering goes on from what is.
-            staged.last = staged.committed;
-            return Err(e.into());
+        match db.apply_batch(batch.writes).and_then(|()| db.flush()) {
+            Ok(_) => {
+                staged.committed = last;
+                staged.last = last;
+                Ok(batch.changes)
+            }
+            Err(e) => {
+                drop(db);
+                Err(self.failed(batch.before, e, committed))
+            }
         }
-        // Applied: reads show it, and later writes number on from it.
-        staged.committed = staged.last;
-        self.db.flush()?;
-        Ok(changes)
     }
 
     fn observed(&self) -> Result<Observed> {
@@ -494,7 +341,10 @@ impl Engine for SledStore {
     }
 
     fn health(&self) -> std::result::Result<(), String> {
-        Ok(())
+        // Ready while reads are served, also when the disk is full: no other
+        // allocator could serve them, and writes say why they fail. Only
+        // reads and writes try to reopen a closed database.
+        self.serves_reads().map_err(|e| e.to_string())
     }
 
     fn background(&self) -> Option<Background> {
@@ -503,10 +353,10 @@ impl Engine for SledStore {
     }
 
     fn first_change(&self) -> Result<Option<u64>> {
-        match self.db.scan_prefix([CHANGE]).keys().next() {
+        match self.view()?.range(prefix(CHANGE)).next() {
             None => Ok(None),
-            Some(key) => {
-                let key = key?;
+            Some(entry) => {
+                let (key, _) = entry?;
                 <[u8; 8]>::try_from(&key[1..])
                     .map(u64::from_be_bytes)
                     .map(Some)
@@ -520,47 +370,36 @@ impl Engine for SledStore {
 
     fn changes(&self, after: u64, last: u64) -> Scan<Change> {
         let first = after.saturating_add(1);
-        // sled refuses a range that ends before it starts.
-        Box::new(
-            (first <= last)
-                .then(|| self.db.range(change_key(first)..=change_key(last)))
-                .into_iter()
-                .flatten()
-                .map(|entry| {
-                    let (k, v) = entry?;
-                    decode_change(&k, &v)
-                }),
-        )
+        if first > last {
+            // sled refuses a range that ends before it starts.
+            return Box::new(std::iter::empty());
+        }
+        let range = inclusive(change_key(first), change_key(last));
+        self.scan_range(range, decode_change)
     }
 
     fn scan(&self, family: Family, first: u128, last: u128) -> Scan<(IpAddr, Record)> {
-        Box::new(
-            self.db
-                .range(alloc_key_int(family, first)..=alloc_key_int(family, last))
-                .map(decode_entry),
-        )
+        let range = inclusive(alloc_key_int(family, first), alloc_key_int(family, last));
+        self.scan_range(range, decode_entry)
     }
 
     fn scan_after(&self, after: Option<IpAddr>) -> Scan<(IpAddr, Record)> {
-        let prefix_end = vec![ALLOC + 1];
-        let iter = match after {
-            None => self.db.range(vec![ALLOC]..prefix_end),
+        let range = match after {
+            None => prefix(ALLOC),
             Some(ip) => {
                 let mut start = alloc_key(ip);
                 start.push(0);
-                self.db.range(start..prefix_end)
+                (
+                    std::ops::Bound::Included(start),
+                    std::ops::Bound::Excluded(vec![ALLOC + 1]),
+                )
             }
         };
-        Box::new(iter.map(decode_entry))
+        self.scan_range(range, decode_entry)
     }
 
     fn addresses(&self) -> Scan<IpAddr> {
-        Box::new(
-            self.db
-                .scan_prefix([ALLOC])
-                .keys()
-                .map(|k| decode_alloc_key(&k?)),
-        )
+        self.scan_range(prefix(ALLOC), |k, _| decode_alloc_key(k))
     }
 }
 

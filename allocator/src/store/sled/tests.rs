@@ -1,9 +1,15 @@
 //! The sled engine's own promises, beyond the contract: what survives a
-//! reopen, the directory lock, the kept change history, unreadable entries.
+//! reopen, the directory lock, the kept change history, unreadable entries;
+//! a full disk in [`full_disk`].
 
-use super::*;
+mod full_disk;
+
+use std::time::Instant;
+
+use super::{keys::TAG_V4, *};
 use crate::{
     fixtures::{ip, mk_labelled_record, mk_sled},
+    model::ChangeKind,
     store::{Store, contract::store_contract},
 };
 
@@ -20,6 +26,11 @@ fn delete(store: &SledStore, ip: IpAddr, record: &Record) {
 /// The changes after `after` up to `last` as (revision, kind, address).
 fn revisions(store: &SledStore, after: u64, last: u64) -> Vec<(u64, ChangeKind, IpAddr)> {
     crate::store::contract::revisions(&Store::from(store.clone()), after, last)
+}
+
+/// The database under the store, to write to it as sled would not.
+fn raw(store: &SledStore) -> sled::Db {
+    store.view().expect("a database").db
 }
 
 /// Allocates 10.0.0.1 to `svc-a` (revision 1) and fd00::2 to `svc-b` (2),
@@ -173,16 +184,14 @@ fn a_directory_whose_store_was_just_closed_reopens() {
 #[test]
 fn an_unreadable_record_is_an_error_not_a_panic() {
     let (_dir, store) = mk_sled();
-    store
-        .db
+    raw(&store)
         .insert(alloc_key(ip("10.0.0.1")), b"not json".to_vec())
         .expect("raw insert");
     assert!(matches!(
         store.get(ip("10.0.0.1")),
         Err(StoreError::Corrupt { .. })
     ));
-    store
-        .db
+    raw(&store)
         .insert([ALLOC, TAG_V4, 1], b"{}".to_vec())
         .expect("raw insert");
     assert!(
@@ -260,12 +269,10 @@ fn a_shortened_history_is_trimmed_after_reopen() {
 #[test]
 fn an_unreadable_change_is_an_error_not_a_panic() {
     let (_dir, store) = mk_sled();
-    store
-        .db
+    raw(&store)
         .insert(change_key(1), b"?garbage".to_vec())
         .expect("raw insert");
-    store
-        .db
+    raw(&store)
         .insert(change_key(2), b"+a".to_vec())
         .expect("raw insert");
     let results: Vec<_> = store.changes(0, 2).collect();
