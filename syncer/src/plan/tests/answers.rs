@@ -88,5 +88,3 @@ fn the_allocators_answer_decides_what_follows_the_allocation() {
     let answer = Answer::Allocated(Err(full.clone()), None);
     assert_eq!(p.then(&answer), a.outcome(Err(&full), None));
 }
-
-
