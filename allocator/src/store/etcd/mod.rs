@@ -15,10 +15,13 @@
 //! etcd committed the batch and the copy shows it. A change's revision is
 //! etcd's revision of its transaction times [`keys::PER_REVISION`] plus its
 //! place among the transaction's changes, so that every change has one of
-//! its own and every replica numbers it alike.
+//! its own and every replica numbers it alike. Every etcd call goes through
+//! [`members`], which sends it to another member when one fails and the
+//! call cannot apply twice.
 
 mod follow;
 pub mod keys;
+mod members;
 mod mirror;
 mod staged;
 mod start;
@@ -35,12 +38,13 @@ use std::{
     time::Duration,
 };
 
-use etcd_client::{Client, Txn};
+use etcd_client::Txn;
 use tokio::sync::watch;
 
 pub use self::start::EtcdSettings;
 use self::{
     keys::Keys,
+    members::{Members, Resend},
     mirror::Mirror,
     staged::{Expect, Put, Staged},
     start::{agree_on_pools, load},
@@ -62,7 +66,7 @@ pub const MAX_TXN_OPS: usize = 128;
 /// What the etcd engine shares between the writer, the readers and the
 /// follower.
 struct Inner {
-    client: Client,
+    members: Members,
     keys: Keys,
     timeout: Duration,
     runtime: tokio::runtime::Handle,
@@ -161,20 +165,22 @@ impl Inner {
     }
 
     /// Writes the sync key: its revision, whose event every replica's watch
-    /// delivers after those of all earlier revisions (see `follow.rs`).
+    /// delivers after those of all earlier revisions (see `follow.rs`). A
+    /// write that may be repeated: on another member when one fails.
     async fn barrier(&self) -> Result<u64> {
-        let mut client = self.client.clone();
-        let put = client.put(self.keys.sync(), Vec::new(), None);
-        match tokio::time::timeout(self.timeout, put).await {
-            Ok(Ok(response)) => Ok(response
-                .header()
-                .map_or(0, |h| u64::try_from(h.revision()).unwrap_or(0))),
-            Ok(Err(e)) => Err(unavailable(format!("writing etcd's sync key: {e}"))),
-            Err(_) => Err(unavailable(format!(
-                "etcd did not answer within {:?} (writing its sync key)",
-                self.timeout
-            ))),
-        }
+        let key = self.keys.sync();
+        let put = |mut client: etcd_client::Client| {
+            let key = key.clone();
+            async move { client.put(key, Vec::new(), None).await }
+        };
+        let response = self
+            .members
+            .call(Resend::Always, put)
+            .await
+            .map_err(|f| unavailable(format!("writing etcd's sync key: {f}")))?;
+        Ok(response
+            .header()
+            .map_or(0, |h| u64::try_from(h.revision()).unwrap_or(0)))
     }
 
     /// Waits up to `limit` until the copy reaches etcd revision `revision`;
@@ -211,25 +217,15 @@ impl EtcdStore {
     /// Tokio runtime the follower will use.
     pub async fn open(settings: &EtcdSettings, pools: Arc<Pools>) -> Result<EtcdStore> {
         let endpoints = &settings.endpoints;
-        let mut client = Client::connect(endpoints, Some(settings.connect_options()?))
-            .await
-            .map_err(|e| {
-                unavailable(format!(
-                    "connecting to etcd at {}: {e}",
-                    endpoints.join(",")
-                ))
-            })?;
+        let members = Members::new(
+            endpoints.clone(),
+            settings.connect_options()?,
+            settings.timeout,
+        );
         let keys = Keys::new(&settings.prefix);
         // The first request: where a connection that cannot work shows.
-        let pool_keys = agree_on_pools(&mut client, &keys, &pools, settings.timeout)
-            .await
-            .map_err(|e| match e {
-                StoreError::Unavailable(why) => {
-                    unavailable(format!("etcd at {}: {why}", endpoints.join(",")))
-                }
-                other => other,
-            })?;
-        let (entries, revision) = load(&mut client, &keys, settings.timeout).await?;
+        let pool_keys = agree_on_pools(&members, &keys, &pools).await?;
+        let (entries, revision) = load(&members, &keys).await?;
         let history = usize::try_from(settings.history).unwrap_or(usize::MAX);
         // Replay history: as much of etcd's as `history` revisions reach.
         let from = revision.saturating_sub(settings.history).max(1);
@@ -241,7 +237,7 @@ impl EtcdStore {
             "etcd store opened"
         );
         let inner = Arc::new(Inner {
-            client,
+            members,
             keys,
             timeout: settings.timeout,
             runtime: tokio::runtime::Handle::current(),
@@ -301,10 +297,7 @@ impl EtcdStore {
     fn commit(&self, staged: &Staged) -> Result<u64> {
         let inner = &self.inner;
         let txn = staged.txn(&inner.keys, &inner.pool_keys, &inner.pools);
-        let response =
-            inner
-                .runtime
-                .block_on(send_txn(inner.client.clone(), txn, inner.timeout))?;
+        let response = inner.runtime.block_on(send_txn(&inner.members, txn))?;
         let revision = response
             .header()
             .map_or(0, |h| u64::try_from(h.revision()).unwrap_or(0));
@@ -367,45 +360,20 @@ impl EtcdStore {
     }
 }
 
-/// Sends `txn` within `timeout`. A connection that could not be made to
-/// one endpoint carried nothing, so the transaction is sent again (to
-/// another endpoint, when the cluster has several) until the time is up.
-async fn send_txn(
-    mut client: Client,
-    txn: Txn,
-    timeout: Duration,
-) -> Result<etcd_client::TxnResponse> {
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        match tokio::time::timeout(left, client.txn(txn.clone())).await {
-            Ok(Ok(response)) => return Ok(response),
-            Ok(Err(e)) if is_not_sent(&e) && tokio::time::Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(20).min(left)).await;
-            }
-            Ok(Err(e)) if is_not_sent(&e) => {
-                return Err(unavailable(format!(
-                    "etcd unreachable, nothing was sent: {e}"
-                )));
-            }
-            Ok(Err(e)) => {
-                return Err(unavailable(format!(
-                    "etcd transaction failed (outcome unknown): {e}"
-                )));
-            }
-            Err(_) => {
-                return Err(unavailable(format!(
-                    "etcd did not answer within {timeout:?} (outcome unknown)"
-                )));
-            }
+/// Sends `txn`, which must apply at most once: to another member only when
+/// the one tried applied nothing (see [`members`]).
+async fn send_txn(members: &Members, txn: Txn) -> Result<etcd_client::TxnResponse> {
+    let send = |mut client: etcd_client::Client| {
+        let txn = txn.clone();
+        async move { client.txn(txn).await }
+    };
+    members.call(Resend::IfNotApplied, send).await.map_err(|f| {
+        if f.unknown {
+            unavailable(format!("etcd transaction failed (outcome unknown): {f}"))
+        } else {
+            unavailable(format!("etcd applied nothing: {f}"))
         }
-    }
-}
-
-/// Whether the call failed before anything reached etcd (no connection).
-fn is_not_sent(e: &etcd_client::Error) -> bool {
-    let text = e.to_string();
-    text.contains("tcp connect error") || text.contains("Connection refused")
+    })
 }
 
 /// A scan over the copy, read in pages so no lock is held between items.

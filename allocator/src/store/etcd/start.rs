@@ -11,6 +11,7 @@ use etcd_client::{
 
 use super::{
     keys::{self, Keys},
+    members::{Failure, Members, Resend},
     mirror::Entry,
     unavailable,
 };
@@ -79,12 +80,12 @@ impl EtcdSettings {
     }
 }
 
-/// What to check when `e` says the connection itself failed (a server that
-/// refused the TLS handshake shows only as a closed connection).
-fn connection_hint(e: &etcd_client::Error) -> &'static str {
-    let connection = match e {
-        etcd_client::Error::TransportError(_) => true,
-        etcd_client::Error::GRpcStatus(status) => std::error::Error::source(status).is_some(),
+/// What to check when `failure` says the connection itself failed (a server
+/// that refused the TLS handshake shows only as a closed connection).
+fn connection_hint(failure: &Failure) -> &'static str {
+    let connection = match &failure.error {
+        Some(etcd_client::Error::TransportError(_)) => true,
+        Some(etcd_client::Error::GRpcStatus(status)) => std::error::Error::source(status).is_some(),
         _ => false,
     };
     if connection {
@@ -97,12 +98,13 @@ fn connection_hint(e: &etcd_client::Error) -> &'static str {
 }
 
 /// Writes the pool definitions etcd does not hold yet and checks the others;
-/// the mod revision of each pool's key.
+/// the mod revision of each pool's key. Each transaction may be sent again
+/// (to another member): it writes a definition only where there is none,
+/// and reads it otherwise.
 pub(super) async fn agree_on_pools(
-    client: &mut Client,
+    members: &Members,
     keys: &Keys,
     pools: &Pools,
-    timeout: Duration,
 ) -> Result<Vec<(String, i64)>> {
     let mut out = Vec::with_capacity(pools.len());
     for pool in pools.iter() {
@@ -112,15 +114,16 @@ pub(super) async fn agree_on_pools(
             .when(vec![Compare::version(key.clone(), CompareOp::Equal, 0)])
             .and_then(vec![TxnOp::put(key.clone(), ours.clone(), None)])
             .or_else(vec![TxnOp::get(key.clone(), None)]);
-        let response = tokio::time::timeout(timeout, client.txn(txn))
-            .await
-            .map_err(|_| unavailable("etcd did not answer in time while checking pools"))?
-            .map_err(|e| {
-                unavailable(format!(
-                    "checking pool definitions: {e}{}",
-                    connection_hint(&e)
-                ))
-            })?;
+        let send = |mut client: Client| {
+            let txn = txn.clone();
+            async move { client.txn(txn).await }
+        };
+        let response = members.call(Resend::Always, send).await.map_err(|f| {
+            unavailable(format!(
+                "checking pool definitions: {f}{}",
+                connection_hint(&f)
+            ))
+        })?;
         let revision = if response.succeeded() {
             tracing::info!(pool = pool.name(), definition = %ours, "pool definition written to etcd");
             response.header().map_or(0, |h| h.revision())
@@ -151,12 +154,9 @@ pub(super) async fn agree_on_pools(
     Ok(out)
 }
 
-/// Reads every allocation, page by page at one revision.
-pub(super) async fn load(
-    client: &mut Client,
-    keys: &Keys,
-    timeout: Duration,
-) -> Result<(Vec<(IpAddr, Entry)>, u64)> {
+/// Reads every allocation, page by page at one revision, each page from
+/// any member that answers.
+pub(super) async fn load(members: &Members, keys: &Keys) -> Result<(Vec<(IpAddr, Entry)>, u64)> {
     const PAGE: i64 = 10_000;
     let first = keys.addresses();
     let mut end = first.clone();
@@ -171,10 +171,14 @@ pub(super) async fn load(
         if at > 0 {
             options = options.with_revision(at);
         }
-        let page = tokio::time::timeout(timeout, client.get(start.clone(), Some(options)))
+        let read = |mut client: Client| {
+            let (start, options) = (start.clone(), options.clone());
+            async move { client.get(start, Some(options)).await }
+        };
+        let page = members
+            .call(Resend::Always, read)
             .await
-            .map_err(|_| unavailable("etcd did not answer in time while loading allocations"))?
-            .map_err(|e| unavailable(format!("loading allocations from etcd: {e}")))?;
+            .map_err(|f| unavailable(format!("loading allocations from etcd: {f}")))?;
         if at == 0 {
             at = page.header().map_or(0, |h| h.revision());
         }

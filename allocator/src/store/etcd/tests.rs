@@ -2,12 +2,14 @@
 //! loopback): the store contract, and what only a shared store promises, in
 //! the submodules: replicas racing and following each other
 //! ([`replicas`]), pool agreement ([`pools`]), etcd going away
-//! ([`outage`]), TLS and authentication ([`security`]). A test whose etcd
+//! ([`outage`]) or some of its members going away ([`quorum`]), TLS and
+//! authentication ([`security`]). A test whose etcd
 //! (or openssl, etcdctl) is missing says `SKIPPED` and returns, or fails
 //! under `CI`.
 
 mod outage;
 mod pools;
+mod quorum;
 mod replicas;
 mod security;
 
