@@ -10,10 +10,11 @@
 //! once however many members are up.
 //!
 //! A call is sent again, to the next member, only when that cannot apply it
-//! twice: after a failure to connect (nothing was sent), and for a call
-//! that may be repeated ([`Resend::Always`]: reads, the sync key) after any
-//! failure a member may cause. A transaction whose outcome is unknown is
-//! never sent again.
+//! twice: after a failure to connect (nothing was sent), or a refusal for
+//! want of a leader (etcd applied nothing), and for a call that may be
+//! repeated ([`Resend::Always`]: reads, the sync key) after any failure a
+//! member may cause. A transaction whose outcome is unknown is never sent
+//! again.
 
 use std::{
     future::Future,
@@ -36,8 +37,9 @@ pub(super) enum Resend {
     /// After any failure a member may cause, or a time-out: reads, and
     /// writes whose repetition changes nothing that matters.
     Always,
-    /// Only when nothing was applied: no connection could be made. For a
-    /// transaction that must apply at most once.
+    /// Only when nothing was applied: no connection could be made, or the
+    /// member had no leader. For a transaction that must apply at most
+    /// once.
     IfNotApplied,
 }
 
@@ -63,6 +65,8 @@ impl std::fmt::Display for Failure {
 enum Class {
     /// No connection: nothing reached etcd.
     NotSent,
+    /// The member had no leader: it applied nothing.
+    NoLeader,
     /// The member, or the connection to it, failed: another may answer.
     Transient,
     /// etcd refused the call for what it is (permissions, arguments):
@@ -81,6 +85,7 @@ fn classify(e: &etcd_client::Error) -> Class {
                 source = cause.source();
             }
             match status.code() {
+                Code::Unavailable if status.message().contains("no leader") => Class::NoLeader,
                 Code::Unavailable
                 | Code::Unknown
                 | Code::Cancelled
@@ -158,7 +163,7 @@ impl Members {
                     return Ok(answer);
                 }
                 Ok(Err(e)) => match (classify(&e), resend) {
-                    (Class::NotSent, _) | (Class::Transient, Resend::Always) => {
+                    (Class::NotSent | Class::NoLeader, _) | (Class::Transient, Resend::Always) => {
                         self.failure(i, false, e)
                     }
                     (Class::Transient, Resend::IfNotApplied) => {
@@ -242,7 +247,11 @@ mod tests {
     }
 
     #[test]
-    fn a_timeout_may_have_applied_and_a_refusal_did_not() {
+    fn a_cluster_without_a_leader_applied_nothing_and_a_timeout_may_have() {
+        assert_eq!(
+            classify(&status(Code::Unavailable, "etcdserver: no leader")),
+            Class::NoLeader
+        );
         assert_eq!(
             classify(&status(Code::Unavailable, "etcdserver: request timed out")),
             Class::Transient
