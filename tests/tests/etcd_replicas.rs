@@ -3,6 +3,8 @@
 //! of one shared set while replicas and an etcd member are killed with
 //! SIGKILL and started again. Every acknowledged write holds afterwards, on
 //! every replica and in etcd's keys, and no address or owner is held twice.
+//! An owner key that etcd holds without its allocation (put with `etcdctl`)
+//! does not keep its owner from allocating.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -22,7 +24,7 @@ use vipam_e2e::{
     etcd::{self, DEFAULT_PREFIX, Keys, is_transient},
     mk_allocate, mk_client,
 };
-use vipam_test_etcd::{Cluster, require};
+use vipam_test_etcd::{Cluster, require, require_etcdctl};
 
 const REPLICAS: usize = 3;
 const CLIENTS: usize = 8;
@@ -279,4 +281,43 @@ async fn acknowledged_writes_hold_across_sigkills_of_replicas_and_an_etcd_member
         "etcd's owner keys are the acknowledged writes"
     );
     assert_every_replica_lists(&clients, &replicas, &keys.addresses).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_owner_key_left_without_its_allocation_does_not_keep_its_owner_from_allocating() {
+    let test = "an_owner_key_left_without_its_allocation_does_not_keep_its_owner_from_allocating";
+    let Some(etcdctl) = require_etcdctl(test) else {
+        return;
+    };
+    let cluster = Cluster::start(1);
+    let endpoints = cluster.endpoints();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let replica = etcd::start_replica(dir.path(), &endpoints, &["--pool", POOL]).expect("replica");
+    let client = mk_client(&replica.url(), None).expect("client");
+    // As a hand, an older version or a fault may leave it: the owner key
+    // names an address whose key does not name the owner.
+    let key = format!("{DEFAULT_PREFIX}o/tool/orphan");
+    let put = std::process::Command::new(etcdctl)
+        .arg(format!("--endpoints={}", endpoints.join(",")))
+        .args(["put", &key, "10.80.0.9"])
+        .output()
+        .expect("run etcdctl");
+    assert!(put.status.success(), "etcdctl put: {put:?}");
+
+    let allocation = client
+        .allocate(mk_allocate("tool/orphan"))
+        .await
+        .expect("allocate the owner of the orphaned key");
+    let mut etcd = etcd::connect(&endpoints).await.expect("etcd");
+    let keys = Keys::read(&mut etcd, DEFAULT_PREFIX).await.expect("keys");
+    keys.check_agree().expect("address and owner keys agree");
+    assert_eq!(
+        keys.owners.get("tool/orphan").map(ToString::to_string),
+        Some(allocation.address)
+    );
+    let log = replica.log();
+    assert!(
+        log.contains(&format!("deleted the owner key {key}")),
+        "no warning naming the key:\n{log}"
+    );
 }

@@ -20,6 +20,7 @@ use super::{
     Inner,
     keys::{self, Key},
     members::Resend,
+    mirror::OwnerKey,
 };
 use crate::{
     model::{Change, ChangeKind},
@@ -185,7 +186,14 @@ fn apply(inner: &Inner, response: &WatchResponse, places: &mut Places) -> Result
                         redefined = Some(why);
                     }
                 }
-                Key::Owner | Key::Other => {}
+                Key::Owner(owner) => {
+                    let key = (event.event_type() == EventType::Put).then(|| OwnerKey {
+                        value: String::from_utf8_lossy(kv.value()).into_owned(),
+                        mod_revision: kv.mod_revision(),
+                    });
+                    mirror.apply_owner_key(owner, key, kv.mod_revision());
+                }
+                Key::Other => {}
             }
         }
         if response.created() {

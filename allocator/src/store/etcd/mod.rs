@@ -23,6 +23,7 @@ mod follow;
 pub mod keys;
 mod members;
 mod mirror;
+mod repair;
 mod staged;
 mod start;
 #[cfg(test)]
@@ -46,7 +47,7 @@ use self::{
     keys::Keys,
     members::{Members, Resend},
     mirror::Mirror,
-    staged::{Expect, Put, Staged},
+    staged::Staged,
     start::{agree_on_pools, load},
 };
 use super::{Background, Engine, Observed, Result, Scan, StoreError, Write};
@@ -183,6 +184,19 @@ impl Inner {
             .map_or(0, |h| u64::try_from(h.revision()).unwrap_or(0)))
     }
 
+    /// Waits until the copy shows every change etcd has committed so far.
+    /// Blocks: call it off the async runtime.
+    fn catch_up_now(&self) -> Result<()> {
+        let barrier = self.runtime.block_on(self.barrier())?;
+        if !self.wait_for(barrier, self.timeout) {
+            return Err(unavailable(format!(
+                "etcd's watch did not reach revision {barrier} within {:?}",
+                self.timeout
+            )));
+        }
+        Ok(())
+    }
+
     /// Waits up to `limit` until the copy reaches etcd revision `revision`;
     /// whether it did.
     fn wait_for(&self, revision: u64, limit: Duration) -> bool {
@@ -225,23 +239,27 @@ impl EtcdStore {
         let keys = Keys::new(&settings.prefix);
         // The first request: where a connection that cannot work shows.
         let pool_keys = agree_on_pools(&members, &keys, &pools).await?;
-        let (entries, revision) = load(&members, &keys).await?;
+        let loaded = load(&members, &keys).await?;
+        let revision = loaded.revision;
         let history = usize::try_from(settings.history).unwrap_or(usize::MAX);
         // Replay history: as much of etcd's as `history` revisions reach.
         let from = revision.saturating_sub(settings.history).max(1);
         tracing::info!(
             endpoints = %endpoints.join(","),
             prefix = %settings.prefix,
-            allocations = entries.len(),
+            allocations = loaded.entries.len(),
             revision,
             "etcd store opened"
         );
+        let mirror =
+            Mirror::new(loaded.entries, revision, history, from).with_owner_keys(loaded.owner_keys);
+        warn_of_orphans(&mirror, &keys);
         let inner = Arc::new(Inner {
             members,
             keys,
             timeout: settings.timeout,
             runtime: tokio::runtime::Handle::current(),
-            mirror: Mutex::new(Mirror::new(entries, revision, history, from)),
+            mirror: Mutex::new(mirror),
             staged: Mutex::new(Staged::default()),
             seen: watch::Sender::new(revision),
             connected: AtomicBool::new(false),
@@ -279,19 +297,6 @@ impl EtcdStore {
         lock(&self.inner.staged)
     }
 
-    /// What the address and owner keys of the allocation `record` at `ip`
-    /// must hold for its release: the mod revision of the entry (both keys
-    /// are written in one transaction), while the copy still holds that
-    /// very allocation there. `None` when the follower has changed the copy
-    /// since the writer decided: the decision is stale, and comparing with
-    /// the newer entry would remove another replica's allocation.
-    fn expect_held(&self, ip: IpAddr, record: &Record) -> Option<Expect> {
-        match self.inner.mirror().get(ip) {
-            Some(e) if e.record == *record => Some(Expect::ModRevision(e.mod_revision)),
-            _ => None,
-        }
-    }
-
     /// Commits `staged` in one transaction; the etcd revision it got, once
     /// the copy shows it.
     fn commit(&self, staged: &Staged) -> Result<u64> {
@@ -314,50 +319,30 @@ impl EtcdStore {
             return Ok(revision);
         }
         // Another writer got there first: catch up with what it did.
-        let barrier = inner.runtime.block_on(inner.barrier())?;
-        if !inner.wait_for(barrier, inner.timeout) {
-            return Err(unavailable(format!(
-                "etcd's watch did not reach revision {barrier} within {:?}",
-                inner.timeout
-            )));
-        }
+        inner.catch_up_now()?;
         Err(StoreError::Conflict {
             seen: keys::reached(revision),
         })
     }
+}
 
-    /// Stages the allocation `record` at `ip`.
-    fn stage_allocate(&self, ip: IpAddr, record: Record) {
-        let mut staged = self.staged();
-        // The writer allocates only an address it saw free, for an owner it
-        // saw holding nothing: etcd must hold neither key (the copy may
-        // already show another replica's newer commit, which must win).
-        staged.write(
-            self.inner.keys.owner(&record.owner),
-            || Some(Expect::Absent),
-            Some(Put::Owner(ip)),
-        );
-        if let Some(pool) = self.inner.pools.containing(ip) {
-            staged.pools.insert(pool);
-        }
-        staged.records.insert(ip, Some(record.clone()));
-        staged.owners.insert(record.owner.clone(), Some(ip));
-        staged.write(
-            self.inner.keys.address(ip),
-            || Some(Expect::Absent),
-            Some(Put::Allocation(record)),
-        );
+/// Says which owner keys of the copy are orphans (see [`repair`]).
+fn warn_of_orphans(mirror: &Mirror, keys: &Keys) {
+    let orphans = mirror.orphans();
+    if orphans.is_empty() {
+        return;
     }
-
-    /// Stages the release of the allocation `record` at `ip`.
-    fn stage_release(&self, ip: IpAddr, record: &Record) {
-        let mut staged = self.staged();
-        let held = || self.expect_held(ip, record);
-        staged.write(self.inner.keys.address(ip), held, None);
-        staged.write(self.inner.keys.owner(&record.owner), held, None);
-        staged.records.insert(ip, None);
-        staged.owners.insert(record.owner.clone(), None);
-    }
+    let named: Vec<String> = orphans
+        .iter()
+        .take(10)
+        .map(|o| String::from_utf8_lossy(&keys.owner(&o.owner)).into_owned())
+        .collect();
+    tracing::warn!(
+        count = orphans.len(),
+        keys = %named.join(","),
+        "owner keys name an address whose key does not name their owner; each is deleted \
+         when its owner is next allocated or released"
+    );
 }
 
 /// Sends `txn`, which must apply at most once: to another member only when
@@ -416,41 +401,12 @@ impl Engine for EtcdStore {
 
     fn record_for_decision(&self, ip: IpAddr) -> Result<Option<Record>> {
         let mut staged = self.staged();
-        if let Some(record) = staged.records.get(&ip) {
-            return Ok(record.clone());
-        }
-        let mirror = self.inner.mirror();
-        let entry = mirror.get(ip);
-        let expect = Expect::of(entry.map(|e| e.mod_revision));
-        staged.read(self.inner.keys.address(ip), expect);
-        let record = entry.map(|e| e.record.clone());
-        staged.records.insert(ip, record.clone());
-        Ok(record)
+        Ok(staged.record(&self.inner.keys, &self.inner.mirror(), ip))
     }
 
     fn owner_for_decision(&self, owner: &str) -> Result<Option<IpAddr>> {
         let mut staged = self.staged();
-        if let Some(ip) = staged.owners.get(owner) {
-            return Ok(*ip);
-        }
-        let mirror = self.inner.mirror();
-        let held = mirror
-            .owner(owner)
-            .and_then(|ip| mirror.get(ip).map(|e| (ip, e)));
-        let expect = Expect::of(held.map(|(_, e)| e.mod_revision));
-        staged.read(self.inner.keys.owner(owner), expect);
-        if let Some((ip, e)) = held {
-            // Read together, so the decision sees the owner's allocation
-            // even when the copy moves on before it asks for it.
-            staged.read(self.inner.keys.address(ip), expect);
-            staged
-                .records
-                .entry(ip)
-                .or_insert_with(|| Some(e.record.clone()));
-        }
-        let ip = held.map(|(ip, _)| ip);
-        staged.owners.insert(owner.to_string(), ip);
-        Ok(ip)
+        Ok(staged.owner(&self.inner.keys, &self.inner.mirror(), owner))
     }
 
     fn revision(&self) -> Result<u64> {
@@ -458,9 +414,16 @@ impl Engine for EtcdStore {
     }
 
     fn stage(&self, write: Write) -> Result<()> {
+        let inner = &self.inner;
+        let mut staged = self.staged();
         match write {
-            Write::Allocate { address, record } => self.stage_allocate(address, record),
-            Write::Release { address, record } => self.stage_release(address, &record),
+            Write::Allocate { address, record } => {
+                let pool = inner.pools.containing(address);
+                staged.allocate(&inner.keys, pool, address, record);
+            }
+            Write::Release { address, record } => {
+                staged.release(&inner.keys, &inner.mirror(), address, &record);
+            }
         }
         Ok(())
     }
@@ -469,6 +432,17 @@ impl Engine for EtcdStore {
         let staged = std::mem::take(&mut *self.staged());
         if let Some(why) = lock(&self.inner.fatal).as_ref() {
             return Err(StoreError::Stopped(why.clone()));
+        }
+        if !staged.orphans.is_empty() {
+            // Decided again once they are gone, on a copy that shows it.
+            let inner = &self.inner;
+            inner
+                .runtime
+                .block_on(repair::delete(inner, &staged.orphans))?;
+            inner.catch_up_now()?;
+            return Err(StoreError::Conflict {
+                seen: keys::reached(inner.revision()),
+            });
         }
         if staged.stale {
             // The copy already shows what overtook the decision.

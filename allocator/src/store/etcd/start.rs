@@ -1,6 +1,7 @@
 //! Starting a replica on etcd: the settings and the client options they
 //! give (credentials read from their files, never logged), the agreement on
-//! the pool definitions, and the first copy of the allocations.
+//! the pool definitions, and the first copy of the allocations and owner
+//! keys.
 
 use std::{net::IpAddr, path::PathBuf, time::Duration};
 
@@ -12,7 +13,7 @@ use etcd_client::{
 use super::{
     keys::{self, Keys},
     members::{Failure, Members, Resend},
-    mirror::Entry,
+    mirror::{Entry, OwnerKey},
     unavailable,
 };
 use crate::{
@@ -154,18 +155,73 @@ pub(super) async fn agree_on_pools(
     Ok(out)
 }
 
-/// Reads every allocation, page by page at one revision, each page from
-/// any member that answers.
-pub(super) async fn load(members: &Members, keys: &Keys) -> Result<(Vec<(IpAddr, Entry)>, u64)> {
+/// What a replica starts from: the allocations and the owner keys, read
+/// at one etcd revision.
+pub(super) struct Loaded {
+    /// The allocations, by address.
+    pub entries: Vec<(IpAddr, Entry)>,
+    /// The owner keys, by owner.
+    pub owner_keys: Vec<(String, OwnerKey)>,
+    /// The etcd revision they were read at.
+    pub revision: u64,
+}
+
+/// Reads every allocation, then every owner key at the same revision.
+pub(super) async fn load(members: &Members, keys: &Keys) -> Result<Loaded> {
+    let mut entries = Vec::new();
+    let at = read_all(members, keys.addresses(), 0, |kv| {
+        if let keys::Key::Address(ip) = keys.classify(kv.key())? {
+            let record = keys::decode(kv.key(), kv.value(), kv.mod_revision(), 0)?;
+            let mod_revision = kv.mod_revision();
+            entries.push((
+                ip,
+                Entry {
+                    record,
+                    mod_revision,
+                },
+            ));
+        }
+        Ok(())
+    })
+    .await?;
+    let mut owner_keys = Vec::new();
+    read_all(members, keys.owners(), at, |kv| {
+        if let keys::Key::Owner(owner) = keys.classify(kv.key())? {
+            let value = String::from_utf8_lossy(kv.value()).into_owned();
+            let mod_revision = kv.mod_revision();
+            owner_keys.push((
+                owner,
+                OwnerKey {
+                    value,
+                    mod_revision,
+                },
+            ));
+        }
+        Ok(())
+    })
+    .await?;
+    Ok(Loaded {
+        entries,
+        owner_keys,
+        revision: u64::try_from(at).unwrap_or(0),
+    })
+}
+
+/// Reads every key that starts with `first`, page by page at etcd revision
+/// `at` (0: the current one), each page from any member that answers, and
+/// hands each to `each`; the revision read at.
+async fn read_all(
+    members: &Members,
+    first: Vec<u8>,
+    mut at: i64,
+    mut each: impl FnMut(&etcd_client::KeyValue) -> Result<()>,
+) -> Result<i64> {
     const PAGE: i64 = 10_000;
-    let first = keys.addresses();
     let mut end = first.clone();
     if let Some(last) = end.last_mut() {
         *last += 1;
     }
     let mut start = first;
-    let mut at = 0;
-    let mut entries = Vec::new();
     loop {
         let mut options = GetOptions::new().with_range(end.clone()).with_limit(PAGE);
         if at > 0 {
@@ -182,24 +238,13 @@ pub(super) async fn load(members: &Members, keys: &Keys) -> Result<(Vec<(IpAddr,
         if at == 0 {
             at = page.header().map_or(0, |h| h.revision());
         }
-        for kv in page.kvs() {
-            if let keys::Key::Address(ip) = keys.classify(kv.key())? {
-                let record = keys::decode(kv.key(), kv.value(), kv.mod_revision(), 0)?;
-                entries.push((
-                    ip,
-                    Entry {
-                        record,
-                        mod_revision: kv.mod_revision(),
-                    },
-                ));
-            }
-        }
+        page.kvs().iter().try_for_each(&mut each)?;
         match (page.more(), page.kvs().last()) {
             (true, Some(last)) => {
                 start = last.key().to_vec();
                 start.push(0);
             }
-            _ => return Ok((entries, u64::try_from(at).unwrap_or(0))),
+            _ => return Ok(at),
         }
     }
 }
