@@ -18,6 +18,14 @@
 //! put both (the allocator's keys and value encoding). The ratio
 //! allocator ÷ raw says what the allocator's work costs on top of etcd's.
 //! A reference column divides by go-ipam's published 368 acquisitions/s.
+//!
+//! Then, on the same cluster, a second replica (the same binary, prefix and
+//! pool) starts beside the first, and the same loops, split over the two,
+//! allocate from the one pool at once: each replica picks its candidates
+//! from its own copy, so they race. The table gives the rounds they lost
+//! (`vipam_store_conflicts_total` of both: a batch that lost is decided
+//! again) per 1,000 allocations, and the Allocates answered UNAVAILABLE
+//! after losing every round.
 
 mod common;
 
@@ -78,6 +86,19 @@ struct Row {
     allocator: Cell,
     per_txn: f64,
     raw: Cell,
+}
+
+/// Two replicas allocating from one pool at once.
+struct SharedRow {
+    members: usize,
+    concurrency: usize,
+    rate: f64,
+    allocations: u64,
+    /// Batches either replica decided again after losing a race.
+    lost: f64,
+    /// Allocates answered other than OK (UNAVAILABLE after losing every
+    /// round).
+    failed: u64,
 }
 
 /// Runs `concurrency` loops, spread over `channels`, each allocating an
@@ -178,6 +199,86 @@ async fn run_raw(client: &Client, concurrency: usize, duration: Duration, prefix
         first,
         second: Latencies::default(),
     }
+}
+
+/// Runs `concurrency` loops split over the two replicas' `channels`, each
+/// allocating an address for a new owner (starting with `tag`) for
+/// `duration`: the allocations answered OK and the Allocates that failed.
+async fn run_shared(
+    channels: [&[Channel]; 2],
+    concurrency: usize,
+    duration: Duration,
+    tag: &str,
+) -> (u64, u64) {
+    let deadline = Instant::now() + duration;
+    let mut tasks = Vec::with_capacity(concurrency);
+    for task in 0..concurrency.max(2) {
+        let replica = channels[task % 2];
+        let mut client = AllocatorClient::new(replica[(task / 2) % replica.len()].clone());
+        let tag = tag.to_string();
+        tasks.push(tokio::spawn(async move {
+            let (mut ok, mut failed) = (0, 0);
+            let mut i: u64 = 0;
+            while Instant::now() < deadline {
+                let request = AllocateRequest {
+                    owner: format!("{tag}/t{task}-{i}"),
+                    labels: common::labels(i).into_iter().collect(),
+                    ..AllocateRequest::default()
+                };
+                match client.allocate(request).await {
+                    Ok(_) => ok += 1,
+                    Err(_) => failed += 1,
+                }
+                i += 1;
+            }
+            (ok, failed)
+        }));
+    }
+    let mut out = (0, 0);
+    for task in tasks {
+        let (ok, failed) = task.await.expect("allocate task");
+        out = (out.0 + ok, out.1 + failed);
+    }
+    out
+}
+
+/// The lost rounds of the replicas at `addrs` so far.
+async fn lost_rounds(addrs: [SocketAddr; 2]) -> f64 {
+    let mut lost = 0.0;
+    for addr in addrs {
+        lost += common::metric(addr, "vipam_store_conflicts_total")
+            .await
+            .expect("vipam_store_conflicts_total on /metrics");
+    }
+    lost
+}
+
+/// Measures two replicas at `addrs` allocating from one pool at each
+/// concurrency (split over them).
+async fn measure_shared(members: usize, addrs: [SocketAddr; 2]) -> Vec<SharedRow> {
+    let mut rows = Vec::new();
+    for concurrency in CONCURRENCY {
+        let per_replica = concurrency.div_ceil(2).min(MAX_CONNECTIONS);
+        let (a, b) = (
+            channels(addrs[0], per_replica).await,
+            channels(addrs[1], per_replica).await,
+        );
+        let tag = format!("shared{members}-{concurrency}");
+        run_shared([&a, &b], concurrency, WARM_UP, &format!("w{tag}")).await;
+        let before = lost_rounds(addrs).await;
+        let started = Instant::now();
+        let (allocations, failed) = run_shared([&a, &b], concurrency, MEASURE, &tag).await;
+        let elapsed = started.elapsed();
+        rows.push(SharedRow {
+            members,
+            concurrency: concurrency.max(2),
+            rate: allocations as f64 / elapsed.as_secs_f64(),
+            allocations,
+            lost: lost_rounds(addrs).await - before,
+            failed,
+        });
+    }
+    rows
 }
 
 /// Measures every concurrency on a fresh cluster of `members`.
@@ -286,6 +387,37 @@ fn print_ratios(rows: &[Row]) {
     t.print();
 }
 
+fn print_shared(rows: &[SharedRow]) {
+    println!();
+    println!(
+        "lost rounds per 1,000 allocations with two replicas allocating from one pool: a second \
+         replica beside the first (same etcd, prefix and pool 10.0.0.0/8), the loops split over \
+         both, new owners, {} s per row",
+        MEASURE.as_secs()
+    );
+    let mut t = Table::new(&[
+        "etcd members",
+        "concurrency (both)",
+        "allocations/s",
+        "allocations",
+        "lost rounds",
+        "lost rounds per 1,000 allocations",
+        "failed (lost every round)",
+    ]);
+    for r in rows {
+        t.row(vec![
+            r.members.to_string(),
+            r.concurrency.to_string(),
+            per_sec(r.rate),
+            r.allocations.to_string(),
+            format!("{:.0}", r.lost),
+            format!("{:.1}", 1000.0 * r.lost / (r.allocations.max(1) as f64)),
+            r.failed.to_string(),
+        ]);
+    }
+    t.print();
+}
+
 fn print_targets(rows: &[Row]) {
     println!();
     println!("targets at concurrency 64");
@@ -332,30 +464,25 @@ fn main() {
     println!("{} ({}), fsync on", etcd_version(&etcd), etcd.display());
 
     let rt = runtime();
-    let mut rows = Vec::new();
+    let (mut rows, mut shared) = (Vec::new(), Vec::new());
     for members in MEMBERS {
         let cluster = Cluster::start(members);
-        let endpoints = cluster.endpoints();
+        let endpoints = cluster.endpoints().join(",");
+        let flags = ["--store", "etcd", "--etcd-endpoints", &endpoints];
         let dir = temp_dir("etcd");
-        let server = Server::start_with(
-            dir.path(),
-            &[POOL],
-            &[
-                "--store",
-                "etcd",
-                "--etcd-endpoints",
-                &endpoints.join(","),
-                "--etcd-prefix",
-                "/vipam/",
-            ],
-        );
-        rows.extend(rt.block_on(measure(members, &endpoints, server.addr)));
+        let server = Server::start_with(dir.path(), &[POOL], &flags);
+        rows.extend(rt.block_on(measure(members, &cluster.endpoints(), server.addr)));
+        let second_dir = temp_dir("etcd-second");
+        let second = Server::start_with(second_dir.path(), &[POOL], &flags);
+        shared.extend(rt.block_on(measure_shared(members, [server.addr, second.addr])));
+        second.stop();
         server.stop();
         drop(cluster);
     }
     print_allocator(&rows);
     print_baseline(&rows);
     print_ratios(&rows);
+    print_shared(&shared);
     print_targets(&rows);
     println!();
     println!("{} (at end)", machine());

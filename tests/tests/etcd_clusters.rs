@@ -6,7 +6,7 @@
 //! same namespace and name), or, when `VIPAM_E2E_KUBECONFIG` names a real
 //! cluster, a namespace and load-balancer class of its own there. Those
 //! Services get different owners and different addresses even when all of
-//! them arrive at once and the replicas race for the lowest free addresses;
+//! them arrive at once and the replicas race for free addresses;
 //! deleting Services in one cluster releases their addresses and leaves the
 //! other cluster alone.
 

@@ -2,12 +2,12 @@
 //! etcd: a sled store the allocator filled (two pools, IPv4 and IPv6,
 //! labels, an address outside the pools) is copied into etcd and served
 //! from there, then copied back into a fresh sled directory and served
-//! again, every allocation and owner unchanged and new allocations still
-//! taking the lowest free address; a copy into a store that holds
+//! again, every allocation and owner unchanged and new allocations taking
+//! free addresses (on sled the lowest); a copy into a store that holds
 //! allocations, from a directory an allocator holds, from one with no store,
 //! or from an engine to itself, is refused.
 
-use std::{collections::HashMap, path::Path, process::Output, time::Duration};
+use std::{collections::HashMap, net::Ipv4Addr, path::Path, process::Output, time::Duration};
 
 use vipam::v1::{
     AllocateRequest, Allocation, Family, GetRequest, ListRequest, ReleaseRequest,
@@ -170,8 +170,28 @@ async fn fill_sled(dir: &Path) -> Vec<Allocation> {
     held
 }
 
+/// The lowest address from `first` on (in its /24) that none of `held`
+/// holds.
+fn lowest_free(held: &[Allocation], first: Ipv4Addr) -> String {
+    let taken: Vec<&str> = held.iter().map(|a| a.address.as_str()).collect();
+    (u32::from(first)..)
+        .map(|x| Ipv4Addr::from(x).to_string())
+        .find(|a| !taken.contains(&a.as_str()))
+        .expect("a free address")
+}
+
+/// Asserts that `address` is one of pool `prefix` (`10.1.0.` or `10.2.0.`)
+/// that none of `held` holds.
+fn assert_free_in(address: &str, prefix: &str, held: &[Allocation]) {
+    assert!(address.starts_with(prefix), "{address} not in {prefix}0/24");
+    assert!(
+        held.iter().all(|a| a.address != address),
+        "{address} was held"
+    );
+}
+
 /// Serves the store in etcd at `endpoints`: it holds `held`, and new
-/// allocations take the lowest free addresses; what it then holds.
+/// allocations take free addresses of their pools; what it then holds.
 async fn serve_from_etcd(endpoints: &str, held: &[Allocation]) -> Vec<Allocation> {
     let unused = tempfile::tempdir().expect("tempdir");
     let a = start(
@@ -180,14 +200,10 @@ async fn serve_from_etcd(endpoints: &str, held: &[Allocation]) -> Vec<Allocation
     );
     let mut c = a.client().await.expect("connect");
     assert_serves(&mut c, held, &a.log()).await;
-    assert_eq!(
-        allocate(&mut c, mk_labelled_allocate("shop/a4", "a")).await,
-        "10.1.0.2"
-    );
-    assert_eq!(
-        allocate(&mut c, mk_labelled_allocate("shop/b3", "b")).await,
-        "10.2.0.2"
-    );
+    let a4 = allocate(&mut c, mk_labelled_allocate("shop/a4", "a")).await;
+    assert_free_in(&a4, "10.1.0.", held);
+    let b3 = allocate(&mut c, mk_labelled_allocate("shop/b3", "b")).await;
+    assert_free_in(&b3, "10.2.0.", held);
     let on_etcd = list(&mut c).await;
     stop(a);
     on_etcd
@@ -202,7 +218,7 @@ async fn serve_from_sled(dir: &Path, endpoints: &str, held: &[Allocation]) {
     assert_serves(&mut c, held, &a.log()).await;
     assert_eq!(
         allocate(&mut c, mk_labelled_allocate("shop/a5", "a")).await,
-        "10.1.0.4"
+        lowest_free(held, Ipv4Addr::new(10, 1, 0, 1))
     );
     let out = migrate("sled", "etcd", dir, endpoints);
     let (_, stderr) = text(&out);

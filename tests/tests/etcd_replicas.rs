@@ -3,6 +3,10 @@
 //! of one shared set while replicas and an etcd member are killed with
 //! SIGKILL and started again. Every acknowledged write holds afterwards, on
 //! every replica and in etcd's keys, and no address or owner is held twice.
+//! A request whose caller gave up on one replica (its request timed out
+//! there) and went on elsewhere is not applied after that. An owner key that
+//! etcd holds without its allocation (put with `etcdctl`) does not keep its
+//! owner from allocating.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -22,7 +26,7 @@ use vipam_e2e::{
     etcd::{self, DEFAULT_PREFIX, Keys, is_transient},
     mk_allocate, mk_client,
 };
-use vipam_test_etcd::{Cluster, require};
+use vipam_test_etcd::{Cluster, require, require_etcdctl};
 
 const REPLICAS: usize = 3;
 const CLIENTS: usize = 8;
@@ -279,4 +283,123 @@ async fn acknowledged_writes_hold_across_sigkills_of_replicas_and_an_etcd_member
         "etcd's owner keys are the acknowledged writes"
     );
     assert_every_replica_lists(&clients, &replicas, &keys.addresses).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_owner_key_left_without_its_allocation_does_not_keep_its_owner_from_allocating() {
+    let test = "an_owner_key_left_without_its_allocation_does_not_keep_its_owner_from_allocating";
+    let Some(etcdctl) = require_etcdctl(test) else {
+        return;
+    };
+    let cluster = Cluster::start(1);
+    let endpoints = cluster.endpoints();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let replica = etcd::start_replica(dir.path(), &endpoints, &["--pool", POOL]).expect("replica");
+    let client = mk_client(&replica.url(), None).expect("client");
+    // As a hand, an older version or a fault may leave it: the owner key
+    // names an address whose key does not name the owner.
+    let key = format!("{DEFAULT_PREFIX}o/tool/orphan");
+    let put = std::process::Command::new(etcdctl)
+        .arg(format!("--endpoints={}", endpoints.join(",")))
+        .args(["put", &key, "10.80.0.9"])
+        .output()
+        .expect("run etcdctl");
+    assert!(put.status.success(), "etcdctl put: {put:?}");
+
+    let allocation = client
+        .allocate(mk_allocate("tool/orphan"))
+        .await
+        .expect("allocate the owner of the orphaned key");
+    let mut etcd = etcd::connect(&endpoints).await.expect("etcd");
+    let keys = Keys::read(&mut etcd, DEFAULT_PREFIX).await.expect("keys");
+    keys.check_agree().expect("address and owner keys agree");
+    assert_eq!(
+        keys.owners.get("tool/orphan").map(ToString::to_string),
+        Some(allocation.address)
+    );
+    let log = replica.log();
+    assert!(
+        log.contains(&format!("deleted the owner key {key}")),
+        "no warning naming the key:\n{log}"
+    );
+}
+
+/// Sends Allocate for `owner` to `client` until it is answered other than
+/// transiently, for up to [`WAIT`].
+async fn allocate_until_answered(client: &Client, owner: &str) -> Allocation {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        match client.allocate(mk_allocate(owner)).await {
+            Err(s) if is_transient(s.code()) && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            answer => return answer.unwrap_or_else(|s| panic!("allocate {owner}: {s:?}")),
+        }
+    }
+}
+
+// A replica whose etcd member hangs keeps requests queued behind the write
+// it waits for; a caller that gives up on one of them and goes on with
+// another replica must not find it applied later, over what it did since.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_its_caller_gave_up_on_is_not_applied_after_the_caller_went_on() {
+    let test = "a_request_its_caller_gave_up_on_is_not_applied_after_the_caller_went_on";
+    if require(test).is_none() {
+        return;
+    }
+    let cluster = Cluster::start(3);
+    let endpoints = cluster.endpoints();
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Replica a reaches member 0 only, which hangs below; b the others.
+    let a_args = [
+        "--pool",
+        POOL,
+        "--request-timeout",
+        "1s",
+        "--etcd-timeout",
+        "3s",
+    ];
+    let a = etcd::start_replica(&dir.path().join("a"), &endpoints[..1], &a_args).expect("a");
+    let b_args = ["--pool", POOL];
+    let b = etcd::start_replica(&dir.path().join("b"), &endpoints[1..], &b_args).expect("b");
+    let (on_a, on_b) = (
+        mk_client(&a.url(), None).expect("client"),
+        mk_client(&b.url(), None).expect("client"),
+    );
+    let owner = "tool/x";
+    let first = on_a.allocate(mk_allocate(owner)).await.expect("allocate");
+
+    cluster.freeze(0);
+    // Replica a's writer waits for etcd with this one...
+    let busy = on_a.clone();
+    let busy = tokio::spawn(async move { busy.allocate(mk_allocate("tool/busy")).await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // ...while this one waits in its queue, until its caller gives up.
+    let gave_up = on_a
+        .release_owner(owner)
+        .await
+        .expect_err("a release that timed out");
+    assert!(is_transient(gave_up.code()), "{gave_up:?}");
+    // The caller goes on with replica b.
+    let released = on_b.release_owner(owner).await.expect("release on b");
+    assert_eq!(released.map(|r| r.address), Some(first.address));
+    let second = on_b
+        .allocate(mk_allocate(owner))
+        .await
+        .expect("allocate on b");
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    cluster.thaw(0);
+    let _ = busy.await;
+    // Replica a answers this one after whatever it had queued before.
+    allocate_until_answered(&on_a, "tool/after").await;
+
+    let mut etcd = etcd::connect(&endpoints).await.expect("etcd");
+    let keys = Keys::read(&mut etcd, DEFAULT_PREFIX).await.expect("keys");
+    keys.check_agree().expect("address and owner keys agree");
+    assert_eq!(
+        keys.owners.get(owner).map(ToString::to_string),
+        Some(second.address),
+        "the last acknowledged write of {owner}; replica a's log:\n{}",
+        a.log()
+    );
 }

@@ -205,3 +205,46 @@ async fn without_a_quorum_calls_fail_unavailable_and_the_same_process_recovers_w
     tokio::task::block_in_place(|| cluster.restart(1));
     assert_recovered(&mut setup, maybe_released).await;
 }
+
+/// How many replicas start, one after another, while a member is down.
+const STARTS: usize = 6;
+
+// etcd serves while a quorum of its members runs, whichever member is
+// down: a replica given every member's endpoint starts and writes then.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_one_member_of_three_down_every_replica_starts_and_allocates() {
+    let test = "with_one_member_of_three_down_every_replica_starts_and_allocates";
+    if require(test).is_none() {
+        return;
+    }
+    let mut cluster = Cluster::start(3);
+    // The first endpoint: the one a replica tries first.
+    cluster.kill(0);
+    tokio::task::block_in_place(|| cluster.wait_healthy(1));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut started = 0;
+    let mut failures = Vec::new();
+    for i in 0..STARTS {
+        let data = dir.path().join(format!("r{i}"));
+        let args = ["--pool", "default=10.61.0.0/24", "--etcd-timeout", "2s"];
+        let start = || etcd::start_replica(&data, &cluster.endpoints(), &args);
+        let replica = match tokio::task::block_in_place(start) {
+            Ok(replica) => replica,
+            Err(e) => {
+                failures.push(format!("start {i}: {e:#}"));
+                continue;
+            }
+        };
+        let client = mk_client(&replica.url(), None).expect("client");
+        match client.allocate(mk_allocate(&format!("tool/{i}"))).await {
+            Ok(_) => started += 1,
+            Err(s) => failures.push(format!("allocate on replica {i}: {s:?}")),
+        }
+    }
+    assert_eq!(
+        started,
+        STARTS,
+        "{started} of {STARTS} replicas started and allocated with member 0 of 3 down:\n{}",
+        failures.join("\n")
+    );
+}

@@ -1,6 +1,7 @@
 //! A set of integers kept as maximal runs, for the addresses that are
-//! allocated. Finding the lowest free address of a pool costs a lookup per
-//! usable span of the pool, whatever the pool's size or how full it is.
+//! allocated. Finding the lowest free address of a pool, or the first free
+//! one from any place in it going round, costs a lookup per usable span of
+//! the pool, whatever the pool's size or how full it is.
 
 use std::collections::BTreeMap;
 
@@ -161,13 +162,45 @@ impl IntervalSet {
 
     /// The lowest integer of the merged, sorted `spans` that is not in the set.
     pub fn first_free_in(&self, spans: &[Span]) -> Option<u128> {
-        spans.iter().find_map(|span| {
-            let candidate = match self.run_at_or_before(span.first) {
-                Some((_, last)) if last >= span.first => last.checked_add(1)?,
-                _ => span.first,
-            };
-            (candidate <= span.last).then_some(candidate)
-        })
+        spans.iter().find_map(|span| self.first_free_of(span))
+    }
+
+    /// The lowest integer of `span` that is not in the set.
+    fn first_free_of(&self, span: &Span) -> Option<u128> {
+        let candidate = match self.run_at_or_before(span.first) {
+            Some((_, last)) if last >= span.first => last.checked_add(1)?,
+            _ => span.first,
+        };
+        (candidate <= span.last).then_some(candidate)
+    }
+
+    /// The first integer not in the set from the `place`-th integer of the
+    /// merged, sorted `spans` on (counted from 0, modulo how many they
+    /// hold), going on from the last span's end to the first span's start.
+    pub fn first_free_from(&self, spans: &[Span], place: u128) -> Option<u128> {
+        let total = spans
+            .iter()
+            .fold(0u128, |n, span| n.saturating_add(span.count()));
+        if total == 0 {
+            return None;
+        }
+        let mut left = place % total;
+        let (i, start) = spans.iter().enumerate().find_map(|(i, span)| {
+            if left < span.count() {
+                Some((i, span.first + left))
+            } else {
+                left -= span.count();
+                None
+            }
+        })?;
+        let (before, after) = spans.split_at(i);
+        let here = after[0];
+        let head = (start > here.first).then(|| Span::new(here.first, start - 1));
+        std::iter::once(Span::new(start, here.last))
+            .chain(after[1..].iter().copied())
+            .chain(before.iter().copied())
+            .chain(head)
+            .find_map(|span| self.first_free_of(&span))
     }
 }
 
@@ -256,6 +289,40 @@ mod tests {
     }
 
     #[test]
+    fn first_free_from_a_place_goes_round_the_spans() {
+        let s = mk_set(&[5, 6, 7, 21, 22]);
+        let spans = [Span::new(3, 8), Span::new(20, 22)];
+        // Places 0..=5 are 3..=8, places 6..=8 are 20..=22.
+        assert_eq!(s.first_free_from(&spans, 0), Some(3));
+        assert_eq!(s.first_free_from(&spans, 2), Some(8), "5..=7 taken");
+        assert_eq!(s.first_free_from(&spans, 6), Some(20));
+        assert_eq!(s.first_free_from(&spans, 7), Some(3), "round to the start");
+        assert_eq!(s.first_free_from(&spans, 9 + 6), Some(20), "modulo 9");
+        assert_eq!(
+            mk_set(&[3, 4, 8, 21, 22]).first_free_from(&spans, 7),
+            Some(5)
+        );
+        let full = mk_set(&[3, 4, 5, 6, 7, 8, 20, 21, 22]);
+        assert_eq!(full.first_free_from(&spans, 4), None);
+        assert_eq!(s.first_free_from(&[], 4), None);
+    }
+
+    #[test]
+    fn first_free_from_a_place_in_the_largest_spans_does_not_overflow() {
+        let s = mk_set(&[u128::MAX - 1]);
+        let everything = [Span::new(0, u128::MAX)];
+        assert_eq!(
+            s.first_free_from(&everything, u128::MAX - 1),
+            Some(u128::MAX)
+        );
+        let top = [Span::new(1 << 64, u128::MAX)];
+        let second_last = top[0].count() - 2;
+        assert_eq!(s.first_free_from(&top, second_last), Some(u128::MAX));
+        let s = mk_set(&[u128::MAX]);
+        assert_eq!(s.first_free_from(&top, second_last + 1), Some(1 << 64));
+    }
+
+    #[test]
     fn remove_splits_a_run() {
         let mut s = mk_set(&[1, 2, 3, 4, 5]);
         assert!(s.remove(3));
@@ -289,6 +356,25 @@ mod tests {
             let spans = [Span::new(3, 20), Span::new(40, 63)];
             let expected = spans.iter().flat_map(|sp| sp.first..=sp.last).find(|x| !model.contains(x));
             prop_assert_eq!(s.first_free_in(&spans), expected);
+        }
+
+        #[test]
+        fn first_free_from_agrees_with_a_walk_round_the_spans(
+            taken in prop::collection::vec(0u128..64, 0..60),
+            spans in prop::collection::vec((0u128..60, 0u128..6), 1..5),
+            place in 0u128..200,
+        ) {
+            let s = mk_set(&taken);
+            let model: BTreeSet<u128> = taken.into_iter().collect();
+            let spans = merge(spans.into_iter().map(|(a, l)| Span::new(a, a + l)).collect());
+            let all: Vec<u128> = spans.iter().flat_map(|sp| sp.first..=sp.last).collect();
+            let from = (place % all.len() as u128) as usize;
+            let expected = all[from..]
+                .iter()
+                .chain(&all[..from])
+                .copied()
+                .find(|x| !model.contains(x));
+            prop_assert_eq!(s.first_free_from(&spans, place), expected);
         }
 
         #[test]

@@ -174,34 +174,38 @@ fn encode_store(
     encoder: &mut DescriptorEncoder,
     stats: &crate::engine::stats::Stats,
 ) -> Result<(), std::fmt::Error> {
-    let counter = encoder.encode_descriptor(
-        "vipam_store_flushes",
-        "Store flushes (each makes a batch of writes durable)",
-        None,
-        MetricType::Counter,
-    )?;
-    ConstCounter::new(stats.flushes.load(Ordering::Relaxed)).encode(counter)?;
-    let counter = encoder.encode_descriptor(
-        "vipam_store_writes",
-        "Allocate and Release requests applied by the store writer",
-        None,
-        MetricType::Counter,
-    )?;
-    ConstCounter::new(stats.writes.load(Ordering::Relaxed)).encode(counter)?;
-    let counter = encoder.encode_descriptor(
-        "vipam_store_conflicts",
-        "Flushes that lost a race to another allocator sharing the store, then decided again",
-        None,
-        MetricType::Counter,
-    )?;
-    ConstCounter::new(stats.conflicts.load(Ordering::Relaxed)).encode(counter)?;
-    let counter = encoder.encode_descriptor(
-        "vipam_store_unavailable",
-        "Flushes the store could not commit (etcd unreachable or without quorum, a full disk)",
-        None,
-        MetricType::Counter,
-    )?;
-    ConstCounter::new(stats.unavailable.load(Ordering::Relaxed)).encode(counter)?;
+    let counters = [
+        (
+            "vipam_store_flushes",
+            "Store flushes (each makes a batch of writes durable)",
+            &stats.flushes,
+        ),
+        (
+            "vipam_store_writes",
+            "Allocate and Release requests applied by the store writer",
+            &stats.writes,
+        ),
+        (
+            "vipam_store_conflicts",
+            "Flushes that lost a race to another allocator sharing the store, then decided again",
+            &stats.conflicts,
+        ),
+        (
+            "vipam_store_unavailable",
+            "Flushes the store could not commit (etcd unreachable or without quorum, a full disk)",
+            &stats.unavailable,
+        ),
+        (
+            "vipam_requests_abandoned",
+            "Allocate and Release requests dropped undecided because their caller had gone \
+             (timed out or cancelled)",
+            &stats.abandoned,
+        ),
+    ];
+    for (name, help, value) in counters {
+        let counter = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+        ConstCounter::new(value.load(Ordering::Relaxed)).encode(counter)?;
+    }
     let gauge = encoder.encode_descriptor(
         "vipam_store_revision",
         "Revision of the last write to the store",

@@ -29,7 +29,7 @@ use crate::{
     engine::watch::{DEFAULT_PROGRESS_INTERVAL, WatchSettings},
     engine::writer::Writer,
     policy::credentials::{Access, ClientDef, Credentials, Needs},
-    policy::{self, Policy},
+    policy::{self, Policy, rules::Pick},
     store::{SledStore, Store},
 };
 
@@ -257,7 +257,13 @@ impl Args {
         if let Some(task) = store.background() {
             running.spawn_until_stopped(task.name, task.run);
         }
-        let (handle, writer) = start_writer(store, &pools, policy, watch)?;
+        // One writer fills a pool from its start; replicas sharing etcd,
+        // asked at once, would all race for the same lowest address.
+        let pick = match store_flags.engine {
+            Engine::Sled => Pick::Lowest,
+            Engine::Etcd => Pick::Spread,
+        };
+        let (handle, writer) = start_writer(store, &pools, (policy, pick), watch)?;
         let settings = Settings {
             max_message_bytes: max_message_bytes as usize,
             request_timeout,
@@ -494,17 +500,18 @@ fn open_sled(data_dir: &Path, cache_bytes: u64) -> Result<SledStore, ConfigError
     })
 }
 
-/// Loads the allocations, starts the store writer and logs each pool's
-/// figures.
+/// Loads the allocations, starts the store writer under the address
+/// policy and the pick of free addresses, and logs each pool's figures.
 fn start_writer(
     store: Store,
     pools: &Arc<Pools>,
-    policy: Policy,
+    (policy, pick): (Policy, Pick),
     watch: WatchSettings,
 ) -> anyhow::Result<(Handle, Writer)> {
     let ipam = Ipam::load(store, pools.clone())
         .context("loading allocations")?
-        .with_policy(policy);
+        .with_policy(policy)
+        .with_pick(pick);
     let (handle, writer) =
         handle::start_with(ipam, 4096, watch).context("starting the store writer")?;
     let report = handle.pools_report()?;

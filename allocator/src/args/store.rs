@@ -41,7 +41,8 @@ pub struct StoreFlags {
 /// `migrate`.
 #[derive(Debug, clap::Args)]
 pub struct EtcdFlags {
-    /// etcd client URLs, comma-separated (http:// or https://).
+    /// etcd client URLs, comma-separated (http:// or https://): give every
+    /// member's, so that any quorum of them serves.
     #[arg(
         long,
         env = "VIPAM_ETCD_ENDPOINTS",

@@ -18,7 +18,7 @@ use crate::{
     model::{AllocateArgs, Allocation, Change, ChangeKind, Record, ReleaseArgs},
     policy::{
         Policy,
-        rules::{self, Rules},
+        rules::{self, Pick, Rules},
     },
     store::{Observed, Store, StoreError, Write},
 };
@@ -83,6 +83,14 @@ impl Ipam {
     pub fn with_policy(self, policy: Policy) -> Ipam {
         Ipam {
             rules: self.rules.with_policy(policy),
+            ..self
+        }
+    }
+
+    /// The same state, picking free addresses as `pick` says.
+    pub fn with_pick(self, pick: Pick) -> Ipam {
+        Ipam {
+            rules: self.rules.with_pick(pick),
             ..self
         }
     }

@@ -1,6 +1,6 @@
 //! Counters the writer keeps and readers show: allocations per pool and
-//! outside pools, flushes, writes answered, the store revision, and whether
-//! the writer still runs. Lock-free, so reading them never waits for a write.
+//! outside pools, flushes, writes answered or dropped, the store revision,
+//! and whether the writer still runs. Lock-free, so reading them never waits for a write.
 
 use std::{
     net::IpAddr,
@@ -24,6 +24,8 @@ pub struct Stats {
     /// Flushes the store could not commit for now (etcd unreachable, a full
     /// disk).
     pub unavailable: AtomicU64,
+    /// Requests dropped undecided because their caller had gone.
+    pub abandoned: AtomicU64,
     /// Current store revision.
     pub revision: AtomicU64,
     /// False once the writer has stopped.

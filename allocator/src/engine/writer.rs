@@ -6,7 +6,10 @@
 //! committed (with what other writers sharing it committed), and only then
 //! answer: an answer is never sent before its write is durable. A request
 //! that would write an address the flush already writes waits for the next
-//! flush, so that every write is a change with a revision of its own.
+//! flush, so that every write is a change with a revision of its own. A
+//! request whose caller has gone (it timed out or was cancelled) is dropped
+//! before it is decided: its caller may have gone on elsewhere (another
+//! replica), and a write decided now would undo what it did there.
 
 use std::{
     collections::HashMap,
@@ -42,6 +45,17 @@ enum Command {
     Barrier(oneshot::Sender<u64>),
     /// Other writers sharing the store committed something: take it in.
     Observe,
+}
+
+impl Command {
+    /// Whether nobody waits for the answer any more.
+    fn abandoned(&self) -> bool {
+        match self {
+            Command::Allocate(_, tx) => tx.is_closed(),
+            Command::Release(_, tx) => tx.is_closed(),
+            Command::Barrier(_) | Command::Observe => false,
+        }
+    }
 }
 
 /// What a request came to, before its flush.
@@ -147,12 +161,13 @@ fn write_batch(
 /// failure, and only a failure of the store itself stops the writer.
 fn commit(
     ipam: &mut Ipam,
-    commands: Vec<Command>,
+    mut commands: Vec<Command>,
     hub: &Hub,
     stats: &Stats,
 ) -> Result<Vec<Command>, StoreError> {
     let mut round = 1;
     loop {
+        drop_abandoned(&mut commands, stats);
         publish(ipam, hub, Vec::new())?;
         let outcomes: Vec<Outcome> = commands.iter().map(|cmd| apply(ipam, cmd)).collect();
         // Answers wait for the flush even when their request wrote nothing:
@@ -182,6 +197,17 @@ fn commit(
         };
         ipam.rollback();
         return fail(commands, outcomes, failure, ipam.revision(), stats);
+    }
+}
+
+/// Drops the requests whose caller has gone, before they are decided (again).
+fn drop_abandoned(commands: &mut Vec<Command>, stats: &Stats) {
+    let before = commands.len();
+    commands.retain(|cmd| !cmd.abandoned());
+    let dropped = before - commands.len();
+    if dropped > 0 {
+        tracing::debug!(dropped, "requests whose caller has gone; not applied");
+        stats.abandoned.fetch_add(dropped as u64, Ordering::Relaxed);
     }
 }
 
@@ -406,6 +432,26 @@ mod tests {
         handle.barrier().await.expect("barrier");
         assert_eq!(handle.stats().writes.load(Ordering::Relaxed), 2);
         assert_eq!(handle.stats().flushes.load(Ordering::Relaxed), 2);
+    }
+
+    #[test]
+    fn a_request_whose_caller_has_gone_is_not_applied() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut ipam = mk_ipam(dir.path(), &["a=10.0.0.0/24"]);
+        let stats = ipam.stats();
+        let hub = Hub::new(ipam.revision(), WatchSettings::default());
+        let (gone, _) = oneshot::channel();
+        let (kept, kept_answer) = oneshot::channel();
+        let batch = vec![
+            Command::Allocate(mk_args("gone"), gone),
+            Command::Allocate(mk_args("kept"), kept),
+        ];
+        write_batch(&mut ipam, batch, &hub, &stats).expect("written");
+
+        let kept = kept_answer.blocking_recv().expect("answered");
+        assert_eq!(kept.expect("allocated").address, ip("10.0.0.1"));
+        assert_eq!(ipam.store().owner_address("gone").expect("read"), None);
+        assert_eq!(stats.abandoned.load(Ordering::Relaxed), 1);
     }
 
     #[test]

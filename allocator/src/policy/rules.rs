@@ -1,8 +1,10 @@
 //! The allocation rules, as pure decisions: given what the store holds (a
 //! [`View`]), the addresses taken, the pools and a request, the write to make
 //! and the answer. Idempotency per owner and one address per owner come
-//! first; then an explicit address must be free and not excluded, or the
-//! lowest free address of the pool is taken. The address rules come with
+//! first; then an explicit address must be free and not excluded, or a
+//! free address of the pool is taken: the lowest ([`Pick::Lowest`]), or
+//! the first from a place the owner gives ([`Pick::Spread`]). The address
+//! rules come with
 //! them: a special-purpose address ([`crate::addresses::special`]) is never taken, an
 //! explicit address outside every pool only where the [`Policy`] allows it,
 //! and a pool serves only the owners it admits. Nothing here writes: the
@@ -67,26 +69,63 @@ pub enum Release {
     Delete(IpAddr, Record),
 }
 
+/// Which free address of a pool an Allocate that names none gets.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Pick {
+    /// The lowest: a pool fills from its start, as with one writer.
+    #[default]
+    Lowest,
+    /// The first from a place in the pool given by a hash of the owner,
+    /// going round to the pool's start: writers sharing a store, asked for
+    /// different owners at once, try different addresses instead of all
+    /// racing for the lowest.
+    Spread,
+}
+
+/// A hash of `owner` over 128 bits, the same in every process and version
+/// (FNV-1a, then SplitMix64's finaliser for each half).
+pub fn owner_place(owner: &str) -> u128 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in owner.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    let mix = |mut z: u64| {
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    };
+    (u128::from(mix(h)) << 64) | u128::from(mix(h ^ 0x9e37_79b9_7f4a_7c15))
+}
+
 /// The pools and the addresses taken in them (and outside them).
 pub struct Rules {
     pools: Arc<Pools>,
     taken: [IntervalSet; 2],
     policy: Policy,
+    pick: Pick,
 }
 
 impl Rules {
-    /// Rules over `pools` with nothing taken yet.
+    /// Rules over `pools` with nothing taken yet, lowest free address
+    /// first.
     pub fn new(pools: Arc<Pools>) -> Rules {
         Rules {
             pools,
             taken: Default::default(),
             policy: Policy::default(),
+            pick: Pick::default(),
         }
     }
 
     /// The same rules under `policy` (checked against the same pools).
     pub fn with_policy(self, policy: Policy) -> Rules {
         Rules { policy, ..self }
+    }
+
+    /// The same rules, picking free addresses as `pick` says.
+    pub fn with_pick(self, pick: Pick) -> Rules {
+        Rules { pick, ..self }
     }
 
     /// The configured pools.
@@ -169,7 +208,7 @@ impl Rules {
             None => {
                 let index = named.unwrap_or_else(|| self.default_index_for(&owner));
                 self.check_admits(index, &owner)?;
-                self.lowest_free(index, family)?
+                self.free_address(index, family, &owner)?
             }
         };
         let to = (
@@ -317,7 +356,8 @@ impl Rules {
         }
     }
 
-    fn lowest_free(&self, index: usize, family: Option<Family>) -> Result<IpAddr> {
+    /// A free address of pool `index` for `owner`, as [`Pick`] says.
+    fn free_address(&self, index: usize, family: Option<Family>, owner: &str) -> Result<IpAddr> {
         let pool = self.pools.at(index);
         if pool.explicit_only() {
             return Err(Error::ExplicitOnly {
@@ -333,12 +373,15 @@ impl Rules {
                 family,
             });
         }
-        let x = self.taken[family.index()]
-            .first_free_in(pool.usable(family))
-            .ok_or_else(|| Error::Exhausted {
-                pool: pool.name().to_string(),
-                family,
-            })?;
+        let (taken, usable) = (&self.taken[family.index()], pool.usable(family));
+        let x = match self.pick {
+            Pick::Lowest => taken.first_free_in(usable),
+            Pick::Spread => taken.first_free_from(usable, owner_place(owner)),
+        };
+        let x = x.ok_or_else(|| Error::Exhausted {
+            pool: pool.name().to_string(),
+            family,
+        })?;
         Ok(from_int(family, x))
     }
 
@@ -807,6 +850,67 @@ pub(crate) mod tests {
             .allocate(&MemView::default(), mk_args("service:team-b/web"), 1, 7)
             .expect("allocate");
         assert!(matches!(decided, Allocate::Put(a, _) if a == ip("10.0.0.1")));
+    }
+
+    #[test]
+    fn spread_owners_start_from_their_own_place_and_go_round_the_pool() {
+        let rules = mk_rules(&["a=10.0.0.0/24"]).with_pick(Pick::Spread);
+        let mut view = MemView::default();
+        let place = |owner: &str| (owner_place(owner) % 254) as u32;
+        let at = |place: u32| IpAddr::from([10, 0, 0, 1 + place as u8]);
+        let decided = rules.allocate(&view, mk_args("svc"), 1, 7).expect("free");
+        assert_eq!(
+            decided,
+            Allocate::Put(at(place("svc")), mk_record("svc", 1))
+        );
+        // Owners land apart, whatever order they come in.
+        let spread: std::collections::BTreeSet<u32> =
+            (0..8).map(|i| place(&format!("service:ns/s{i}"))).collect();
+        assert!(spread.len() >= 6, "{spread:?}");
+        // Taken from its place to the pool's end: round to its start.
+        let mut rules = rules;
+        for p in place("svc")..254 {
+            view.hold(&mut rules, at(p), mk_record("x", 1));
+        }
+        let decided = rules.allocate(&view, mk_args("svc"), 2, 7).expect("free");
+        let expected = if place("svc") == 0 { None } else { Some(at(0)) };
+        match decided {
+            Allocate::Put(ip, _) => assert_eq!(Some(ip), expected),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn owner_places_are_the_same_in_every_process_and_version() {
+        assert_eq!(owner_place("svc"), owner_place("svc"));
+        assert_ne!(owner_place("svc"), owner_place("svd"));
+        // The same in every version, so that replicas of two versions
+        // spread alike (computed apart, from FNV-1a's and SplitMix64's
+        // definitions).
+        assert_eq!(owner_place(""), 0xf52a_15e9_a9b5_e89b_e9d3_2759_6b86_9820);
+        assert_eq!(
+            owner_place("service:ns/web"),
+            0x3073_af88_a673_ade1_9f41_ea33_78a0_ac29
+        );
+    }
+
+    #[test]
+    fn a_spread_pick_in_an_ipv6_64_costs_what_a_24_costs() {
+        let rules = mk_rules(&["a=fd00::/64"]).with_pick(Pick::Spread);
+        let args = AllocateArgs {
+            family: Some(Family::V6),
+            ..mk_args("svc")
+        };
+        let decided = rules
+            .allocate(&MemView::default(), args, 1, 7)
+            .expect("free");
+        let Allocate::Put(IpAddr::V6(v6), _) = decided else {
+            panic!("{decided:?}");
+        };
+        let first = ip("fd00::1");
+        let (_, first) = to_int(first);
+        // The /64 hands out every address but its first.
+        assert_eq!(u128::from(v6) - first, owner_place("svc") % ((1 << 64) - 1));
     }
 
     #[test]

@@ -19,6 +19,8 @@ use etcd_client::{EventType, GetOptions, WatchOptions, WatchResponse};
 use super::{
     Inner,
     keys::{self, Key},
+    members::Resend,
+    mirror::OwnerKey,
 };
 use crate::{
     model::{Change, ChangeKind},
@@ -73,23 +75,22 @@ pub(super) async fn run(inner: Arc<Inner>, mut from: u64) {
     }
 }
 
-/// One watch from revision `from`, applied until it ends.
+/// One watch from revision `from`, on any member that answers, applied
+/// until it ends.
 async fn watch(inner: &Inner, from: u64) -> Ended {
     let options = WatchOptions::new()
         .with_prefix()
         .with_prev_key()
         .with_progress_notify()
         .with_start_revision(i64::try_from(from).unwrap_or(i64::MAX));
-    let mut client = inner.client.clone();
-    let opened = tokio::time::timeout(
-        inner.timeout,
-        client.watch(inner.keys.prefix().as_bytes().to_vec(), Some(options)),
-    )
-    .await;
-    let mut stream = match opened {
-        Ok(Ok(stream)) => stream,
-        Ok(Err(e)) => return Ended::Broken(e.to_string()),
-        Err(_) => return Ended::Broken("opening the watch timed out".into()),
+    let prefix = inner.keys.prefix().as_bytes().to_vec();
+    let open = |mut client: etcd_client::Client| {
+        let (prefix, options) = (prefix.clone(), options.clone());
+        async move { client.watch(prefix, Some(options)).await }
+    };
+    let mut stream = match inner.members.call(Resend::Always, open).await {
+        Ok(stream) => stream,
+        Err(f) => return Ended::Broken(format!("opening the watch: {f}")),
     };
     let mut probe = tokio::time::interval(inner.timeout.min(Duration::from_secs(2)));
     let mut places = Places::default();
@@ -127,12 +128,18 @@ async fn watch(inner: &Inner, from: u64) -> Ended {
     }
 }
 
-/// A linearizable read: it succeeds only while etcd has a quorum.
+/// A linearizable read, from any member: it succeeds only while etcd has a
+/// quorum.
 async fn probe_once(inner: &Inner) -> bool {
-    let mut client = inner.client.clone();
     let key = inner.keys.pool("").to_vec();
-    let read = client.get(key, Some(GetOptions::new().with_count_only()));
-    matches!(tokio::time::timeout(inner.timeout, read).await, Ok(Ok(_)))
+    let read = |mut client: etcd_client::Client| {
+        let key = key.clone();
+        async move {
+            let count = GetOptions::new().with_count_only();
+            client.get(key, Some(count)).await
+        }
+    };
+    inner.members.call(Resend::Always, read).await.is_ok()
 }
 
 /// Where the numbering of one transaction's changes stands: the etcd
@@ -179,7 +186,14 @@ fn apply(inner: &Inner, response: &WatchResponse, places: &mut Places) -> Result
                         redefined = Some(why);
                     }
                 }
-                Key::Owner | Key::Other => {}
+                Key::Owner(owner) => {
+                    let key = (event.event_type() == EventType::Put).then(|| OwnerKey {
+                        value: String::from_utf8_lossy(kv.value()).into_owned(),
+                        mod_revision: kv.mod_revision(),
+                    });
+                    mirror.apply_owner_key(owner, key, kv.mod_revision());
+                }
+                Key::Other => {}
             }
         }
         if response.created() {

@@ -8,7 +8,8 @@
 //!   the changes of that transaction ([`Value::index`]).
 //! - `<prefix>o/<owner>`: the address an owner holds, as text; written in
 //!   the same transaction as the address key, so both share their mod
-//!   revision.
+//!   revision. One whose address key does not name its owner is an orphan
+//!   (left by hand or by a fault), which the engine deletes.
 //! - `<prefix>pools/<name>`: a pool's definition ([`pool_definition`]).
 //! - `<prefix>sync`: written empty when a replica needs to know that its
 //!   watch has delivered every change up to now (its event comes after
@@ -59,8 +60,8 @@ pub struct Keys {
 pub enum Key {
     /// An allocation.
     Address(IpAddr),
-    /// An owner's index entry.
-    Owner,
+    /// An owner's index entry, by owner.
+    Owner(String),
     /// A pool definition.
     Pool(String),
     /// Anything else (left alone).
@@ -106,6 +107,11 @@ impl Keys {
         format!("{}o/{owner}", self.prefix).into_bytes()
     }
 
+    /// The first key of the owners' index.
+    pub fn owners(&self) -> Vec<u8> {
+        format!("{}o/", self.prefix).into_bytes()
+    }
+
     /// The key of the definition of pool `name`.
     pub fn pool(&self, name: &str) -> Vec<u8> {
         format!("{}pools/{name}", self.prefix).into_bytes()
@@ -127,8 +133,8 @@ impl Keys {
         if let Some(hex) = rest.strip_prefix(b"a/6/") {
             return parse_hex(key, hex, 32).map(|x| Key::Address(from_int(Family::V6, x)));
         }
-        if rest.starts_with(b"o/") {
-            return Ok(Key::Owner);
+        if let Some(owner) = rest.strip_prefix(b"o/") {
+            return Ok(Key::Owner(String::from_utf8_lossy(owner).into_owned()));
         }
         if let Some(name) = rest.strip_prefix(b"pools/") {
             return Ok(Key::Pool(String::from_utf8_lossy(name).into_owned()));
@@ -257,7 +263,7 @@ mod tests {
         );
         assert_eq!(
             keys.classify(&keys.owner("service:a/b")).expect("key"),
-            Key::Owner
+            Key::Owner("service:a/b".into())
         );
         assert_eq!(
             keys.classify(&keys.pool("default")).expect("key"),

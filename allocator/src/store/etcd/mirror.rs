@@ -1,5 +1,6 @@
 //! The replica's copy of the committed allocations, kept from etcd's watch:
-//! what reads, scans and the writer's decisions see, the recent changes
+//! what reads, scans and the writer's decisions see, the owner keys (to
+//! compare them as they are, and to find orphans), the recent changes
 //! Watch replays, and the changes the writer has not taken in yet. Pure
 //! state; the follower (`follow.rs`) feeds it.
 //!
@@ -27,11 +28,38 @@ pub struct Entry {
     pub mod_revision: i64,
 }
 
+/// An owner key as etcd holds it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OwnerKey {
+    /// What it says: the address its owner holds, as written.
+    pub value: String,
+    /// Its mod revision.
+    pub mod_revision: i64,
+}
+
+/// An owner key whose address key does not name its owner: left by hand,
+/// by an older version or by a fault, it would make every allocation of
+/// the owner fail (an allocation requires the owner key absent).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Orphan {
+    /// The owner.
+    pub owner: String,
+    /// Its owner key.
+    pub key: OwnerKey,
+    /// The address the key names, when it names one.
+    pub names: Option<IpAddr>,
+    /// That address's allocation (`None`: there is none): it names another
+    /// owner.
+    pub address: Option<Entry>,
+}
+
 /// The copy, at etcd revision [`Mirror::revision`].
 #[derive(Debug)]
 pub struct Mirror {
     entries: BTreeMap<(Family, u128), Entry>,
+    /// Owners by the address keys that name them.
     owners: HashMap<String, IpAddr>,
+    owner_keys: HashMap<String, OwnerKey>,
     /// Every change up to this etcd revision is applied.
     pub revision: u64,
     /// Changes at or below this etcd revision were in the initial copy.
@@ -60,6 +88,7 @@ impl Mirror {
         let mut mirror = Mirror {
             entries: BTreeMap::new(),
             owners: HashMap::new(),
+            owner_keys: HashMap::new(),
             revision,
             loaded: revision,
             history: history.max(1),
@@ -73,6 +102,12 @@ impl Mirror {
             mirror.insert(ip, entry);
         }
         mirror
+    }
+
+    /// The same copy with the owner keys read with its allocations.
+    pub fn with_owner_keys(mut self, keys: Vec<(String, OwnerKey)>) -> Mirror {
+        self.owner_keys.extend(keys);
+        self
     }
 
     fn insert(&mut self, ip: IpAddr, entry: Entry) {
@@ -119,6 +154,54 @@ impl Mirror {
                 self.trimmed_to = self.trimmed_to.max(old.revision + 1);
             }
         }
+    }
+
+    /// Applies the change of `owner`'s key (`None`: deleted) made at etcd
+    /// revision `mod_revision`, unless the copy holds it already.
+    pub fn apply_owner_key(&mut self, owner: String, key: Option<OwnerKey>, mod_revision: i64) {
+        let newer = |k: &OwnerKey| k.mod_revision < mod_revision;
+        if u64::try_from(mod_revision).unwrap_or(0) <= self.loaded
+            || !self.owner_keys.get(&owner).is_none_or(newer)
+        {
+            return;
+        }
+        match key {
+            Some(key) => self.owner_keys.insert(owner, key),
+            None => self.owner_keys.remove(&owner),
+        };
+    }
+
+    /// The owner key of `owner`.
+    pub fn owner_key(&self, owner: &str) -> Option<&OwnerKey> {
+        self.owner_keys.get(owner)
+    }
+
+    /// `owner`'s key, when it is an orphan: its address key does not name
+    /// the owner.
+    pub fn orphan(&self, owner: &str) -> Option<Orphan> {
+        let key = self.owner_keys.get(owner)?;
+        let names = key.value.parse().ok();
+        let address = names.and_then(|ip| self.get(ip)).cloned();
+        if address.as_ref().is_some_and(|e| e.record.owner == owner) {
+            return None;
+        }
+        Some(Orphan {
+            owner: owner.to_string(),
+            key: key.clone(),
+            names,
+            address,
+        })
+    }
+
+    /// Every orphaned owner key, by owner.
+    pub fn orphans(&self) -> Vec<Orphan> {
+        let mut orphans: Vec<Orphan> = self
+            .owner_keys
+            .keys()
+            .filter_map(|owner| self.orphan(owner))
+            .collect();
+        orphans.sort_by(|a, b| a.owner.cmp(&b.owner));
+        orphans
     }
 
     /// etcd reported that every change up to etcd revision `revision` was
@@ -327,6 +410,57 @@ mod tests {
         }
         assert_eq!(m.covered_from(), at(2) + 1, "after the last change dropped");
         assert_eq!(m.changes(0, at(10)).len(), 2);
+    }
+
+    fn mk_owner_key(value: &str, mod_revision: i64) -> OwnerKey {
+        OwnerKey {
+            value: value.into(),
+            mod_revision,
+        }
+    }
+
+    #[test]
+    fn an_owner_key_whose_address_key_names_another_owner_or_none_is_an_orphan() {
+        let entry = |owner: &str| Entry {
+            record: mk_record(owner, at(5)),
+            mod_revision: 5,
+        };
+        let m = Mirror::new(
+            vec![(ip("10.0.0.1"), entry("a")), (ip("10.0.0.2"), entry("b"))],
+            8,
+            100,
+            1,
+        )
+        .with_owner_keys(vec![
+            ("a".into(), mk_owner_key("10.0.0.1", 5)),
+            ("c".into(), mk_owner_key("10.0.0.2", 6)),
+            ("d".into(), mk_owner_key("10.0.0.3", 7)),
+            ("e".into(), mk_owner_key("not an address", 7)),
+        ]);
+        assert_eq!(m.orphan("a"), None, "its address names it");
+        assert_eq!(m.orphan("b"), None, "no owner key");
+        let c = m.orphan("c").expect("10.0.0.2 names b");
+        assert_eq!(
+            (c.names, c.address),
+            (Some(ip("10.0.0.2")), Some(entry("b")))
+        );
+        let d = m.orphan("d").expect("10.0.0.3 is free");
+        assert_eq!((d.names, d.address), (Some(ip("10.0.0.3")), None));
+        assert_eq!(m.orphan("e").expect("names nothing").names, None);
+        let owners: Vec<String> = m.orphans().into_iter().map(|o| o.owner).collect();
+        assert_eq!(owners, ["c", "d", "e"]);
+    }
+
+    #[test]
+    fn owner_keys_follow_the_watch_past_the_initial_copy_only() {
+        let mut m = Mirror::new(vec![], 8, 100, 1)
+            .with_owner_keys(vec![("a".into(), mk_owner_key("10.0.0.1", 7))]);
+        m.apply_owner_key("a".into(), None, 7);
+        assert!(m.owner_key("a").is_some(), "the copy holds revision 7");
+        m.apply_owner_key("b".into(), Some(mk_owner_key("10.0.0.2", 9)), 9);
+        m.apply_owner_key("a".into(), None, 9);
+        assert_eq!(m.owner_key("a"), None);
+        assert_eq!(m.owner_key("b"), Some(&mk_owner_key("10.0.0.2", 9)));
     }
 
     #[test]

@@ -15,11 +15,15 @@
 //! etcd committed the batch and the copy shows it. A change's revision is
 //! etcd's revision of its transaction times [`keys::PER_REVISION`] plus its
 //! place among the transaction's changes, so that every change has one of
-//! its own and every replica numbers it alike.
+//! its own and every replica numbers it alike. Every etcd call goes through
+//! [`members`], which sends it to another member when one fails and the
+//! call cannot apply twice.
 
 mod follow;
 pub mod keys;
+mod members;
 mod mirror;
+mod repair;
 mod staged;
 mod start;
 #[cfg(test)]
@@ -35,14 +39,15 @@ use std::{
     time::Duration,
 };
 
-use etcd_client::{Client, Txn};
+use etcd_client::Txn;
 use tokio::sync::watch;
 
 pub use self::start::EtcdSettings;
 use self::{
     keys::Keys,
+    members::{Members, Resend},
     mirror::Mirror,
-    staged::{Expect, Put, Staged},
+    staged::Staged,
     start::{agree_on_pools, load},
 };
 use super::{Background, Engine, Observed, Result, Scan, StoreError, Write};
@@ -62,7 +67,7 @@ pub const MAX_TXN_OPS: usize = 128;
 /// What the etcd engine shares between the writer, the readers and the
 /// follower.
 struct Inner {
-    client: Client,
+    members: Members,
     keys: Keys,
     timeout: Duration,
     runtime: tokio::runtime::Handle,
@@ -161,20 +166,35 @@ impl Inner {
     }
 
     /// Writes the sync key: its revision, whose event every replica's watch
-    /// delivers after those of all earlier revisions (see `follow.rs`).
+    /// delivers after those of all earlier revisions (see `follow.rs`). A
+    /// write that may be repeated: on another member when one fails.
     async fn barrier(&self) -> Result<u64> {
-        let mut client = self.client.clone();
-        let put = client.put(self.keys.sync(), Vec::new(), None);
-        match tokio::time::timeout(self.timeout, put).await {
-            Ok(Ok(response)) => Ok(response
-                .header()
-                .map_or(0, |h| u64::try_from(h.revision()).unwrap_or(0))),
-            Ok(Err(e)) => Err(unavailable(format!("writing etcd's sync key: {e}"))),
-            Err(_) => Err(unavailable(format!(
-                "etcd did not answer within {:?} (writing its sync key)",
+        let key = self.keys.sync();
+        let put = |mut client: etcd_client::Client| {
+            let key = key.clone();
+            async move { client.put(key, Vec::new(), None).await }
+        };
+        let response = self
+            .members
+            .call(Resend::Always, put)
+            .await
+            .map_err(|f| unavailable(format!("writing etcd's sync key: {f}")))?;
+        Ok(response
+            .header()
+            .map_or(0, |h| u64::try_from(h.revision()).unwrap_or(0)))
+    }
+
+    /// Waits until the copy shows every change etcd has committed so far.
+    /// Blocks: call it off the async runtime.
+    fn catch_up_now(&self) -> Result<()> {
+        let barrier = self.runtime.block_on(self.barrier())?;
+        if !self.wait_for(barrier, self.timeout) {
+            return Err(unavailable(format!(
+                "etcd's watch did not reach revision {barrier} within {:?}",
                 self.timeout
-            ))),
+            )));
         }
+        Ok(())
     }
 
     /// Waits up to `limit` until the copy reaches etcd revision `revision`;
@@ -211,41 +231,35 @@ impl EtcdStore {
     /// Tokio runtime the follower will use.
     pub async fn open(settings: &EtcdSettings, pools: Arc<Pools>) -> Result<EtcdStore> {
         let endpoints = &settings.endpoints;
-        let mut client = Client::connect(endpoints, Some(settings.connect_options()?))
-            .await
-            .map_err(|e| {
-                unavailable(format!(
-                    "connecting to etcd at {}: {e}",
-                    endpoints.join(",")
-                ))
-            })?;
+        let members = Members::new(
+            endpoints.clone(),
+            settings.connect_options()?,
+            settings.timeout,
+        );
         let keys = Keys::new(&settings.prefix);
         // The first request: where a connection that cannot work shows.
-        let pool_keys = agree_on_pools(&mut client, &keys, &pools, settings.timeout)
-            .await
-            .map_err(|e| match e {
-                StoreError::Unavailable(why) => {
-                    unavailable(format!("etcd at {}: {why}", endpoints.join(",")))
-                }
-                other => other,
-            })?;
-        let (entries, revision) = load(&mut client, &keys, settings.timeout).await?;
+        let pool_keys = agree_on_pools(&members, &keys, &pools).await?;
+        let loaded = load(&members, &keys).await?;
+        let revision = loaded.revision;
         let history = usize::try_from(settings.history).unwrap_or(usize::MAX);
         // Replay history: as much of etcd's as `history` revisions reach.
         let from = revision.saturating_sub(settings.history).max(1);
         tracing::info!(
             endpoints = %endpoints.join(","),
             prefix = %settings.prefix,
-            allocations = entries.len(),
+            allocations = loaded.entries.len(),
             revision,
             "etcd store opened"
         );
+        let mirror =
+            Mirror::new(loaded.entries, revision, history, from).with_owner_keys(loaded.owner_keys);
+        warn_of_orphans(&mirror, &keys);
         let inner = Arc::new(Inner {
-            client,
+            members,
             keys,
             timeout: settings.timeout,
             runtime: tokio::runtime::Handle::current(),
-            mirror: Mutex::new(Mirror::new(entries, revision, history, from)),
+            mirror: Mutex::new(mirror),
             staged: Mutex::new(Staged::default()),
             seen: watch::Sender::new(revision),
             connected: AtomicBool::new(false),
@@ -283,28 +297,12 @@ impl EtcdStore {
         lock(&self.inner.staged)
     }
 
-    /// What the address and owner keys of the allocation `record` at `ip`
-    /// must hold for its release: the mod revision of the entry (both keys
-    /// are written in one transaction), while the copy still holds that
-    /// very allocation there. `None` when the follower has changed the copy
-    /// since the writer decided: the decision is stale, and comparing with
-    /// the newer entry would remove another replica's allocation.
-    fn expect_held(&self, ip: IpAddr, record: &Record) -> Option<Expect> {
-        match self.inner.mirror().get(ip) {
-            Some(e) if e.record == *record => Some(Expect::ModRevision(e.mod_revision)),
-            _ => None,
-        }
-    }
-
     /// Commits `staged` in one transaction; the etcd revision it got, once
     /// the copy shows it.
     fn commit(&self, staged: &Staged) -> Result<u64> {
         let inner = &self.inner;
         let txn = staged.txn(&inner.keys, &inner.pool_keys, &inner.pools);
-        let response =
-            inner
-                .runtime
-                .block_on(send_txn(inner.client.clone(), txn, inner.timeout))?;
+        let response = inner.runtime.block_on(send_txn(&inner.members, txn))?;
         let revision = response
             .header()
             .map_or(0, |h| u64::try_from(h.revision()).unwrap_or(0));
@@ -321,91 +319,46 @@ impl EtcdStore {
             return Ok(revision);
         }
         // Another writer got there first: catch up with what it did.
-        let barrier = inner.runtime.block_on(inner.barrier())?;
-        if !inner.wait_for(barrier, inner.timeout) {
-            return Err(unavailable(format!(
-                "etcd's watch did not reach revision {barrier} within {:?}",
-                inner.timeout
-            )));
-        }
+        inner.catch_up_now()?;
         Err(StoreError::Conflict {
             seen: keys::reached(revision),
         })
     }
-
-    /// Stages the allocation `record` at `ip`.
-    fn stage_allocate(&self, ip: IpAddr, record: Record) {
-        let mut staged = self.staged();
-        // The writer allocates only an address it saw free, for an owner it
-        // saw holding nothing: etcd must hold neither key (the copy may
-        // already show another replica's newer commit, which must win).
-        staged.write(
-            self.inner.keys.owner(&record.owner),
-            || Some(Expect::Absent),
-            Some(Put::Owner(ip)),
-        );
-        if let Some(pool) = self.inner.pools.containing(ip) {
-            staged.pools.insert(pool);
-        }
-        staged.records.insert(ip, Some(record.clone()));
-        staged.owners.insert(record.owner.clone(), Some(ip));
-        staged.write(
-            self.inner.keys.address(ip),
-            || Some(Expect::Absent),
-            Some(Put::Allocation(record)),
-        );
-    }
-
-    /// Stages the release of the allocation `record` at `ip`.
-    fn stage_release(&self, ip: IpAddr, record: &Record) {
-        let mut staged = self.staged();
-        let held = || self.expect_held(ip, record);
-        staged.write(self.inner.keys.address(ip), held, None);
-        staged.write(self.inner.keys.owner(&record.owner), held, None);
-        staged.records.insert(ip, None);
-        staged.owners.insert(record.owner.clone(), None);
-    }
 }
 
-/// Sends `txn` within `timeout`. A connection that could not be made to
-/// one endpoint carried nothing, so the transaction is sent again (to
-/// another endpoint, when the cluster has several) until the time is up.
-async fn send_txn(
-    mut client: Client,
-    txn: Txn,
-    timeout: Duration,
-) -> Result<etcd_client::TxnResponse> {
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        match tokio::time::timeout(left, client.txn(txn.clone())).await {
-            Ok(Ok(response)) => return Ok(response),
-            Ok(Err(e)) if is_not_sent(&e) && tokio::time::Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(20).min(left)).await;
-            }
-            Ok(Err(e)) if is_not_sent(&e) => {
-                return Err(unavailable(format!(
-                    "etcd unreachable, nothing was sent: {e}"
-                )));
-            }
-            Ok(Err(e)) => {
-                return Err(unavailable(format!(
-                    "etcd transaction failed (outcome unknown): {e}"
-                )));
-            }
-            Err(_) => {
-                return Err(unavailable(format!(
-                    "etcd did not answer within {timeout:?} (outcome unknown)"
-                )));
-            }
-        }
+/// Says which owner keys of the copy are orphans (see [`repair`]).
+fn warn_of_orphans(mirror: &Mirror, keys: &Keys) {
+    let orphans = mirror.orphans();
+    if orphans.is_empty() {
+        return;
     }
+    let named: Vec<String> = orphans
+        .iter()
+        .take(10)
+        .map(|o| String::from_utf8_lossy(&keys.owner(&o.owner)).into_owned())
+        .collect();
+    tracing::warn!(
+        count = orphans.len(),
+        keys = %named.join(","),
+        "owner keys name an address whose key does not name their owner; each is deleted \
+         when its owner is next allocated or released"
+    );
 }
 
-/// Whether the call failed before anything reached etcd (no connection).
-fn is_not_sent(e: &etcd_client::Error) -> bool {
-    let text = e.to_string();
-    text.contains("tcp connect error") || text.contains("Connection refused")
+/// Sends `txn`, which must apply at most once: to another member only when
+/// the one tried applied nothing (see [`members`]).
+async fn send_txn(members: &Members, txn: Txn) -> Result<etcd_client::TxnResponse> {
+    let send = |mut client: etcd_client::Client| {
+        let txn = txn.clone();
+        async move { client.txn(txn).await }
+    };
+    members.call(Resend::IfNotApplied, send).await.map_err(|f| {
+        if f.unknown {
+            unavailable(format!("etcd transaction failed (outcome unknown): {f}"))
+        } else {
+            unavailable(format!("etcd applied nothing: {f}"))
+        }
+    })
 }
 
 /// A scan over the copy, read in pages so no lock is held between items.
@@ -448,41 +401,12 @@ impl Engine for EtcdStore {
 
     fn record_for_decision(&self, ip: IpAddr) -> Result<Option<Record>> {
         let mut staged = self.staged();
-        if let Some(record) = staged.records.get(&ip) {
-            return Ok(record.clone());
-        }
-        let mirror = self.inner.mirror();
-        let entry = mirror.get(ip);
-        let expect = Expect::of(entry.map(|e| e.mod_revision));
-        staged.read(self.inner.keys.address(ip), expect);
-        let record = entry.map(|e| e.record.clone());
-        staged.records.insert(ip, record.clone());
-        Ok(record)
+        Ok(staged.record(&self.inner.keys, &self.inner.mirror(), ip))
     }
 
     fn owner_for_decision(&self, owner: &str) -> Result<Option<IpAddr>> {
         let mut staged = self.staged();
-        if let Some(ip) = staged.owners.get(owner) {
-            return Ok(*ip);
-        }
-        let mirror = self.inner.mirror();
-        let held = mirror
-            .owner(owner)
-            .and_then(|ip| mirror.get(ip).map(|e| (ip, e)));
-        let expect = Expect::of(held.map(|(_, e)| e.mod_revision));
-        staged.read(self.inner.keys.owner(owner), expect);
-        if let Some((ip, e)) = held {
-            // Read together, so the decision sees the owner's allocation
-            // even when the copy moves on before it asks for it.
-            staged.read(self.inner.keys.address(ip), expect);
-            staged
-                .records
-                .entry(ip)
-                .or_insert_with(|| Some(e.record.clone()));
-        }
-        let ip = held.map(|(ip, _)| ip);
-        staged.owners.insert(owner.to_string(), ip);
-        Ok(ip)
+        Ok(staged.owner(&self.inner.keys, &self.inner.mirror(), owner))
     }
 
     fn revision(&self) -> Result<u64> {
@@ -490,9 +414,16 @@ impl Engine for EtcdStore {
     }
 
     fn stage(&self, write: Write) -> Result<()> {
+        let inner = &self.inner;
+        let mut staged = self.staged();
         match write {
-            Write::Allocate { address, record } => self.stage_allocate(address, record),
-            Write::Release { address, record } => self.stage_release(address, &record),
+            Write::Allocate { address, record } => {
+                let pool = inner.pools.containing(address);
+                staged.allocate(&inner.keys, pool, address, record);
+            }
+            Write::Release { address, record } => {
+                staged.release(&inner.keys, &inner.mirror(), address, &record);
+            }
         }
         Ok(())
     }
@@ -501,6 +432,17 @@ impl Engine for EtcdStore {
         let staged = std::mem::take(&mut *self.staged());
         if let Some(why) = lock(&self.inner.fatal).as_ref() {
             return Err(StoreError::Stopped(why.clone()));
+        }
+        if !staged.orphans.is_empty() {
+            // Decided again once they are gone, on a copy that shows it.
+            let inner = &self.inner;
+            inner
+                .runtime
+                .block_on(repair::delete(inner, &staged.orphans))?;
+            inner.catch_up_now()?;
+            return Err(StoreError::Conflict {
+                seen: keys::reached(inner.revision()),
+            });
         }
         if staged.stale {
             // The copy already shows what overtook the decision.

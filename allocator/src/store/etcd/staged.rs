@@ -1,5 +1,6 @@
 //! What the writer has staged for the next flush: its writes, the reads its
-//! decisions rest on, and what both make it see; and the one etcd
+//! decisions rest on (of the replica's copy, [`Mirror`]), what both make it
+//! see, and the orphaned owner keys they came across; and the one etcd
 //! transaction that commits the writes only while every key is still as the
 //! writer saw it.
 //!
@@ -17,7 +18,10 @@ use std::{
 
 use etcd_client::{Compare, CompareOp, GetOptions, Txn, TxnOp};
 
-use super::keys::{self, Keys};
+use super::{
+    keys::{self, Keys},
+    mirror::{Mirror, Orphan},
+};
 use crate::{addresses::pool::Pools, model::Record};
 
 /// What a key must hold for the transaction to commit: what the writer
@@ -77,6 +81,9 @@ pub(super) struct Staged {
     /// A write was decided on a copy that has changed since: the flush
     /// conflicts without asking etcd.
     pub(super) stale: bool,
+    /// Orphaned owner keys of the owners decisions read: the flush deletes
+    /// them, then conflicts, so that the decisions are made again without.
+    pub(super) orphans: Vec<Orphan>,
 }
 
 impl Staged {
@@ -107,6 +114,85 @@ impl Staged {
         if !self.ops.contains_key(&key) {
             self.reads.entry(key).or_insert(expect);
         }
+    }
+
+    /// The allocation at `ip` as a decision reads it: as staged, or as the
+    /// copy holds it (and then compared at the flush).
+    pub(super) fn record(&mut self, keys: &Keys, mirror: &Mirror, ip: IpAddr) -> Option<Record> {
+        if let Some(record) = self.records.get(&ip) {
+            return record.clone();
+        }
+        let entry = mirror.get(ip);
+        self.read(keys.address(ip), Expect::of(entry.map(|e| e.mod_revision)));
+        let record = entry.map(|e| e.record.clone());
+        self.records.insert(ip, record.clone());
+        record
+    }
+
+    /// The address `owner` holds as a decision reads it: as staged, or as
+    /// the copy holds it (and then its owner key and its allocation are
+    /// compared at the flush). An orphaned owner key is noted.
+    pub(super) fn owner(&mut self, keys: &Keys, mirror: &Mirror, owner: &str) -> Option<IpAddr> {
+        if let Some(ip) = self.owners.get(owner) {
+            return *ip;
+        }
+        let key = mirror.owner_key(owner).map(|k| k.mod_revision);
+        self.read(keys.owner(owner), Expect::of(key));
+        self.orphans.extend(mirror.orphan(owner));
+        let held = mirror
+            .owner(owner)
+            .and_then(|ip| mirror.get(ip).map(|e| (ip, e)));
+        if let Some((ip, e)) = held {
+            // Read together, so the decision sees the owner's allocation
+            // even when the copy moves on before it asks for it.
+            self.read(keys.address(ip), Expect::ModRevision(e.mod_revision));
+            self.records
+                .entry(ip)
+                .or_insert_with(|| Some(e.record.clone()));
+        }
+        let ip = held.map(|(ip, _)| ip);
+        self.owners.insert(owner.to_string(), ip);
+        ip
+    }
+
+    /// Stages the allocation `record` at `ip`, in the pool `pool` if any.
+    pub(super) fn allocate(
+        &mut self,
+        keys: &Keys,
+        pool: Option<usize>,
+        ip: IpAddr,
+        record: Record,
+    ) {
+        // The writer allocates only an address it saw free, for an owner it
+        // saw holding nothing: etcd must hold neither key (the copy may
+        // already show another replica's newer commit, which must win).
+        let owner = keys.owner(&record.owner);
+        self.write(owner, || Some(Expect::Absent), Some(Put::Owner(ip)));
+        self.pools.extend(pool);
+        self.records.insert(ip, Some(record.clone()));
+        self.owners.insert(record.owner.clone(), Some(ip));
+        let address = keys.address(ip);
+        self.write(
+            address,
+            || Some(Expect::Absent),
+            Some(Put::Allocation(record)),
+        );
+    }
+
+    /// Stages the release of the allocation `record` at `ip`: both keys
+    /// must be as the copy holds them while it still holds that very
+    /// allocation there. When the follower has changed it since the writer
+    /// decided, the decision is stale: comparing with the newer entry would
+    /// remove another replica's allocation.
+    pub(super) fn release(&mut self, keys: &Keys, mirror: &Mirror, ip: IpAddr, record: &Record) {
+        let held = mirror.get(ip).filter(|e| e.record == *record);
+        let address = held.map(|e| Expect::ModRevision(e.mod_revision));
+        let owner_key = mirror.owner_key(&record.owner).map(|k| k.mod_revision);
+        let owner_key = held.map(|_| Expect::of(owner_key));
+        self.write(keys.address(ip), || address, None);
+        self.write(keys.owner(&record.owner), || owner_key, None);
+        self.records.insert(ip, None);
+        self.owners.insert(record.owner.clone(), None);
     }
 
     /// Whether no transaction is needed.

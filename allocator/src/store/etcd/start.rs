@@ -1,6 +1,7 @@
 //! Starting a replica on etcd: the settings and the client options they
 //! give (credentials read from their files, never logged), the agreement on
-//! the pool definitions, and the first copy of the allocations.
+//! the pool definitions, and the first copy of the allocations and owner
+//! keys.
 
 use std::{net::IpAddr, path::PathBuf, time::Duration};
 
@@ -11,7 +12,8 @@ use etcd_client::{
 
 use super::{
     keys::{self, Keys},
-    mirror::Entry,
+    members::{Failure, Members, Resend},
+    mirror::{Entry, OwnerKey},
     unavailable,
 };
 use crate::{
@@ -79,12 +81,12 @@ impl EtcdSettings {
     }
 }
 
-/// What to check when `e` says the connection itself failed (a server that
-/// refused the TLS handshake shows only as a closed connection).
-fn connection_hint(e: &etcd_client::Error) -> &'static str {
-    let connection = match e {
-        etcd_client::Error::TransportError(_) => true,
-        etcd_client::Error::GRpcStatus(status) => std::error::Error::source(status).is_some(),
+/// What to check when `failure` says the connection itself failed (a server
+/// that refused the TLS handshake shows only as a closed connection).
+fn connection_hint(failure: &Failure) -> &'static str {
+    let connection = match &failure.error {
+        Some(etcd_client::Error::TransportError(_)) => true,
+        Some(etcd_client::Error::GRpcStatus(status)) => std::error::Error::source(status).is_some(),
         _ => false,
     };
     if connection {
@@ -97,12 +99,13 @@ fn connection_hint(e: &etcd_client::Error) -> &'static str {
 }
 
 /// Writes the pool definitions etcd does not hold yet and checks the others;
-/// the mod revision of each pool's key.
+/// the mod revision of each pool's key. Each transaction may be sent again
+/// (to another member): it writes a definition only where there is none,
+/// and reads it otherwise.
 pub(super) async fn agree_on_pools(
-    client: &mut Client,
+    members: &Members,
     keys: &Keys,
     pools: &Pools,
-    timeout: Duration,
 ) -> Result<Vec<(String, i64)>> {
     let mut out = Vec::with_capacity(pools.len());
     for pool in pools.iter() {
@@ -112,15 +115,16 @@ pub(super) async fn agree_on_pools(
             .when(vec![Compare::version(key.clone(), CompareOp::Equal, 0)])
             .and_then(vec![TxnOp::put(key.clone(), ours.clone(), None)])
             .or_else(vec![TxnOp::get(key.clone(), None)]);
-        let response = tokio::time::timeout(timeout, client.txn(txn))
-            .await
-            .map_err(|_| unavailable("etcd did not answer in time while checking pools"))?
-            .map_err(|e| {
-                unavailable(format!(
-                    "checking pool definitions: {e}{}",
-                    connection_hint(&e)
-                ))
-            })?;
+        let send = |mut client: Client| {
+            let txn = txn.clone();
+            async move { client.txn(txn).await }
+        };
+        let response = members.call(Resend::Always, send).await.map_err(|f| {
+            unavailable(format!(
+                "checking pool definitions: {f}{}",
+                connection_hint(&f)
+            ))
+        })?;
         let revision = if response.succeeded() {
             tracing::info!(pool = pool.name(), definition = %ours, "pool definition written to etcd");
             response.header().map_or(0, |h| h.revision())
@@ -151,51 +155,96 @@ pub(super) async fn agree_on_pools(
     Ok(out)
 }
 
-/// Reads every allocation, page by page at one revision.
-pub(super) async fn load(
-    client: &mut Client,
-    keys: &Keys,
-    timeout: Duration,
-) -> Result<(Vec<(IpAddr, Entry)>, u64)> {
+/// What a replica starts from: the allocations and the owner keys, read
+/// at one etcd revision.
+pub(super) struct Loaded {
+    /// The allocations, by address.
+    pub entries: Vec<(IpAddr, Entry)>,
+    /// The owner keys, by owner.
+    pub owner_keys: Vec<(String, OwnerKey)>,
+    /// The etcd revision they were read at.
+    pub revision: u64,
+}
+
+/// Reads every allocation, then every owner key at the same revision.
+pub(super) async fn load(members: &Members, keys: &Keys) -> Result<Loaded> {
+    let mut entries = Vec::new();
+    let at = read_all(members, keys.addresses(), 0, |kv| {
+        if let keys::Key::Address(ip) = keys.classify(kv.key())? {
+            let record = keys::decode(kv.key(), kv.value(), kv.mod_revision(), 0)?;
+            let mod_revision = kv.mod_revision();
+            entries.push((
+                ip,
+                Entry {
+                    record,
+                    mod_revision,
+                },
+            ));
+        }
+        Ok(())
+    })
+    .await?;
+    let mut owner_keys = Vec::new();
+    read_all(members, keys.owners(), at, |kv| {
+        if let keys::Key::Owner(owner) = keys.classify(kv.key())? {
+            let value = String::from_utf8_lossy(kv.value()).into_owned();
+            let mod_revision = kv.mod_revision();
+            owner_keys.push((
+                owner,
+                OwnerKey {
+                    value,
+                    mod_revision,
+                },
+            ));
+        }
+        Ok(())
+    })
+    .await?;
+    Ok(Loaded {
+        entries,
+        owner_keys,
+        revision: u64::try_from(at).unwrap_or(0),
+    })
+}
+
+/// Reads every key that starts with `first`, page by page at etcd revision
+/// `at` (0: the current one), each page from any member that answers, and
+/// hands each to `each`; the revision read at.
+async fn read_all(
+    members: &Members,
+    first: Vec<u8>,
+    mut at: i64,
+    mut each: impl FnMut(&etcd_client::KeyValue) -> Result<()>,
+) -> Result<i64> {
     const PAGE: i64 = 10_000;
-    let first = keys.addresses();
     let mut end = first.clone();
     if let Some(last) = end.last_mut() {
         *last += 1;
     }
     let mut start = first;
-    let mut at = 0;
-    let mut entries = Vec::new();
     loop {
         let mut options = GetOptions::new().with_range(end.clone()).with_limit(PAGE);
         if at > 0 {
             options = options.with_revision(at);
         }
-        let page = tokio::time::timeout(timeout, client.get(start.clone(), Some(options)))
+        let read = |mut client: Client| {
+            let (start, options) = (start.clone(), options.clone());
+            async move { client.get(start, Some(options)).await }
+        };
+        let page = members
+            .call(Resend::Always, read)
             .await
-            .map_err(|_| unavailable("etcd did not answer in time while loading allocations"))?
-            .map_err(|e| unavailable(format!("loading allocations from etcd: {e}")))?;
+            .map_err(|f| unavailable(format!("loading allocations from etcd: {f}")))?;
         if at == 0 {
             at = page.header().map_or(0, |h| h.revision());
         }
-        for kv in page.kvs() {
-            if let keys::Key::Address(ip) = keys.classify(kv.key())? {
-                let record = keys::decode(kv.key(), kv.value(), kv.mod_revision(), 0)?;
-                entries.push((
-                    ip,
-                    Entry {
-                        record,
-                        mod_revision: kv.mod_revision(),
-                    },
-                ));
-            }
-        }
+        page.kvs().iter().try_for_each(&mut each)?;
         match (page.more(), page.kvs().last()) {
             (true, Some(last)) => {
                 start = last.key().to_vec();
                 start.push(0);
             }
-            _ => return Ok((entries, u64::try_from(at).unwrap_or(0))),
+            _ => return Ok(at),
         }
     }
 }

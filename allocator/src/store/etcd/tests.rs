@@ -1,13 +1,17 @@
 //! The etcd engine against real etcd (started by `vipam-test-etcd` on
 //! loopback): the store contract, and what only a shared store promises, in
 //! the submodules: replicas racing and following each other
-//! ([`replicas`]), pool agreement ([`pools`]), etcd going away
-//! ([`outage`]), TLS and authentication ([`security`]). A test whose etcd
+//! ([`replicas`]), pool agreement ([`pools`]), orphaned owner keys
+//! ([`orphans`]), etcd going away
+//! ([`outage`]) or some of its members going away ([`quorum`]), TLS and
+//! authentication ([`security`]). A test whose etcd
 //! (or openssl, etcdctl) is missing says `SKIPPED` and returns, or fails
 //! under `CI`.
 
+mod orphans;
 mod outage;
 mod pools;
+mod quorum;
 mod replicas;
 mod security;
 
