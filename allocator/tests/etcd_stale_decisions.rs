@@ -45,15 +45,8 @@ fn mk_replicas() -> Replicas {
         .build()
         .expect("runtime");
     let settings = EtcdSettings {
-        endpoints: etcd.endpoints(),
-        prefix: "/vipam-stale/".into(),
-        timeout: Duration::from_secs(5),
-        ca_file: None,
-        cert_file: None,
-        key_file: None,
-        username: None,
-        password_file: None,
         history: 1000,
+        ..EtcdSettings::plain(etcd.endpoints(), "/vipam-stale/")
     };
     let def: PoolDef = "default=10.0.0.0/24".parse().expect("pool");
     let pools = Arc::new(Pools::new(vec![def], None).expect("pools"));

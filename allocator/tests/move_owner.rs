@@ -11,7 +11,7 @@ use vipam::v1::{
     allocator_client::AllocatorClient,
 };
 use vipam_allocator::store::{
-    DEFAULT_HISTORY, EtcdSettings, EtcdStore, SledStore, Store, etcd::keys,
+    EtcdSettings, EtcdStore, SledStore, Store, etcd::keys,
 };
 use vipam_test_etcd::{Cluster, require};
 
@@ -172,17 +172,7 @@ fn an_owner_moves_in_one_etcd_transaction_and_a_refused_move_changes_nothing() {
     }
     let rt = runtime();
     let cluster = Cluster::start(1);
-    let settings = EtcdSettings {
-        endpoints: cluster.endpoints(),
-        prefix: "/vipam-move/".into(),
-        timeout: Duration::from_secs(5),
-        ca_file: None,
-        cert_file: None,
-        key_file: None,
-        username: None,
-        password_file: None,
-        history: DEFAULT_HISTORY,
-    };
+    let settings = EtcdSettings::plain(cluster.endpoints(), "/vipam-move/");
     let store: Store = rt
         .block_on(EtcdStore::open(&settings, config_pools(&mk_config())))
         .expect("open the etcd store")

@@ -17,7 +17,7 @@ use vipam::v1::{
     allocator_client::AllocatorClient,
 };
 use vipam_allocator::store::{
-    DEFAULT_HISTORY, EtcdSettings, EtcdStore, SledStore, Store, etcd::keys,
+    EtcdSettings, EtcdStore, SledStore, Store, etcd::keys,
 };
 use vipam_test_etcd::{Cluster, require};
 
@@ -223,17 +223,7 @@ fn a_watch_cut_anywhere_on_etcd_resumes_without_missing_or_repeating_a_change() 
     }
     let rt = runtime();
     let cluster = Cluster::start(1);
-    let settings = EtcdSettings {
-        endpoints: cluster.endpoints(),
-        prefix: "/vipam-resume/".into(),
-        timeout: Duration::from_secs(5),
-        ca_file: None,
-        cert_file: None,
-        key_file: None,
-        username: None,
-        password_file: None,
-        history: DEFAULT_HISTORY,
-    };
+    let settings = EtcdSettings::plain(cluster.endpoints(), "/vipam-resume/");
     let pools = Arc::clone(&config_pools(&mk_config()));
     let store: Store = rt
         .block_on(EtcdStore::open(&settings, pools))

@@ -50,6 +50,22 @@ fn read_file(flag: &str, path: &PathBuf) -> Result<Vec<u8>> {
 }
 
 impl EtcdSettings {
+    /// Settings for `prefix` on the cluster at `endpoints`, without TLS or
+    /// credentials, a 5 s limit per call and the default history.
+    pub fn plain(endpoints: Vec<String>, prefix: &str) -> EtcdSettings {
+        EtcdSettings {
+            endpoints,
+            prefix: prefix.to_string(),
+            timeout: Duration::from_secs(5),
+            ca_file: None,
+            cert_file: None,
+            key_file: None,
+            username: None,
+            password_file: None,
+            history: crate::store::DEFAULT_HISTORY,
+        }
+    }
+
     /// The client options: TLS material and credentials read from their
     /// files (never logged).
     pub(super) fn connect_options(&self) -> Result<ConnectOptions> {

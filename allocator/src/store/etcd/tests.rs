@@ -29,7 +29,7 @@ use super::{EtcdSettings, EtcdStore};
 use crate::{
     addresses::pool::Pools,
     fixtures::mk_pools,
-    store::{DEFAULT_HISTORY, Result, Store, contract::store_contract},
+    store::{Result, Store, contract::store_contract},
 };
 
 /// The pool every test store allocates in unless it says otherwise.
@@ -81,17 +81,7 @@ impl Etcd {
     /// Settings for this test's prefix on the cluster, with a 5 s timeout
     /// and no credentials.
     pub(super) fn settings(&self) -> EtcdSettings {
-        EtcdSettings {
-            endpoints: self.cluster().endpoints(),
-            prefix: self.prefix.clone(),
-            timeout: Duration::from_secs(5),
-            ca_file: None,
-            cert_file: None,
-            key_file: None,
-            username: None,
-            password_file: None,
-            history: DEFAULT_HISTORY,
-        }
+        EtcdSettings::plain(self.cluster().endpoints(), &self.prefix)
     }
 
     /// Opens a store (a replica) with `settings` and `pools`.

@@ -342,15 +342,8 @@ fn a_copy_into_etcd_commits_in_transactions_etcd_accepts_and_reads_back() {
     let entries: Vec<(&str, &str)> = entries.iter().map(|(a, o)| (*a, o.as_str())).collect();
     let (_s, source) = mk_source(&entries);
     let settings = EtcdSettings {
-        endpoints: cluster.endpoints(),
-        prefix: "/vipam/".into(),
-        timeout: std::time::Duration::from_secs(5),
-        ca_file: None,
-        cert_file: None,
-        key_file: None,
-        username: None,
-        password_file: None,
         history: 1,
+        ..EtcdSettings::plain(cluster.endpoints(), "/vipam/")
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
