@@ -12,7 +12,7 @@ use std::{
 use crate::{
     addresses::pool::{PoolDef, Pools},
     engine::ipam::Ipam,
-    model::{AllocateArgs, Record},
+    model::{AllocateArgs, Record, ReleaseArgs},
     policy::rules::{Rules, View},
     store::{SledStore, StoreError},
 };
@@ -107,6 +107,15 @@ pub fn mk_args(owner: &str) -> AllocateArgs {
     AllocateArgs {
         owner: owner.to_string(),
         ..Default::default()
+    }
+}
+
+/// A Release request of `owner`, whatever its address.
+pub fn mk_release(owner: &str) -> ReleaseArgs {
+    ReleaseArgs {
+        owner: Some(owner.into()),
+        address: None,
+        scope: Default::default(),
     }
 }
 

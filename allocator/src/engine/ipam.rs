@@ -14,7 +14,7 @@ use std::{
 use crate::{
     addresses::pool::Pools,
     engine::stats::Stats,
-    error::Result,
+    error::{Error, Result},
     model::{AllocateArgs, Allocation, Change, ChangeKind, Record, ReleaseArgs},
     policy::{
         Policy,
@@ -36,7 +36,8 @@ pub enum Step<T> {
     Read(T),
     /// The answer, with its write staged for the next flush.
     Wrote(T),
-    /// The request writes an address this flush writes already: it is
+    /// The request writes an address this flush writes already, or finds
+    /// its pool exhausted while this flush releases an address: it is
     /// decided again in the next flush, so that every write of a flush is
     /// a change of its own.
     Later,
@@ -127,10 +128,13 @@ impl Ipam {
     /// give at the flush.
     pub fn allocate(&mut self, args: AllocateArgs) -> Result<Step<Allocation>> {
         // Revision 0 until the store numbers the write at the flush.
-        match self
-            .rules
-            .allocate(&self.store, args, 0, now_unix_nanos())?
-        {
+        let decided = self.rules.allocate(&self.store, args, 0, now_unix_nanos());
+        let decided = match decided {
+            // An address this flush releases may serve it in the next one.
+            Err(Error::Exhausted { .. }) if self.frees() => return Ok(Step::Later),
+            other => other?,
+        };
+        match decided {
             rules::Allocate::Holds(ip, record) => Ok(Step::Read(self.allocation(ip, record))),
             rules::Allocate::Put(ip, _) if self.written(ip) => Ok(Step::Later),
             rules::Allocate::Put(ip, record) => {
@@ -180,14 +184,26 @@ impl Ipam {
         }
     }
 
-    /// Stages `write` and marks its address taken or free.
+    /// Stages `write`. An allocated address is marked taken at once; a
+    /// released one stays out of the free search until its release is
+    /// durable and taken in (see [`Ipam::absorb`]): picked again in the same
+    /// flush, it would be a second write of one address and wait a flush.
     fn write(&mut self, write: Write) -> Result<(), StoreError> {
         let ip = write.address();
-        let taken = matches!(write, Write::Allocate { .. });
+        let allocate = matches!(write, Write::Allocate { .. });
         self.store.stage(write)?;
-        self.touched.push((ip, !taken));
-        self.mark(ip, taken);
+        // Taken before: false for an allocation, true for a release.
+        self.touched.push((ip, !allocate));
+        if allocate {
+            self.mark(ip, true);
+        }
         Ok(())
+    }
+
+    /// Whether a release staged in this flush frees an address on
+    /// commit.
+    fn frees(&self) -> bool {
+        self.touched.iter().any(|(_, was_taken)| *was_taken)
     }
 
     /// Marks `ip` taken or free, counting it when that changes.
@@ -248,7 +264,7 @@ mod tests {
         addresses::pool::PoolDef,
         engine::handle::start,
         error::Error,
-        fixtures::{ip, mk_args, mk_ipam, mk_pools},
+        fixtures::{ip, mk_args, mk_ipam, mk_pools, mk_release},
         store::SledStore,
     };
     use proptest::prelude::*;
@@ -290,6 +306,49 @@ mod tests {
     /// A Release in a flush of its own: what it released.
     fn release(ipam: &mut Ipam, args: ReleaseArgs) -> Result<Option<Allocation>> {
         now(ipam, |ipam| ipam.release(args.clone()), |_, _| {}).map(|(a, _)| a)
+    }
+
+    /// The flush staged so far, with its changes taken in as the writer
+    /// takes them in.
+    fn flush(ipam: &mut Ipam) {
+        let changes = ipam.flush().expect("flush");
+        ipam.absorb(&changes, 0);
+    }
+
+    #[test]
+    fn an_address_released_in_a_flush_is_picked_again_only_after_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut ipam = mk_ipam(dir.path(), &["a=10.0.0.0/24"]);
+        let (first, _) = allocate(&mut ipam, mk_args("first")).expect("allocate");
+        assert_eq!(first.address, ip("10.0.0.1"));
+
+        let released = ipam.release(mk_release("first")).expect("release");
+        assert!(matches!(released, Step::Wrote(Some(_))), "{released:?}");
+        match ipam.allocate(mk_args("second")).expect("allocate") {
+            Step::Wrote(a) => assert_eq!(a.address, ip("10.0.0.2")),
+            other => panic!("a fresh address in the same flush: {other:?}"),
+        }
+        flush(&mut ipam);
+
+        let (third, _) = allocate(&mut ipam, mk_args("third")).expect("allocate");
+        assert_eq!(third.address, ip("10.0.0.1"), "free once released");
+    }
+
+    #[test]
+    fn a_pool_that_only_its_flush_frees_an_address_of_waits_for_the_next() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut ipam = mk_ipam(dir.path(), &["a=10.0.0.1/32"]);
+        allocate(&mut ipam, mk_args("first")).expect("allocate");
+
+        ipam.release(mk_release("first")).expect("release");
+        let later = ipam.allocate(mk_args("second")).expect("decided");
+        assert_eq!(later, Step::Later);
+        flush(&mut ipam);
+
+        let (second, _) = allocate(&mut ipam, mk_args("second")).expect("allocate");
+        assert_eq!(second.address, ip("10.0.0.1"));
+        let err = allocate(&mut ipam, mk_args("third")).expect_err("exhausted");
+        assert!(matches!(err, Error::Exhausted { .. }), "{err}");
     }
 
     #[test]

@@ -410,17 +410,8 @@ mod tests {
     use super::{Command, write_batch};
     use crate::{
         engine::{handle::start, hub::Hub, watch::WatchSettings},
-        fixtures::{ip, mk_args, mk_ipam},
-        model::ReleaseArgs,
+        fixtures::{ip, mk_args, mk_ipam, mk_release},
     };
-
-    fn mk_release(owner: &str) -> ReleaseArgs {
-        ReleaseArgs {
-            owner: Some(owner.into()),
-            address: None,
-            scope: Default::default(),
-        }
-    }
 
     #[tokio::test]
     async fn only_allocate_and_release_requests_count_as_writes() {

@@ -449,7 +449,7 @@ pub fn refuse_special(field: &'static str, ip: IpAddr) -> Result<()> {
 pub(crate) mod tests {
     use super::*;
     use crate::addresses::pool::PoolDef;
-    use crate::fixtures::{MemView, ip, mk_args, mk_pools, mk_record};
+    use crate::fixtures::{MemView, ip, mk_args, mk_pools, mk_record, mk_release};
 
     fn mk_rules(specs: &[&str]) -> Rules {
         Rules::new(mk_pools(specs))
@@ -628,11 +628,7 @@ pub(crate) mod tests {
     #[test]
     fn release_deletes_the_owners_allocation_and_refuses_another_holder() {
         let (rules, view) = mk_holding("svc", "10.0.0.9");
-        let by_owner = ReleaseArgs {
-            owner: Some("svc".into()),
-            address: None,
-            scope: Default::default(),
-        };
+        let by_owner = mk_release("svc");
         assert_eq!(
             rules.release(&view, by_owner).expect("release"),
             Release::Delete(ip("10.0.0.9"), mk_record("svc", 1))
@@ -644,11 +640,7 @@ pub(crate) mod tests {
         };
         let err = rules.release(&view, wrong_owner).expect_err("held by svc");
         assert!(matches!(err, Error::HeldByOther { .. }), "{err}");
-        let nobody = ReleaseArgs {
-            owner: Some("nobody".into()),
-            address: None,
-            scope: Default::default(),
-        };
+        let nobody = mk_release("nobody");
         assert_eq!(
             rules.release(&view, nobody).expect("release"),
             Release::Nothing
