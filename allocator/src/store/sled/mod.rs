@@ -37,7 +37,10 @@ mod view;
 use std::{
     net::IpAddr,
     path::{Path, PathBuf},
-    sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard},
+    sync::{
+        Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard,
+        atomic::AtomicBool,
+    },
     time::Duration,
 };
 
@@ -84,6 +87,9 @@ struct Shared {
     config: sled::Config,
     staged: Mutex<Staged>,
     open: RwLock<Open>,
+    /// Whether the reserve is in place as far as this store knows: it
+    /// deletes it only to reopen, so a flush need not look on disk.
+    reserve_kept: AtomicBool,
 }
 
 impl SledStore {
@@ -113,6 +119,7 @@ impl SledStore {
                 config,
                 staged: Mutex::new(Staged::new(committed)),
                 open: RwLock::new(Open::new(db)),
+                reserve_kept: AtomicBool::new(false),
             }),
             history: DEFAULT_HISTORY,
             min_free: DEFAULT_MIN_FREE,

@@ -27,7 +27,7 @@
 use std::{
     io,
     path::PathBuf,
-    sync::Arc,
+    sync::{Arc, atomic::Ordering},
     time::{Duration, Instant},
 };
 
@@ -205,10 +205,11 @@ impl SledStore {
 
     /// Refuses a write before it reaches sled while the disk of the store
     /// has less free than the store keeps; makes the reserve again when it
-    /// is missing (it was used to open the database) and the disk has room.
+    /// is missing (the store used it to reopen the database, or could not
+    /// make it) and the disk has room.
     pub(super) fn check_room(&self) -> Result<()> {
         self.room(self.min_free).map_err(StoreError::Unavailable)?;
-        if !self.reserve_path().exists() {
+        if !self.shared.reserve_kept.load(Ordering::Relaxed) {
             // Without it a write that fails for want of room may fail reads
             // too; writing on is still what `min_free` allows.
             drop(self.keep_reserve());
@@ -265,6 +266,9 @@ impl SledStore {
             drop(file);
             drop(std::fs::remove_file(&path));
         }
+        self.shared
+            .reserve_kept
+            .store(allocated.is_ok(), Ordering::Relaxed);
         allocated
     }
 
@@ -307,6 +311,7 @@ impl SledStore {
         if no_room(&e).is_none() {
             return e.into();
         }
+        self.shared.reserve_kept.store(false, Ordering::Relaxed);
         if let Err(e) = std::fs::remove_file(self.reserve_path())
             && e.kind() != io::ErrorKind::NotFound
         {
