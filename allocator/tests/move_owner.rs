@@ -10,14 +10,11 @@ use vipam::v1::{
     AllocateRequest, GetRequest, WatchEvent, WatchEventType, WatchRequest,
     allocator_client::AllocatorClient,
 };
-use vipam_allocator::store::{
-    EtcdSettings, EtcdStore, SledStore, Store, etcd::keys,
-};
-use vipam_test_etcd::{Cluster, require};
+use vipam_allocator::store::etcd::keys;
 
 mod common;
 
-use common::{Config, TestServer, config_pools, mk_server_on};
+use common::{Config, TestServer, mk_etcd_server, mk_server, one_etcd_member, runtime};
 
 /// How long a test waits for an event that must come.
 const WAIT: Duration = Duration::from_secs(10);
@@ -141,20 +138,10 @@ async fn move_and_refuse(server: &TestServer) -> (u64, u64) {
     (released.1, allocated.1)
 }
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime")
-}
-
 #[test]
 fn an_owner_moves_in_one_flush_on_sled_and_a_refused_move_changes_nothing() {
     let rt = runtime();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let store = SledStore::open(dir.path(), 8 << 20).expect("store");
-    let server = rt.block_on(mk_server_on(mk_config(), store.into(), Box::new(dir)));
+    let server = rt.block_on(mk_server(mk_config()));
     let (released, allocated) = rt.block_on(move_and_refuse(&server));
     assert_eq!(
         allocated,
@@ -167,17 +154,15 @@ fn an_owner_moves_in_one_flush_on_sled_and_a_refused_move_changes_nothing() {
 #[test]
 fn an_owner_moves_in_one_etcd_transaction_and_a_refused_move_changes_nothing() {
     let test = "an_owner_moves_in_one_etcd_transaction_and_a_refused_move_changes_nothing";
-    if require(test).is_none() {
+    let Some(cluster) = one_etcd_member(test) else {
         return;
-    }
+    };
     let rt = runtime();
-    let cluster = Cluster::start(1);
-    let settings = EtcdSettings::plain(cluster.endpoints(), "/vipam-move/");
-    let store: Store = rt
-        .block_on(EtcdStore::open(&settings, config_pools(&mk_config())))
-        .expect("open the etcd store")
-        .into();
-    let server = rt.block_on(mk_server_on(mk_config(), store, Box::new(())));
+    let server = rt.block_on(mk_etcd_server(
+        mk_config(),
+        cluster.endpoints(),
+        "/vipam-move/",
+    ));
     let (released, allocated) = rt.block_on(move_and_refuse(&server));
     assert_eq!(
         keys::etcd_revision(released),

@@ -5,7 +5,7 @@
 //! requests, so that flushes carry many of them; the cuts are random
 //! (proptest), and every case reads the whole history again through them.
 
-use std::{sync::Arc, time::Duration};
+use std::time::Duration;
 
 use proptest::{
     prelude::*,
@@ -16,14 +16,11 @@ use vipam::v1::{
     AllocateRequest, ReleaseRequest, WatchEvent, WatchEventType, WatchRequest,
     allocator_client::AllocatorClient,
 };
-use vipam_allocator::store::{
-    EtcdSettings, EtcdStore, SledStore, Store, etcd::keys,
-};
-use vipam_test_etcd::{Cluster, require};
+use vipam_allocator::store::etcd::keys;
 
 mod common;
 
-use common::{Config, TestServer, config_pools, mk_server_on};
+use common::{Config, TestServer, mk_etcd_server, mk_server, one_etcd_member, runtime};
 
 /// Owners of the first wave.
 const OWNERS: usize = 40;
@@ -40,14 +37,6 @@ fn mk_config() -> Config<'static> {
         pools: &["default=10.0.0.0/20"],
         ..Config::default()
     }
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime")
 }
 
 /// Sends every request of `wave` at once: each an owner to allocate for
@@ -208,9 +197,7 @@ fn cuts_miss_and_repeat_nothing(rt: &tokio::runtime::Runtime, server: &TestServe
 #[test]
 fn a_watch_cut_anywhere_on_sled_resumes_without_missing_or_repeating_a_change() {
     let rt = runtime();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let store = SledStore::open(dir.path(), 8 << 20).expect("store");
-    let server = rt.block_on(mk_server_on(mk_config(), store.into(), Box::new(dir)));
+    let server = rt.block_on(mk_server(mk_config()));
     cuts_miss_and_repeat_nothing(&rt, &server);
     rt.block_on(server.stop());
 }
@@ -218,18 +205,15 @@ fn a_watch_cut_anywhere_on_sled_resumes_without_missing_or_repeating_a_change() 
 #[test]
 fn a_watch_cut_anywhere_on_etcd_resumes_without_missing_or_repeating_a_change() {
     let test = "a_watch_cut_anywhere_on_etcd_resumes_without_missing_or_repeating_a_change";
-    if require(test).is_none() {
+    let Some(cluster) = one_etcd_member(test) else {
         return;
-    }
+    };
     let rt = runtime();
-    let cluster = Cluster::start(1);
-    let settings = EtcdSettings::plain(cluster.endpoints(), "/vipam-resume/");
-    let pools = Arc::clone(&config_pools(&mk_config()));
-    let store: Store = rt
-        .block_on(EtcdStore::open(&settings, pools))
-        .expect("open the etcd store")
-        .into();
-    let server = rt.block_on(mk_server_on(mk_config(), store, Box::new(())));
+    let server = rt.block_on(mk_etcd_server(
+        mk_config(),
+        cluster.endpoints(),
+        "/vipam-resume/",
+    ));
     let whole = cuts_miss_and_repeat_nothing(&rt, &server);
     // The waves must have shared transactions, or nothing was tested.
     let shared = whole

@@ -19,7 +19,7 @@ use vipam_allocator::{
     api::service::Token,
     engine::watch::WatchSettings,
     policy::Policy,
-    store::{SledStore, Store},
+    store::{EtcdSettings, EtcdStore, SledStore, Store},
 };
 
 /// A running in-process allocator.
@@ -116,6 +116,36 @@ pub async fn mk_server(config: Config<'_>) -> TestServer {
         .expect("store")
         .with_history(config.history);
     mk_server_on(config, store.into(), Box::new(dir)).await
+}
+
+/// Starts a server as `config` says, on the etcd cluster at `endpoints`
+/// under `prefix`, without TLS or credentials.
+pub async fn mk_etcd_server(
+    config: Config<'_>,
+    endpoints: Vec<String>,
+    prefix: &str,
+) -> TestServer {
+    let settings = EtcdSettings::plain(endpoints, prefix);
+    let store = EtcdStore::open(&settings, mk_pools(&config))
+        .await
+        .expect("open the etcd store");
+    mk_server_on(config, store.into(), Box::new(())).await
+}
+
+/// One etcd member started for `test`, or `None` where etcd cannot run
+/// (said loudly; a failure where it must run).
+pub fn one_etcd_member(test: &str) -> Option<vipam_test_etcd::Cluster> {
+    vipam_test_etcd::require(test)?;
+    Some(vipam_test_etcd::Cluster::start(1))
+}
+
+/// A runtime with two workers, for tests that block on the server.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
 }
 
 /// The pools of `config`, as the server of [`mk_server_on`] has them.

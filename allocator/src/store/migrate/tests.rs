@@ -29,6 +29,17 @@ fn mk_store() -> (tempfile::TempDir, Store) {
     (dir, store.into())
 }
 
+/// A source store holding `addresses`, the i-th for the owner `svc-i`.
+fn mk_numbered_source(addresses: &[String]) -> (tempfile::TempDir, Store) {
+    let owners: Vec<String> = (0..addresses.len()).map(|i| format!("svc-{i}")).collect();
+    let entries: Vec<(&str, &str)> = addresses
+        .iter()
+        .zip(&owners)
+        .map(|(a, o)| (a.as_str(), o.as_str()))
+        .collect();
+    mk_source(&entries)
+}
+
 /// A source holding `entries` (address, owner), written at revisions 1, 2, ...
 fn mk_source(entries: &[(&str, &str)]) -> (tempfile::TempDir, Store) {
     let (dir, store) = mk_store();
@@ -290,13 +301,7 @@ fn verify_names_what_the_target_lacks_or_holds_otherwise() {
 #[test]
 fn copy_commits_at_most_max_batch_allocations_at_once() {
     let addresses: Vec<String> = (1..=7).map(|i| format!("10.1.0.{i}")).collect();
-    let entries: Vec<(&str, String)> = addresses
-        .iter()
-        .enumerate()
-        .map(|(i, a)| (a.as_str(), format!("svc-{i}")))
-        .collect();
-    let entries: Vec<(&str, &str)> = entries.iter().map(|(a, o)| (*a, o.as_str())).collect();
-    let (_s, source) = mk_source(&entries);
+    let (_s, source) = mk_numbered_source(&addresses);
     let (_t, inner) = mk_sled();
     let counts = Arc::new(Counts::default());
     let target = Store::new(Batched {
@@ -334,13 +339,7 @@ fn a_copy_into_etcd_commits_in_transactions_etcd_accepts_and_reads_back() {
         .chain((1..=60).map(|i| format!("10.2.0.{i}")))
         .chain((1..=40).map(|i| format!("fd00:a::{i:x}")))
         .collect();
-    let entries: Vec<(&str, String)> = addresses
-        .iter()
-        .enumerate()
-        .map(|(i, a)| (a.as_str(), format!("svc-{i}")))
-        .collect();
-    let entries: Vec<(&str, &str)> = entries.iter().map(|(a, o)| (*a, o.as_str())).collect();
-    let (_s, source) = mk_source(&entries);
+    let (_s, source) = mk_numbered_source(&addresses);
     let settings = EtcdSettings {
         history: 1,
         ..EtcdSettings::plain(cluster.endpoints(), "/vipam/")
