@@ -14,7 +14,7 @@ use vipam_allocator::store::etcd::keys;
 
 mod common;
 
-use common::{Config, TestServer, mk_etcd_server, mk_server, one_etcd_member, runtime};
+use common::{Config, TestServer, mk_etcd_server, mk_server, runtime};
 
 /// How long a test waits for an event that must come.
 const WAIT: Duration = Duration::from_secs(10);
@@ -154,15 +154,10 @@ fn an_owner_moves_in_one_flush_on_sled_and_a_refused_move_changes_nothing() {
 #[test]
 fn an_owner_moves_in_one_etcd_transaction_and_a_refused_move_changes_nothing() {
     let test = "an_owner_moves_in_one_etcd_transaction_and_a_refused_move_changes_nothing";
-    let Some(cluster) = one_etcd_member(test) else {
+    let rt = runtime();
+    let Some((cluster, server)) = mk_etcd_server(&rt, test, mk_config(), "/vipam-move/") else {
         return;
     };
-    let rt = runtime();
-    let server = rt.block_on(mk_etcd_server(
-        mk_config(),
-        cluster.endpoints(),
-        "/vipam-move/",
-    ));
     let (released, allocated) = rt.block_on(move_and_refuse(&server));
     assert_eq!(
         keys::etcd_revision(released),

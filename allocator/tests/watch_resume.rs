@@ -20,7 +20,7 @@ use vipam_allocator::store::etcd::keys;
 
 mod common;
 
-use common::{Config, TestServer, mk_etcd_server, mk_server, one_etcd_member, runtime};
+use common::{Config, TestServer, mk_etcd_server, mk_server, runtime};
 
 /// Owners of the first wave.
 const OWNERS: usize = 40;
@@ -205,15 +205,10 @@ fn a_watch_cut_anywhere_on_sled_resumes_without_missing_or_repeating_a_change() 
 #[test]
 fn a_watch_cut_anywhere_on_etcd_resumes_without_missing_or_repeating_a_change() {
     let test = "a_watch_cut_anywhere_on_etcd_resumes_without_missing_or_repeating_a_change";
-    let Some(cluster) = one_etcd_member(test) else {
+    let rt = runtime();
+    let Some((cluster, server)) = mk_etcd_server(&rt, test, mk_config(), "/vipam-resume/") else {
         return;
     };
-    let rt = runtime();
-    let server = rt.block_on(mk_etcd_server(
-        mk_config(),
-        cluster.endpoints(),
-        "/vipam-resume/",
-    ));
     let whole = cuts_miss_and_repeat_nothing(&rt, &server);
     // The waves must have shared transactions, or nothing was tested.
     let shared = whole

@@ -385,6 +385,12 @@ pub fn mk_client(url: &str, token: Option<&str>) -> Result<Client> {
     Ok(builder.build()?)
 }
 
+/// The owners of every allocation `client` may list, by address.
+pub async fn listed_owners(client: &Client) -> Vec<String> {
+    let listed = client.list_all("", "").await.expect("list");
+    listed.into_iter().map(|a| a.owner).collect()
+}
+
 /// Runs `grpcurl -plaintext <args>` and returns its output.
 pub fn grpcurl(args: &[&str]) -> Result<Output> {
     let out = Command::new(grpcurl_path()?)

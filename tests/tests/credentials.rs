@@ -10,7 +10,7 @@ use vipam::{
     client::Client,
     v1::{AllocateRequest, ReleaseRequest, WatchRequest},
 };
-use vipam_e2e::{Allocator, grpcurl, mk_client, refused_at_start};
+use vipam_e2e::{Allocator, grpcurl, listed_owners, mk_client, refused_at_start};
 
 const SYNCER_TOKEN: &str = "syncer-token-3b1f9e";
 const TOOL_TOKEN: &str = "tool-token-8c2d7a";
@@ -257,14 +257,10 @@ async fn a_tool_credential_reads_only_its_own_owners_in_its_own_pools() {
         "the holder is not named: {message}"
     );
     // The syncer, scoped to every pool and its own owners, sees its own.
-    let seen: Vec<String> = syncer
-        .list_all("", "")
-        .await
-        .expect("list")
-        .into_iter()
-        .map(|a| a.owner)
-        .collect();
-    assert_eq!(seen, ["service:default/web", "service:default/vm-side"]);
+    assert_eq!(
+        listed_owners(&syncer).await,
+        ["service:default/web", "service:default/vm-side"]
+    );
     // On the loopback listener, a call without a token reads everything.
     let local = client(&allocator.url(), None);
     assert_eq!(local.list_all("", "").await.expect("list").len(), 3);

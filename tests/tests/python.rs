@@ -7,11 +7,8 @@
 
 use std::{path::Path, time::Duration};
 
-use vipam::{
-    client::{Backoff, Client},
-    v1::AllocateRequest,
-};
-use vipam_e2e::{Allocator, python_path, run_python, workspace_dir};
+use vipam::{client::Client, v1::AllocateRequest};
+use vipam_e2e::{Allocator, listed_owners, mk_client, python_path, run_python, workspace_dir};
 
 const SCRIPT_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -101,18 +98,8 @@ fn expected(prefix: &str) -> Vec<String> {
 }
 
 async fn assert_only_the_syncer_holds_an_address(setup: &Setup) {
-    let client = Client::builder(setup.allocator.url())
-        .backoff(Backoff::none())
-        .build()
-        .expect("client");
-    let left: Vec<String> = client
-        .list_all("", "")
-        .await
-        .expect("list")
-        .into_iter()
-        .map(|a| a.owner)
-        .collect();
-    assert_eq!(left, ["service:default/web"]);
+    let client = mk_client(&setup.allocator.url(), None).expect("client");
+    assert_eq!(listed_owners(&client).await, ["service:default/web"]);
 }
 
 fn generate_stubs(out: &Path) {

@@ -118,25 +118,23 @@ pub async fn mk_server(config: Config<'_>) -> TestServer {
     mk_server_on(config, store.into(), Box::new(dir)).await
 }
 
-/// Starts a server as `config` says, on the etcd cluster at `endpoints`
-/// under `prefix`, without TLS or credentials.
-pub async fn mk_etcd_server(
+/// A server as `config` says on a one-member etcd started for `test`,
+/// under `prefix`, without TLS or credentials; `None` where etcd cannot
+/// run (said loudly; a failure where it must run).
+pub fn mk_etcd_server(
+    rt: &tokio::runtime::Runtime,
+    test: &str,
     config: Config<'_>,
-    endpoints: Vec<String>,
     prefix: &str,
-) -> TestServer {
-    let settings = EtcdSettings::plain(endpoints, prefix);
-    let store = EtcdStore::open(&settings, mk_pools(&config))
-        .await
-        .expect("open the etcd store");
-    mk_server_on(config, store.into(), Box::new(())).await
-}
-
-/// One etcd member started for `test`, or `None` where etcd cannot run
-/// (said loudly; a failure where it must run).
-pub fn one_etcd_member(test: &str) -> Option<vipam_test_etcd::Cluster> {
+) -> Option<(vipam_test_etcd::Cluster, TestServer)> {
     vipam_test_etcd::require(test)?;
-    Some(vipam_test_etcd::Cluster::start(1))
+    let cluster = vipam_test_etcd::Cluster::start(1);
+    let settings = EtcdSettings::plain(cluster.endpoints(), prefix);
+    let store = rt
+        .block_on(EtcdStore::open(&settings, mk_pools(&config)))
+        .expect("open the etcd store");
+    let server = rt.block_on(mk_server_on(config, store.into(), Box::new(())));
+    Some((cluster, server))
 }
 
 /// A runtime with two workers, for tests that block on the server.
