@@ -12,7 +12,7 @@ use std::{
 };
 
 use crate::{
-    addresses::pool::Pools,
+    addresses::{family::Family, pool::Pools},
     engine::stats::Stats,
     error::{Error, Result},
     model::{AllocateArgs, Allocation, Change, ChangeKind, Record, ReleaseArgs},
@@ -131,7 +131,9 @@ impl Ipam {
         let decided = self.rules.allocate(&self.store, args, 0, now_unix_nanos());
         let decided = match decided {
             // An address this flush releases may serve it in the next one.
-            Err(Error::Exhausted { .. }) if self.frees() => return Ok(Step::Later),
+            Err(Error::Exhausted { pool, family }) if self.frees_in(&pool, family) => {
+                return Ok(Step::Later);
+            }
             other => other?,
         };
         match decided {
@@ -200,10 +202,15 @@ impl Ipam {
         Ok(())
     }
 
-    /// Whether a release staged in this flush frees an address on
-    /// commit.
-    fn frees(&self) -> bool {
-        self.touched.iter().any(|(_, was_taken)| *was_taken)
+    /// Whether a release staged in this flush frees an address of `family`
+    /// in the pool named `pool` on commit.
+    fn frees_in(&self, pool: &str, family: Family) -> bool {
+        let pools = self.pools();
+        self.touched.iter().any(|(ip, was_taken)| {
+            *was_taken
+                && Family::of(*ip) == family
+                && pools.containing(*ip).map(|i| pools.at(i).name()) == Some(pool)
+        })
     }
 
     /// Marks `ip` taken or free, counting it when that changes.
@@ -348,6 +355,22 @@ mod tests {
         let (second, _) = allocate(&mut ipam, mk_args("second")).expect("allocate");
         assert_eq!(second.address, ip("10.0.0.1"));
         let err = allocate(&mut ipam, mk_args("third")).expect_err("exhausted");
+        assert!(matches!(err, Error::Exhausted { .. }), "{err}");
+    }
+
+    #[test]
+    fn a_release_in_another_pool_does_not_hold_back_an_exhausted_one() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut ipam = mk_ipam(dir.path(), &["a=10.0.0.1/32", "b=10.0.1.0/24"]);
+        let in_b = |owner: &str| AllocateArgs {
+            pool: Some("b".into()),
+            ..mk_args(owner)
+        };
+        allocate(&mut ipam, mk_args("first")).expect("allocate");
+        allocate(&mut ipam, in_b("other")).expect("allocate");
+
+        ipam.release(mk_release("other")).expect("release");
+        let err = ipam.allocate(mk_args("second")).expect_err("exhausted");
         assert!(matches!(err, Error::Exhausted { .. }), "{err}");
     }
 
