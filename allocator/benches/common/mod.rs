@@ -62,9 +62,13 @@ impl Server {
     }
 
     /// Like [`Server::start`], with `extra` flags (such as `--store etcd`).
+    /// `VIPAM_BENCH_BIN` names another `vipam-allocator` binary to run (say,
+    /// an older version's, to compare the two in one run).
     pub fn start_with(data_dir: &Path, pools: &[&str], extra: &[&str]) -> Server {
         let started = Instant::now();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_vipam-allocator"));
+        let bin = std::env::var("VIPAM_BENCH_BIN")
+            .unwrap_or_else(|_| env!("CARGO_BIN_EXE_vipam-allocator").to_string());
+        let mut cmd = Command::new(bin);
         cmd.arg("--listen")
             .arg("127.0.0.1:0")
             .arg("--data-dir")
