@@ -385,6 +385,23 @@ pub fn mk_client(url: &str, token: Option<&str>) -> Result<Client> {
     Ok(builder.build()?)
 }
 
+/// The sum of the samples of an allocator's counter `name` on `/metrics`
+/// whose labels include every one of `labels` (`key="value"`).
+pub async fn allocator_metric(addr: SocketAddr, name: &str, labels: &[&str]) -> Result<f64> {
+    let body = vipam_test_support::http::get(addr, "/metrics").await?.body;
+    Ok(body
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.rsplit_once(' '))
+        .filter(|(series, _)| {
+            let metric = series.split('{').next().unwrap_or_default();
+            (metric == name || metric == format!("{name}_total"))
+                && labels.iter().all(|l| series.contains(l))
+        })
+        .filter_map(|(_, value)| value.parse::<f64>().ok())
+        .fold(0.0, |sum, v| sum + v))
+}
+
 /// The owners of every allocation `client` may list, by address.
 pub async fn listed_owners(client: &Client) -> Vec<String> {
     let listed = client.list_all("", "").await.expect("list");

@@ -12,7 +12,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::{Ipv4Addr, SocketAddr},
+    net::Ipv4Addr,
     time::{Duration, Instant},
 };
 
@@ -21,11 +21,10 @@ use futures::future::try_join_all;
 use kube::api::ListParams;
 use vipam::v1::Allocation;
 use vipam_e2e::{
-    Allocator,
+    Allocator, allocator_metric,
     syncer::{Kube, Syncer, TIMEOUT, allocator_client, quiet_period, status_ip, wait_until},
 };
 use vipam_test_etcd::{Cluster, require};
-use vipam_test_support::http;
 
 /// The pool both replicas define: a /24 has 254 addresses, room for the 200
 /// Services and spare.
@@ -208,23 +207,6 @@ fn in_pool(ip: &str) -> bool {
         let [a, b, c, d] = ip.octets();
         (a, b, c) == (10, 77, 0) && d != 0 && d != 255
     })
-}
-
-/// The sum of the samples of an allocator's counter `name` on `/metrics`
-/// whose labels include every one of `labels` (`key="value"`).
-async fn allocator_metric(addr: SocketAddr, name: &str, labels: &[&str]) -> Result<f64> {
-    let body = http::get(addr, "/metrics").await?.body;
-    Ok(body
-        .lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| l.rsplit_once(' '))
-        .filter(|(series, _)| {
-            let metric = series.split('{').next().unwrap_or_default();
-            (metric == name || metric == format!("{name}_total"))
-                && labels.iter().all(|l| series.contains(l))
-        })
-        .filter_map(|(_, value)| value.parse::<f64>().ok())
-        .fold(0.0, |sum, v| sum + v))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

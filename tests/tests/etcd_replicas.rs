@@ -22,9 +22,10 @@ use tokio::{sync::Mutex, time::Instant};
 use tonic::Status;
 use vipam::{client::Client, v1::Allocation};
 use vipam_e2e::{
-    Allocator,
+    Allocator, allocator_metric,
     etcd::{self, DEFAULT_PREFIX, Keys, is_transient},
     mk_allocate, mk_client,
+    syncer::wait_until,
 };
 use vipam_test_etcd::{Cluster, require, require_etcdctl};
 
@@ -370,10 +371,10 @@ async fn a_request_its_caller_gave_up_on_is_not_applied_after_the_caller_went_on
     let first = on_a.allocate(mk_allocate(owner)).await.expect("allocate");
 
     cluster.freeze(0);
-    // Replica a's writer waits for etcd with this one...
-    let busy = on_a.clone();
-    let busy = tokio::spawn(async move { busy.allocate(mk_allocate("tool/busy")).await });
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Replica a's writer waits for etcd with this one (up to --etcd-timeout,
+    // after its caller gave up at --request-timeout)...
+    let busy = on_a.allocate(mk_allocate("tool/busy")).await;
+    assert!(busy.is_err(), "answered while etcd hangs: {busy:?}");
     // ...while this one waits in its queue, until its caller gives up.
     let gave_up = on_a
         .release_owner(owner)
@@ -387,9 +388,20 @@ async fn a_request_its_caller_gave_up_on_is_not_applied_after_the_caller_went_on
         .allocate(mk_allocate(owner))
         .await
         .expect("allocate on b");
-    tokio::time::sleep(Duration::from_millis(3500)).await;
+    // Thawed once a's writer has given up on the write it waited for: what
+    // it had queued meanwhile comes next.
+    let a_http = a.addr;
+    wait_until(
+        WAIT,
+        "replica a's write to the hung member failed",
+        async || {
+            let failed = allocator_metric(a_http, "vipam_store_unavailable", &[]).await?;
+            Ok((failed >= 1.0).then_some(()))
+        },
+    )
+    .await
+    .expect("replica a gives up on etcd");
     cluster.thaw(0);
-    let _ = busy.await;
     // Replica a answers this one after whatever it had queued before.
     allocate_until_answered(&on_a, "tool/after").await;
 
